@@ -1,0 +1,153 @@
+"""Service overhead: one small op through HTTP + Celery versus the engine in-process (CPU).
+
+Starts the real stack (``eztinker server --no-flower``: embedded broker, gunicorn, one CPU
+worker) in a temporary data dir, then measures on tiny-gpt2:
+
+1. p50/p99 latency of one small ``forward`` (1 datum of 16 tokens) called in-process;
+2. p50/p99 round trip of the same op over HTTP: POST, then long-poll the future;
+3. throughput of N pipelined ops (all submitted, then all awaited).
+
+    uv run python bench/service.py [--ops 1000] [--latency-samples 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+TOKENS = list(range(10, 27))
+DATUM = {
+    "model_input": {"tokens": TOKENS[:-1]},
+    "loss_fn_inputs": {"target_tokens": TOKENS[1:], "weights": [1.0] * (len(TOKENS) - 1)},
+}
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def in_process(samples: int, data_dir: Path) -> list[float]:
+    from eztinker_tasks.engine import Engine, EngineConfig
+    from eztinker_tasks.types import Datum, LoraSpec
+
+    engine = Engine(EngineConfig(data_dir=data_dir, checkpoints_dir=data_dir / "c", device="cpu"))
+    engine.create_run("bench", "tiny-gpt2", LoraSpec(rank=8, seed=0))
+    datum = Datum(tuple(TOKENS[:-1]), {"target_tokens": TOKENS[1:], "weights": [1.0] * 16})
+    times = []
+    for i in range(samples + 10):
+        t0 = time.perf_counter()
+        engine.forward("bench", [datum])
+        if i >= 10:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ops", type=int, default=1000)
+    parser.add_argument("--latency-samples", type=int, default=200)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="eztinker-bench-"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "EZTINKER_REDIS_URL"} | {
+        "EZTINKER_DATA_DIR": str(tmp / "data"),
+        "CHECKPOINTS_DIR": str(tmp / "ckpt"),
+        "OMP_NUM_THREADS": "1",
+    }
+    os.environ["OMP_NUM_THREADS"] = "1"
+    local = in_process(args.latency_samples, tmp / "data")  # also builds the tiny model
+    log = open(tmp / "server.log", "wb")  # noqa: SIM115
+    server = subprocess.Popen(
+        [sys.executable, "-m", "eztinker", "server", "--no-flower", "--port", str(port),
+         "--host", "127.0.0.1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        http = httpx.Client(base_url=base, timeout=60)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if http.get("/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"server did not start; see {tmp / 'server.log'}")
+            time.sleep(0.3)
+        created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 8, "seed": 0})
+        run_id = created.json()["run_id"]
+        http.get(f"/v1/futures/{created.json()['future_id']}", params={"wait": 30})
+
+        def roundtrip() -> float:
+            t0 = time.perf_counter()
+            fut = http.post(f"/v1/runs/{run_id}/forward", json={"data": [DATUM]}).json()
+            body = http.get(f"/v1/futures/{fut['future_id']}", params={"wait": 30}).json()
+            assert body["status"] == "succeeded", body
+            return time.perf_counter() - t0
+
+        for _ in range(10):
+            roundtrip()
+        remote = [roundtrip() for _ in range(args.latency_samples)]
+
+        # Pipelined: submit every op first (4 client threads), then wait for all of them.
+        t0 = time.perf_counter()
+
+        local_client = threading.local()
+
+        def submit(_: int) -> str:
+            if not hasattr(local_client, "c"):
+                local_client.c = httpx.Client(base_url=base, timeout=60)
+            r = local_client.c.post(f"/v1/runs/{run_id}/forward", json={"data": [DATUM]})
+            return r.json()["future_id"]
+
+        with ThreadPoolExecutor(4) as pool:
+            ids = list(pool.map(submit, range(args.ops)))
+        t_submit = time.perf_counter() - t0
+        for fid in ids:
+            body = http.get(f"/v1/futures/{fid}", params={"wait": 30}).json()
+            assert body["status"] == "succeeded", body
+        t_all = time.perf_counter() - t0
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(60)
+
+    ms = 1000.0
+    p50_l, p99_l = pct(local, 0.5) * ms, pct(local, 0.99) * ms
+    p50_r, p99_r = pct(remote, 0.5) * ms, pct(remote, 0.99) * ms
+    print()
+    print("EZTinker service overhead (CPU, tiny-gpt2, forward of 1 x 16 tokens)")
+    print(f"{'measure':<44}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'engine in-process':<44}{p50_l:>10.2f}{p99_l:>10.2f}")
+    print(f"{'HTTP + Celery round trip':<44}{p50_r:>10.2f}{p99_r:>10.2f}")
+    print(f"{'overhead (round trip - in-process)':<44}{p50_r - p50_l:>10.2f}{p99_r - p99_l:>10.2f}")
+    print()
+    print(f"{'pipelined ops':<44}{args.ops:>10d}")
+    print(f"{'submit time (s)':<44}{t_submit:>10.2f}")
+    print(f"{'submit + complete time (s)':<44}{t_all:>10.2f}")
+    print(f"{'throughput (ops/s)':<44}{args.ops / t_all:>10.1f}")
+    print(f"mean in-process op: {statistics.mean(local) * ms:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""EZTinker configuration: one typed settings object read from the environment."""
+
+from config.settings import Settings, SettingsError
+
+__all__ = ["Settings", "SettingsError"]

@@ -1,0 +1,183 @@
+"""One typed settings object for every EZTinker process, read from the environment.
+
+Each field has a default and a help text; ``Settings.from_env()`` parses ``EZTINKER_*`` variables
+(plus the seed's ``CHECKPOINTS_DIR``) and fails at start-up with a message that names the
+variable when a value is invalid. Nothing else in the code base reads ``os.environ`` for
+configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value EZTinker cannot use."""
+
+
+def _setting(env: str, default: Any, help: str) -> Any:
+    return field(default=default, metadata={"env": env, "help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str | None = _setting(
+        "EZTINKER_REDIS_URL",
+        None,
+        "Redis URL for broker and results; unset = start/use the embedded broker in the data dir.",
+    )
+    checkpoints_dir: Path = _setting(  # noqa: RUF009 - Path is immutable
+        "CHECKPOINTS_DIR", Path("checkpoints"), "Where checkpoints are written (<run_id>/<name>/)."
+    )
+    data_dir: Path = _setting(  # noqa: RUF009 - Path is immutable
+        "EZTINKER_DATA_DIR", Path(".eztinker"), "Model cache and embedded broker data."
+    )
+    base_url: str = _setting(
+        "EZTINKER_BASE_URL", "http://localhost:8000", "Where clients reach the API."
+    )
+    default_model: str = _setting(
+        "EZTINKER_DEFAULT_MODEL", "tiny-gpt2", "Base model for requests that name none."
+    )
+    host: str = _setting("EZTINKER_HOST", "localhost", "Interface the web server binds.")
+    port: int = _setting("EZTINKER_PORT", 8000, "Port the web server listens on.")
+    device: str = _setting(
+        "EZTINKER_DEVICE", "auto", "Worker device: auto (cuda if present), cpu, cuda, cuda:N."
+    )
+    dtype: str = _setting(
+        "EZTINKER_DTYPE", "auto", "Base model dtype: auto (bf16 on CUDA, fp32 on CPU), float32, ..."
+    )
+    api_keys: tuple[str, ...] = _setting(
+        "EZTINKER_API_KEYS", (), "Comma-separated API keys; empty = auth off."
+    )
+    max_request_bytes: int = _setting(
+        "EZTINKER_MAX_REQUEST_BYTES", 64 * 1024 * 1024, "Largest request body (413 above)."
+    )
+    max_datums: int = _setting(
+        "EZTINKER_MAX_DATUMS", 4096, "Most datums in one forward_backward / forward."
+    )
+    max_samples: int = _setting("EZTINKER_MAX_SAMPLES", 256, "Most num_samples in one sample.")
+    max_sample_tokens: int = _setting(
+        "EZTINKER_MAX_SAMPLE_TOKENS", 8192, "Most new tokens in one sample."
+    )
+    op_timeout_s: float = _setting(
+        "EZTINKER_OP_TIMEOUT_S", 1800.0, "Longest a single operation may run before it fails."
+    )
+    result_ttl_s: int = _setting(
+        "EZTINKER_RESULT_TTL_S", 24 * 3600, "How long futures and their results are kept."
+    )
+    worker_heartbeat_s: float = _setting(
+        "EZTINKER_WORKER_HEARTBEAT_S", 2.0, "How often a worker reports that it is alive."
+    )
+    worker_ttl_s: float = _setting(
+        "EZTINKER_WORKER_TTL_S", 15.0, "A worker silent this long counts as gone."
+    )
+    flower_port: int = _setting("EZTINKER_FLOWER_PORT", 5555, "Port of the Flower UI.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``); raise SettingsError."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            env = f.metadata["env"]
+            raw = environ.get(env)
+            if raw is None or raw == "":
+                continue
+            parser = _PARSERS[f.name]
+            try:
+                values[f.name] = parser(raw)
+            except (TypeError, ValueError) as exc:
+                raise SettingsError(f"{env}={raw!r} is invalid: {exc}") from None
+        values.update(overrides)
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, help) for every setting: for docs and ``--help``."""
+        return [(f.metadata["env"], repr(f.default), f.metadata["help"]) for f in fields(cls)]
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 < value < 65536:
+        raise ValueError("must be a port number between 1 and 65535")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive finite number")
+    return value
+
+
+def _redis_url(raw: str) -> str:
+    parsed = urlparse(raw)
+    if parsed.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return raw
+
+
+def _http_url(raw: str) -> str:
+    parsed = urlparse(raw)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError("must be an http(s):// URL")
+    return raw.rstrip("/")
+
+
+def _device(raw: str) -> str:
+    if raw in ("auto", "cpu", "cuda") or (raw.startswith("cuda:") and raw[5:].isdigit()):
+        return raw
+    raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+
+def _dtype(raw: str) -> str:
+    if raw in ("auto", "float32", "bfloat16", "float16"):
+        return raw
+    raise ValueError("must be auto, float32, bfloat16 or float16")
+
+
+def _keys(raw: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "redis_url": _redis_url,
+    "checkpoints_dir": Path,
+    "data_dir": Path,
+    "base_url": _http_url,
+    "default_model": _text,
+    "host": _text,
+    "port": _port,
+    "device": _device,
+    "dtype": _dtype,
+    "api_keys": _keys,
+    "max_request_bytes": _positive_int,
+    "max_datums": _positive_int,
+    "max_samples": _positive_int,
+    "max_sample_tokens": _positive_int,
+    "op_timeout_s": _positive_float,
+    "result_ttl_s": _positive_int,
+    "worker_heartbeat_s": _positive_float,
+    "worker_ttl_s": _positive_float,
+    "flower_port": _port,
+}

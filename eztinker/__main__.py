@@ -1,0 +1,3 @@
+from eztinker.cli import main
+
+main()

@@ -1,0 +1,164 @@
+"""Futures: every operation returns one at once; its result is fetched by long-polling.
+
+``APIFuture.result()`` polls ``GET /v1/futures/<id>?wait=...`` until the operation succeeds
+(the result, converted to its type) or fails (the server's error raised as an
+``EZTinkerAPIError``). ``await future`` does the same without blocking the event loop.
+
+``OrderedSubmitter`` keeps a client's submissions in call order: sync and ``*_async`` calls
+alike go through one background thread, so the server's queue sees them in the order the
+training loop made them, and a ``*_async`` call has queued its request before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable, Generator
+from typing import Any, Generic, TypeVar
+
+from eztinker.errors import EZTinkerAPIError, from_envelope
+from eztinker.transport import Transport
+
+T = TypeVar("T")
+
+POLL_WAIT_S = 25.0  # the server allows up to 30 s per long poll
+ASYNC_POLL_WAIT_S = 5.0  # shorter, so a cancelled await frees its thread soon
+
+
+class APIFuture(Generic[T]):
+    """The future of one server-side operation (Tinker's ``APIFuture``)."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        future_id: str,
+        convert: Callable[[Any], T] = lambda r: r,
+        *,
+        op: str | None = None,
+        run_id: str | None = None,
+        seq_id: int | None = None,
+    ) -> None:
+        self._transport = transport
+        self.future_id = future_id
+        self.op = op
+        self.run_id = run_id
+        self.seq_id = seq_id
+        self._convert = convert
+        self._lock = threading.Lock()
+        self._done = False
+        self._value: Any = None
+        self._error: EZTinkerAPIError | None = None
+        self._status = "pending"
+
+    # -- polling ---------------------------------------------------------------------------
+    def _poll(self, wait: float) -> bool:
+        """Ask the server once (long-polling up to ``wait`` s); True when the op is done."""
+        if self._done:
+            return True
+        wait = max(0.0, min(wait, 30.0))
+        body = self._transport.request(
+            "GET",
+            f"/v1/futures/{self.future_id}",
+            params={"wait": round(wait, 3)},
+            timeout=self._transport.timeout + wait,
+        )
+        status = body.get("status", "pending")
+        with self._lock:
+            if self._done:
+                return True
+            self._status = status
+            if status == "succeeded":
+                self._value = self._convert(body.get("result"))
+                self._done = True
+            elif status == "failed":
+                self._error = from_envelope(body.get("error") or {}, future_id=self.future_id)
+                self._done = True
+        return self._done
+
+    def _outcome(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def status(self) -> str:
+        """``pending``, ``running``, ``succeeded`` or ``failed`` (asks the server if not done)."""
+        self._poll(0)
+        return self._status
+
+    def done(self) -> bool:
+        """True once the operation finished (successfully or not)."""
+        return self._poll(0)
+
+    def result(self, timeout: float | None = None) -> T:
+        """Wait for the result; raise the operation's error, or TimeoutError after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = POLL_WAIT_S
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 and not self._done:
+                    if self._poll(0):
+                        break
+                    raise TimeoutError(f"operation {self.future_id} not done after {timeout} s")
+                wait = min(wait, max(left, 0.0))
+            if self._poll(wait):
+                break
+        return self._outcome()
+
+    async def result_async(self, timeout: float | None = None) -> T:
+        """``result()`` for asyncio: polls in a worker thread, never blocking the loop."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done:
+            wait = ASYNC_POLL_WAIT_S
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if await asyncio.to_thread(self._poll, 0):
+                        break
+                    raise TimeoutError(f"operation {self.future_id} not done after {timeout} s")
+                wait = min(wait, left)
+            await asyncio.to_thread(self._poll, wait)
+        return self._outcome()
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self.result_async().__await__()
+
+    def __repr__(self) -> str:
+        return f"APIFuture({self.future_id!r}, op={self.op!r}, status={self._status!r})"
+
+
+class Submission(Generic[T]):
+    """What a ``*_async`` method returns: its request is already queued; ``await`` it for the
+    value (for operations, an ``APIFuture``: Tinker's double await,
+    ``fut = await tc.forward_backward_async(...); result = await fut``)."""
+
+    def __init__(self, pending: concurrent.futures.Future[T]) -> None:
+        self._pending = pending
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return asyncio.wrap_future(self._pending).__await__()
+
+    def result(self, timeout: float | None = None) -> T:
+        """Block until submitted (for use outside asyncio)."""
+        return self._pending.result(timeout)
+
+
+class OrderedSubmitter:
+    """Runs submit calls one at a time, in call order, on one background thread."""
+
+    def __init__(self, name: str = "eztinker-submit") -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=name
+        )
+
+    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        return self._executor.submit(fn)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Queue ``fn`` behind earlier submissions and wait until it has run."""
+        return self._executor.submit(fn).result()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,332 @@
+"""Checkpoints on disk: atomic writes, the two formats, listing and deletion.
+
+A checkpoint is the directory ``checkpoints_dir/<run_id>/<name>/``. Both kinds hold the adapter
+in standard PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``), which plain
+``PeftModel.from_pretrained(base, dir)`` loads. A "state" checkpoint adds ``optimizer.safetensors``
+(AdamW moments) + ``optimizer.json`` (per-parameter step counts, hyper-parameters) and
+``eztinker_state.json`` (step, tokens, LoRA spec, base model, the run's RNG state); a "sampler"
+checkpoint adds ``eztinker_sampler.json``. The metadata file is written last, and the whole
+directory is built in a temp dir and renamed into place (swapped atomically with an existing
+checkpoint of the same name), so a crash never leaves a half checkpoint that looks valid.
+Only safetensors and JSON are written or read: never pickle.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import ctypes
+import errno
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+from eztinker_tasks import checkpoint_paths
+from eztinker_tasks.catalog import file_lock
+from eztinker_tasks.engine.runs import RunState, checked_lora_spec
+from eztinker_tasks.errors import CheckpointNotFound, InvalidRequest
+from eztinker_tasks.types import CheckpointInfo, CheckpointKind, LoraSpec
+
+FORMAT_VERSION = 1
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_JSON = "optimizer.json"
+META_FILES: dict[CheckpointKind, str] = {
+    "state": "eztinker_state.json",
+    "sampler": "eztinker_sampler.json",
+}
+
+
+# ---------------------------------------------------------------- atomic directory writes
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with renameat2(RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(final: Path, fill: Callable[[Path], None]) -> None:
+    """Build ``final`` with ``fill(tmp)`` in a temp dir beside it, then publish it atomically."""
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(parent / f".{final.name}.lock"):
+        tmp = parent / f".tmp-{final.name}-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()
+        try:
+            fill(tmp)
+            for child in tmp.iterdir():
+                with open(child, "rb") as handle:
+                    os.fsync(handle.fileno())
+            _fsync_dir(tmp)
+            if not final.exists():
+                os.rename(tmp, final)
+            elif _exchange(tmp, final):
+                shutil.rmtree(tmp)  # tmp now holds the previous checkpoint
+            else:
+                old = parent / f".old-{final.name}-{uuid.uuid4().hex[:12]}"
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(parent)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _adapter_files(run: RunState, peft: PeftModel, directory: Path) -> None:
+    config = copy.deepcopy(peft.peft_config[run.adapter])
+    config.base_model_name_or_path = run.base.source
+    config.inference_mode = True
+    config.save_pretrained(str(directory))
+    tensors = {k: p.detach().to("cpu", copy=True).contiguous() for k, p in run.params.items()}
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def _meta(run: RunState, kind: CheckpointKind, name: str) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "run_id": run.run_id,
+        "name": name,
+        "step": run.step,
+        "tokens_trained": run.tokens_trained,
+        "base_model": run.base.name,
+        "base_model_source": run.base.source,
+        "lora": run.lora.to_dict(),
+        "created_at": time.time(),
+    }
+
+
+def save(
+    checkpoints_dir: Path, run: RunState, peft: PeftModel, name: str, kind: CheckpointKind
+) -> CheckpointInfo:
+    """Write a "state" or "sampler" checkpoint of ``run`` named ``name``."""
+    checkpoint_paths.validate_name(name)
+    final = checkpoint_paths.resolve(
+        checkpoints_dir, checkpoint_paths.format_path(run.run_id, name)
+    )
+    meta = _meta(run, kind, name)
+
+    def fill(directory: Path) -> None:
+        _adapter_files(run, peft, directory)
+        if kind == "state":
+            _optimizer_files(run, directory)
+            state = run.generator.get_state()
+            meta["rng_device"] = run.generator.device.type
+            meta["rng_state"] = base64.b64encode(state.numpy().tobytes()).decode()
+        _write_json(directory / META_FILES[kind], meta)  # last: marks the checkpoint complete
+
+    write_atomically(final, fill)
+    return info_from_dir(final)
+
+
+def _optimizer_files(run: RunState, directory: Path) -> None:
+    index = {id(p): name for name, p in run.params.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    steps: dict[str, float] = {}
+    for param, state in run.optimizer.state.items():
+        name = index[id(param)]
+        for key, value in state.items():
+            if key == "step":
+                steps[name] = float(value)
+            elif isinstance(value, torch.Tensor):
+                tensors[f"{name}:{key}"] = value.detach().to("cpu", copy=True).contiguous()
+    group = {k: v for k, v in run.optimizer.param_groups[0].items() if k != "params"}
+    save_file(tensors, str(directory / OPTIMIZER_TENSORS), metadata={"format": "pt"})
+    _write_json(
+        directory / OPTIMIZER_JSON,
+        {"param_names": list(run.params), "steps": steps, "param_group": _jsonable(group)},
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    return value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def resolve_existing(checkpoints_dir: Path, path: str) -> tuple[Path, dict[str, Any]]:
+    """The directory and metadata of checkpoint ``path``; CheckpointNotFound if absent."""
+    directory = checkpoint_paths.resolve(checkpoints_dir, path)
+    for kind_file in META_FILES.values():
+        meta_path = directory / kind_file
+        if meta_path.is_file():
+            return directory, json.loads(meta_path.read_text())
+    raise CheckpointNotFound(f"checkpoint {path!r} does not exist", errors={"path": [path]})
+
+
+def info_from_dir(directory: Path) -> CheckpointInfo:
+    run_id, name = directory.parent.name, directory.name
+    _, meta = resolve_existing(directory.parent.parent, checkpoint_paths.format_path(run_id, name))
+    size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+    return CheckpointInfo(
+        run_id=run_id,
+        name=name,
+        kind=meta["kind"],
+        path=checkpoint_paths.format_path(run_id, name),
+        directory=str(directory),
+        step=int(meta["step"]),
+        base_model=str(meta["base_model"]),
+        created_at=float(meta["created_at"]),
+        size_bytes=size,
+    )
+
+
+def lora_spec(meta: dict[str, Any]) -> LoraSpec:
+    return LoraSpec.from_dict(meta["lora"])
+
+
+def load_adapter_tensors(directory: Path, expected: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Adapter tensors from ``directory``, checked against the names and shapes expected."""
+    tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise InvalidRequest(
+            f"checkpoint adapter does not match the run's adapter "
+            f"(missing {missing[:3]}, unexpected {extra[:3]})",
+            errors={"path": ["adapter mismatch"]},
+        )
+    for key, tensor in tensors.items():
+        if tensor.shape != expected[key].shape:
+            raise InvalidRequest(
+                f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, "
+                f"the run expects {tuple(expected[key].shape)}",
+                errors={"path": ["shape mismatch"]},
+            )
+    return tensors
+
+
+def optimizer_state_dict(directory: Path, run: RunState, fresh: dict[str, Any]) -> dict[str, Any]:
+    """An AdamW ``state_dict`` for ``run`` built from the checkpoint's optimizer files."""
+    spec = json.loads((directory / OPTIMIZER_JSON).read_text())
+    if spec["param_names"] != list(run.params):
+        raise InvalidRequest("checkpoint optimizer does not match the run's adapter")
+    tensors = load_file(str(directory / OPTIMIZER_TENSORS))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for i, name in enumerate(run.params):
+        entry = {
+            key.split(":", 1)[1]: value
+            for key, value in tensors.items()
+            if key.split(":", 1)[0] == name
+        }
+        if name in spec["steps"]:
+            entry["step"] = torch.tensor(spec["steps"][name], dtype=torch.float32)
+        if entry:
+            state[i] = entry
+    groups = copy.deepcopy(fresh["param_groups"])
+    for key, value in spec["param_group"].items():
+        if key in groups[0] and isinstance(value, (int, float, list)):
+            groups[0][key] = tuple(value) if isinstance(value, list) else value
+    return {"state": state, "param_groups": groups}
+
+
+def restore_rng(run: RunState, meta: dict[str, Any]) -> None:
+    encoded = meta.get("rng_state")
+    if encoded is None or meta.get("rng_device") != run.generator.device.type:
+        run.generator.manual_seed(int(meta.get("lora", {}).get("seed") or 0) + int(meta["step"]))
+        return
+    raw = bytearray(base64.b64decode(encoded))
+    run.generator.set_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
+
+
+def check_kind(meta: Mapping[str, Any], optimizer: bool) -> None:
+    if optimizer and meta.get("kind") != "state":
+        raise InvalidRequest(
+            "a sampler checkpoint has no optimizer state: load it with optimizer=False",
+            errors={"path": ["not a state checkpoint"]},
+        )
+
+
+def check_compatible(run: RunState, meta: Mapping[str, Any]) -> None:
+    """A checkpoint fits a run only with the same base and the same LoRA shape."""
+    if meta.get("base_model") != run.base.name:
+        raise InvalidRequest(
+            f"checkpoint was trained on {meta.get('base_model')!r}, run {run.run_id!r} is on "
+            f"{run.base.name!r}",
+            errors={"path": ["base model mismatch"]},
+        )
+    saved = checked_lora_spec(lora_spec(dict(meta)))
+    for key in ("rank", "alpha", "train_attn", "train_mlp", "train_unembed"):
+        if getattr(saved, key) != getattr(run.lora, key):
+            raise InvalidRequest(
+                f"checkpoint LoRA {key}={getattr(saved, key)!r} does not match run "
+                f"{run.run_id!r} ({key}={getattr(run.lora, key)!r})",
+                errors={"path": [f"{key} mismatch"]},
+            )
+
+
+# ---------------------------------------------------------------- listing and deleting
+
+
+def list_all(checkpoints_dir: Path, run_id: str | None = None) -> list[CheckpointInfo]:
+    root = Path(checkpoints_dir)
+    if run_id is not None:
+        checkpoint_paths.validate_name(run_id, "run_id")
+        run_dirs = [root / run_id]
+    else:
+        run_dirs = sorted(root.iterdir()) if root.is_dir() else []
+    infos = []
+    for run_dir in run_dirs:
+        if run_dir.name.startswith(".") or not run_dir.is_dir():
+            continue
+        for directory in sorted(run_dir.iterdir()):
+            if directory.name.startswith(".") or not directory.is_dir():
+                continue
+            try:
+                infos.append(info_from_dir(directory))
+            except (CheckpointNotFound, InvalidRequest, ValueError, KeyError):
+                continue  # not a complete checkpoint
+    return sorted(infos, key=lambda info: (info.created_at, info.path))
+
+
+def delete(checkpoints_dir: Path, path: str) -> Path:
+    """Remove checkpoint ``path`` (renamed away first, so it vanishes atomically)."""
+    directory, _ = resolve_existing(checkpoints_dir, path)
+    with file_lock(directory.parent / f".{directory.name}.lock"):
+        doomed = directory.parent / f".del-{directory.name}-{uuid.uuid4().hex[:12]}"
+        os.rename(directory, doomed)
+        shutil.rmtree(doomed)
+    return directory

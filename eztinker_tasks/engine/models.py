@@ -1,0 +1,206 @@
+"""Base models: resolving a name, loading it once, and describing it (``ModelInfo``).
+
+A base is loaded once per engine (so once per worker process) and shared by every run on it:
+frozen weights, eval mode (no dropout), SDPA attention, on the engine's device and dtype.
+Built-in tiny models are built into the model cache first and then loaded through the same
+``from_pretrained`` path as a hub model or a local directory. Loading a model also writes its
+tokenizer to ``catalog.tokenizer_dir`` so the web process can tokenize without torch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from eztinker_tasks import catalog
+from eztinker_tasks.engine.adapters import Targets, discover_targets, tensor_bytes
+from eztinker_tasks.engine.tiny import ensure_tiny_model
+from eztinker_tasks.errors import UnknownModel
+from eztinker_tasks.types import ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedBase:
+    """One loaded base model and the PeftModel (if any) that carries its adapters."""
+
+    name: str  # as requested: built-in name, hub id or local path
+    source: str  # what from_pretrained read: a local directory or a hub id
+    model: nn.Module  # the frozen base (LoRA layers are injected into it while peft exists)
+    tokenizer: Any | None  # a transformers tokenizer, or None if the model ships none
+    info: ModelInfo
+    targets: Targets
+    param_bytes: int
+    cache_kwarg: str  # "cache" (transformers >= 5.2x) or "past_key_values"
+    peft: PeftModel | None = None
+    adapters: set[str] = field(default_factory=set)
+    active: str | None = None  # the adapter last activated (None: unknown, activate again)
+
+    @property
+    def module(self) -> nn.Module:
+        """What to call for a forward pass: the PeftModel once adapters exist."""
+        return self.peft if self.peft is not None else self.model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _first_int(value: Any) -> int | None:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return int(value) if isinstance(value, int) else None
+
+
+def _max_context(config: Any) -> int:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _eos_id(config: Any, tokenizer: Any | None) -> int | None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    return _first_int(getattr(config, "eos_token_id", None))
+
+
+class ModelRegistry:
+    """Resolves model names and holds every loaded base of one engine."""
+
+    def __init__(self, data_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
+        self.data_dir = Path(data_dir)
+        self.device = device
+        self.dtype = dtype
+        self.bases: dict[str, LoadedBase] = {}
+        self._infos: dict[str, ModelInfo] = {}
+
+    def builtin_info(self, spec: catalog.BuiltinModel) -> ModelInfo:
+        return ModelInfo(
+            name=spec.name,
+            architecture=spec.architecture,
+            vocab_size=spec.vocab_size,
+            max_context=spec.max_context,
+            eos_token_id=spec.eos_token_id,
+            builtin=True,
+        )
+
+    def list_models(self) -> list[ModelInfo]:
+        infos = {name: self.builtin_info(spec) for name, spec in catalog.BUILTIN_MODELS.items()}
+        infos.update(self._infos)
+        infos.update({name: base.info for name, base in self.bases.items()})
+        return list(infos.values())
+
+    def model_info(self, name: str) -> ModelInfo:
+        """Describe ``name`` from the catalog or its config (no weights are loaded)."""
+        if name in self.bases:
+            return self.bases[name].info
+        spec = catalog.get_builtin(name)
+        if spec is not None:
+            catalog.ensure_tokenizer(name, self.data_dir)
+            return self.builtin_info(spec)
+        if name not in self._infos:
+            source = self._source(name)
+            config = self._call(name, AutoConfig.from_pretrained, source)
+            tokenizer = self._load_tokenizer(name, source)
+            self._infos[name] = ModelInfo(
+                name=name,
+                architecture=str(getattr(config, "model_type", "unknown")),
+                vocab_size=int(config.vocab_size),
+                max_context=_max_context(config),
+                eos_token_id=_eos_id(config, tokenizer),
+                builtin=False,
+            )
+        return self._infos[name]
+
+    def get(self, name: str) -> LoadedBase:
+        """The loaded base ``name``, loading it on first use."""
+        if name not in self.bases:
+            self.bases[name] = self._load(name)
+        return self.bases[name]
+
+    def _source(self, name: str) -> str:
+        if not isinstance(name, str) or not name:
+            raise UnknownModel("base_model must be a non-empty string")
+        spec = catalog.get_builtin(name)
+        if spec is not None:
+            return str(ensure_tiny_model(spec, self.data_dir))
+        if Path(name).is_dir():
+            return name
+        if Path(name).is_absolute() or name.startswith("."):
+            raise UnknownModel(f"model directory {name!r} does not exist")
+        return name  # a hub id
+
+    @staticmethod
+    def _call(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise UnknownModel(
+                f"could not load model {name!r}: {exc}", errors={"base_model": [str(name)]}
+            ) from exc
+
+    def _load_tokenizer(self, name: str, source: str) -> Any | None:
+        """Load the tokenizer and mirror it into the torch-free tokenizer directory."""
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as exc:  # a model without a usable tokenizer still trains and samples
+            log.warning(
+                "model %s has no loadable tokenizer (%s); stop strings unavailable", name, exc
+            )
+            return None
+        directory = catalog.tokenizer_dir(name, self.data_dir)
+        if tokenizer is not None and not catalog.has_tokenizer(directory):
+            with (
+                catalog.file_lock(directory.parent / f".{directory.name}.lock"),
+                catalog.atomic_directory(directory) as tmp,
+            ):
+                tokenizer.save_pretrained(tmp)
+        return tokenizer
+
+    def _load(self, name: str) -> LoadedBase:
+        source = self._source(name)
+        model = self._call(
+            name,
+            AutoModelForCausalLM.from_pretrained,
+            source,
+            dtype=self.dtype,
+            attn_implementation="sdpa",
+        )
+        assert isinstance(model, PreTrainedModel)
+        model.to(self.device)
+        model.requires_grad_(False)
+        model.eval()
+        tokenizer = self._load_tokenizer(name, source)
+        spec = catalog.get_builtin(name)
+        embeddings = model.get_input_embeddings()
+        assert isinstance(embeddings, nn.Embedding)
+        info = ModelInfo(
+            name=name,
+            architecture=spec.architecture if spec else str(model.config.model_type),
+            vocab_size=int(embeddings.weight.shape[0]),
+            max_context=_max_context(model.config),
+            eos_token_id=_eos_id(model.config, tokenizer),
+            builtin=spec is not None,
+        )
+        params = inspect.signature(model.forward).parameters
+        return LoadedBase(
+            name=name,
+            source=source,
+            model=model,
+            tokenizer=tokenizer,
+            info=info,
+            targets=discover_targets(model),
+            param_bytes=tensor_bytes(model.parameters()),
+            cache_kwarg="cache" if "cache" in params else "past_key_values",
+        )

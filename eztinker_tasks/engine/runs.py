@@ -1,0 +1,96 @@
+"""Per-run state: the run's adapter parameters, optimizer, RNG and counters.
+
+A run owns nothing of the base model: only its adapter (by name, inside the base's PeftModel),
+an AdamW optimizer over that adapter's parameters, a ``torch.Generator`` and its counters.
+``checked_lora_spec`` validates a requested ``LoraSpec`` and records its defaults.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from eztinker_tasks.engine.adapters import DEFAULT_ALPHA, tensor_bytes
+from eztinker_tasks.engine.models import LoadedBase
+from eztinker_tasks.errors import InvalidRequest
+from eztinker_tasks.types import LoraSpec, RunInfo
+
+MAX_RANK = 1024
+
+
+def make_optimizer(params: list[nn.Parameter], device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``params``; hyper-parameters are set on the group at every step."""
+    return torch.optim.AdamW(params, lr=0.0, fused=device.type == "cuda")
+
+
+@dataclass
+class RunState:
+    run_id: str
+    base: LoadedBase
+    adapter: str  # the adapter's name inside base.peft (never the run id: ids may hold dots)
+    lora: LoraSpec  # with the seed that was actually used
+    params: dict[str, nn.Parameter]  # canonical PEFT name -> parameter, sorted by name
+    optimizer: torch.optim.AdamW
+    generator: torch.Generator  # the run's own RNG (sampling from the run without a seed)
+    step: int = 0
+    tokens_trained: int = 0
+    last_loss: float | None = None
+
+    def adapter_bytes(self) -> int:
+        return tensor_bytes(self.params.values())
+
+    def optimizer_bytes(self) -> int:
+        return tensor_bytes(
+            value
+            for state in self.optimizer.state.values()
+            for value in state.values()
+            if isinstance(value, torch.Tensor)
+        )
+
+    def has_grad(self) -> bool:
+        return any(p.grad is not None for p in self.params.values())
+
+    def info(self) -> RunInfo:
+        return RunInfo(
+            run_id=self.run_id,
+            base_model=self.base.name,
+            lora=self.lora,
+            step=self.step,
+            tokens_trained=self.tokens_trained,
+            last_loss=self.last_loss,
+            trainable_params=sum(p.numel() for p in self.params.values()),
+            adapter_bytes=self.adapter_bytes(),
+            optimizer_bytes=self.optimizer_bytes(),
+            extra={
+                "adapter_name": self.adapter,
+                "lora_modules": len(self.params) // 2,
+                "has_accumulated_grad": self.has_grad(),
+            },
+        )
+
+
+def checked_lora_spec(lora: LoraSpec) -> LoraSpec:
+    """Validate a LoRA spec; fill alpha (32) and the seed (random) so the run records them."""
+    if not isinstance(lora, LoraSpec):
+        raise InvalidRequest("lora must be a LoraSpec", errors={"lora": ["wrong type"]})
+    if isinstance(lora.rank, bool) or not isinstance(lora.rank, int):
+        raise InvalidRequest("lora.rank must be an integer", errors={"rank": ["not an integer"]})
+    if not 1 <= lora.rank <= MAX_RANK:
+        raise InvalidRequest(f"lora.rank must be in [1, {MAX_RANK}]", errors={"rank": ["range"]})
+    alpha = DEFAULT_ALPHA if lora.alpha is None else lora.alpha
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise InvalidRequest("lora.alpha must be a positive number", errors={"alpha": ["range"]})
+    if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
+        raise InvalidRequest(
+            "lora must train at least one of attn, mlp, unembed", errors={"lora": ["empty"]}
+        )
+    seed = lora.seed
+    if seed is None:
+        seed = secrets.randbits(31)
+    elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidRequest("lora.seed must be a non-negative integer", errors={"seed": ["range"]})
+    return replace(lora, alpha=float(alpha), seed=seed)

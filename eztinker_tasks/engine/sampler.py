@@ -1,0 +1,249 @@
+"""Batched sampling with a KV cache, plus prompt/sequence logprobs.
+
+``generate`` prefills the prompt ONCE, expands the KV cache to ``num_samples`` rows and then
+decodes all samples together, one token per step. Each sampled token's logprob is taken from
+the temperature-scaled distribution BEFORE top-k/top-p filtering (at temperature 1 it is the
+learner's logprob; at temperature 0, greedy, it is the unscaled distribution's). Stops: token
+ids and strings (checked on a decoded window of the newest tokens), EOS unless ``stop=()``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from eztinker_tasks.engine.batching import check_length, token_array
+from eztinker_tasks.engine.logprobs import target_logprobs
+from eztinker_tasks.errors import InvalidRequest, OperationTimeout
+from eztinker_tasks.types import ModelInfo, SampledSequence, SampleOutput, SamplingParams
+
+MAX_NUM_SAMPLES = 1024
+
+
+@dataclass(frozen=True)
+class StopRule:
+    token_ids: tuple[int, ...]
+    strings: tuple[str, ...]
+
+
+def _invalid(message: str, key: str) -> InvalidRequest:
+    return InvalidRequest(message, errors={key: [message]})
+
+
+def check_request(
+    prompt: Sequence[int],
+    num_samples: int,
+    params: SamplingParams,
+    info: ModelInfo,
+    can_decode: bool,
+) -> tuple[list[int], StopRule]:
+    """Validate a sample request; return the prompt as ints and the stop rule."""
+    tokens = token_array(prompt, info.vocab_size, "prompt_tokens").tolist()
+    check_length(len(tokens), info.max_context, "prompt_tokens")
+    if not isinstance(num_samples, int) or not 1 <= num_samples <= MAX_NUM_SAMPLES:
+        raise _invalid(f"num_samples must be an integer in [1, {MAX_NUM_SAMPLES}]", "num_samples")
+    if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
+        raise _invalid("max_tokens must be a positive integer", "max_tokens")
+    if len(tokens) + params.max_tokens > info.max_context:
+        raise _invalid(
+            f"prompt ({len(tokens)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+            f"model's context of {info.max_context}",
+            "max_tokens",
+        )
+    if not math.isfinite(params.temperature) or params.temperature < 0:
+        raise _invalid("temperature must be a finite number >= 0", "temperature")
+    if not math.isfinite(params.top_p) or not 0 < params.top_p <= 1:
+        raise _invalid("top_p must be in (0, 1]", "top_p")
+    if not isinstance(params.top_k, int) or (params.top_k != -1 and params.top_k < 1):
+        raise _invalid("top_k must be -1 (off) or a positive integer", "top_k")
+    if params.seed is not None and not isinstance(params.seed, int):
+        raise _invalid("seed must be an integer or null", "seed")
+    return tokens, stop_rule(params.stop, info, can_decode)
+
+
+def stop_rule(stop: Sequence[str | int] | None, info: ModelInfo, can_decode: bool) -> StopRule:
+    """``None`` -> EOS only; ``()`` -> nothing; otherwise the given ids/strings plus EOS."""
+    eos = () if info.eos_token_id is None else (info.eos_token_id,)
+    if stop is None:
+        return StopRule(eos, ())
+    if isinstance(stop, (str, bytes)) or not isinstance(stop, Sequence):
+        raise _invalid("stop must be a list of strings and/or token ids", "stop")
+    if len(stop) == 0:
+        return StopRule((), ())
+    ids, strings = set(eos), []
+    for item in stop:
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise _invalid(f"stop entry {item!r} is neither a string nor a token id", "stop")
+        if isinstance(item, str):
+            if not item:
+                raise _invalid("stop strings must be non-empty", "stop")
+            strings.append(item)
+        elif not 0 <= item < info.vocab_size:
+            raise _invalid(f"stop token id {item} is outside the vocabulary", "stop")
+        else:
+            ids.add(item)
+    if strings and not can_decode:
+        raise _invalid("this model has no tokenizer, so stop strings cannot be used", "stop")
+    return StopRule(tuple(sorted(ids)), tuple(strings))
+
+
+def _filter(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits outside the top-k and then the top-p nucleus with -inf.
+
+    A stable sort ranks tied logits by token id, so ``top_k=1`` keeps exactly the token that
+    greedy decoding (``argmax``: the first maximum) picks.
+    """
+    use_k = 0 < top_k < scaled.shape[-1]
+    if not use_k and top_p >= 1.0:
+        return scaled
+    ordered, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    drop = torch.zeros_like(ordered, dtype=torch.bool)
+    if use_k:
+        drop[..., top_k:] = True
+    if top_p < 1.0:
+        probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), dim=-1)
+        drop |= (torch.cumsum(probs, dim=-1) - probs) >= top_p
+    return scaled.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def pick(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token per row of float32 ``logits`` [B, V] and its (pre-filter) logprob."""
+    if params.temperature == 0:
+        token = logits.argmax(dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1)
+    else:
+        scaled = logits / params.temperature
+        logprobs = torch.log_softmax(scaled, dim=-1)
+        probs = torch.softmax(_filter(scaled, params.top_k, params.top_p), dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return token, logprobs.gather(1, token.unsqueeze(1)).squeeze(1)
+
+
+def sequence_logprobs(
+    model: nn.Module, tokens: list[int], device: torch.device, chunk_elements: int
+) -> list[float | None]:
+    """One logprob per token of ``tokens`` (None at position 0), one forward pass."""
+    ids = torch.tensor([tokens], dtype=torch.long, device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+        return _prompt_logprobs(logits[0], ids[0], chunk_elements)
+
+
+def _prompt_logprobs(
+    logits: torch.Tensor, ids: torch.Tensor, chunk_elements: int
+) -> list[float | None]:
+    values = target_logprobs(logits[:-1], ids[1:], chunk_elements).cpu().tolist()
+    return [None, *values]
+
+
+def _cache_of(out: Any) -> Any:
+    for key in ("cache", "past_key_values"):
+        cache = getattr(out, key, None)
+        if cache is not None:
+            return cache
+    raise RuntimeError("the model returned no KV cache")
+
+
+def _string_hits(
+    history: list[list[int]], finished: list[bool], strings: tuple[str, ...], decode
+) -> list[bool]:
+    window = max(len(s.encode("utf-8")) for s in strings) + 2
+    hits = []
+    for seq, done in zip(history, finished, strict=True):
+        if done:
+            hits.append(False)
+            continue
+        text = decode(seq[-window:])
+        hits.append(any(s in text for s in strings))
+    return hits
+
+
+def generate(
+    model: nn.Module,
+    cache_kwarg: str,
+    prompt: list[int],
+    num_samples: int,
+    params: SamplingParams,
+    stop: StopRule,
+    *,
+    decode: Callable[[list[int]], str] | None,
+    generator: torch.Generator,
+    deadline: float,
+    want_prompt_logprobs: bool,
+    chunk_elements: int,
+) -> SampleOutput:
+    """Sample ``num_samples`` continuations of ``prompt`` in one batched KV-cache loop."""
+    device = generator.device
+    n, max_tokens = num_samples, params.max_tokens
+
+    def check_deadline() -> None:
+        if time.monotonic() > deadline:
+            raise OperationTimeout("sampling ran past its deadline", errors={"sample": ["timeout"]})
+
+    with torch.no_grad():
+        check_deadline()
+        ids = torch.tensor([prompt], dtype=torch.long, device=device)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=0 if want_prompt_logprobs else 1)
+        prompt_lps = (
+            _prompt_logprobs(out.logits[0], ids[0], chunk_elements)
+            if want_prompt_logprobs
+            else None
+        )
+        cache = _cache_of(out)
+        logits = out.logits[:, -1, :].float()
+        if n > 1:
+            if hasattr(cache, "batch_repeat_interleave"):
+                cache.batch_repeat_interleave(n)
+            else:  # older caches: prefill the repeated prompt instead
+                out = model(input_ids=ids.expand(n, -1), use_cache=True, logits_to_keep=1)
+                cache = _cache_of(out)
+            logits = logits.expand(n, -1)
+
+        tokens = torch.empty((n, max_tokens), dtype=torch.long, device=device)
+        logprobs = torch.empty((n, max_tokens), dtype=torch.float32, device=device)
+        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        kept = torch.full((n,), max_tokens, dtype=torch.long, device=device)
+        stop_ids = torch.tensor(stop.token_ids, dtype=torch.long, device=device)
+        history: list[list[int]] = [[] for _ in range(n)]
+        for step in range(max_tokens):
+            check_deadline()
+            token, token_lp = pick(logits, params, generator)
+            tokens[:, step] = token
+            logprobs[:, step] = token_lp
+            hit = torch.isin(token, stop_ids)
+            if stop.strings:
+                assert decode is not None
+                for seq, t in zip(history, token.tolist(), strict=True):
+                    seq.append(t)
+                done = finished.tolist()
+                hit |= torch.tensor(
+                    _string_hits(history, done, stop.strings, decode), device=device
+                )
+            new = hit & ~finished
+            kept = torch.where(new, step + 1, kept)
+            finished |= new
+            if step + 1 == max_tokens or bool(finished.all()):
+                break
+            out = model(input_ids=token.unsqueeze(1), use_cache=True, **{cache_kwarg: cache})
+            cache = _cache_of(out)
+            logits = out.logits[:, -1, :].float()
+
+    lengths, done = kept.tolist(), finished.tolist()
+    token_rows, lp_rows = tokens.cpu().tolist(), logprobs.cpu().tolist()
+    sequences = [
+        SampledSequence(
+            tokens=token_rows[i][: lengths[i]],
+            logprobs=lp_rows[i][: lengths[i]],
+            stop_reason="stop" if done[i] else "length",
+        )
+        for i in range(n)
+    ]
+    return SampleOutput(sequences=sequences, prompt_logprobs=prompt_lps)

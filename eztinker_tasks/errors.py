@@ -1,0 +1,146 @@
+"""The error tree shared by the engine, the tasks and the web layer.
+
+Every error carries a ``category``: ``"user"`` means the request was wrong and retrying it
+unchanged cannot help; ``"server"`` means something failed on our side and a retry may work.
+This module imports nothing heavy, so the web process can use it without torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+Category = Literal["user", "server"]
+
+
+class EZTinkerError(Exception):
+    """Base of every error EZTinker raises on purpose."""
+
+    code: ClassVar[str] = "error"
+    status: ClassVar[int] = 500
+    category: ClassVar[Category] = "server"
+
+    def __init__(self, message: str, *, errors: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errors = errors or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "status": self.status,
+            "category": self.category,
+            "message": self.message,
+            "errors": self.errors,
+        }
+
+
+class InvalidRequest(EZTinkerError):
+    """The request is malformed or violates a limit (bad token id, length mismatch, ...)."""
+
+    code = "invalid_request"
+    status = 400
+    category = "user"
+
+
+class NotFound(EZTinkerError):
+    """A run, model, checkpoint or future that does not exist."""
+
+    code = "not_found"
+    status = 404
+    category = "user"
+
+
+class UnknownRun(NotFound):
+    code = "unknown_run"
+
+
+class UnknownModel(NotFound):
+    code = "unknown_model"
+
+
+class CheckpointNotFound(NotFound):
+    code = "checkpoint_not_found"
+
+
+class Conflict(EZTinkerError):
+    """The request contradicts earlier state (a reused seq_id with another body, ...)."""
+
+    code = "conflict"
+    status = 409
+    category = "user"
+
+
+class PayloadTooLarge(EZTinkerError):
+    code = "payload_too_large"
+    status = 413
+    category = "user"
+
+
+class ServiceUnavailable(EZTinkerError):
+    """No broker or no live worker: retry later, or start one."""
+
+    code = "service_unavailable"
+    status = 503
+    category = "server"
+
+
+class RunStateLost(EZTinkerError):
+    """The worker holding the run restarted and the run's in-memory state is gone."""
+
+    code = "run_state_lost"
+    status = 409
+    category = "server"
+
+
+class OperationTimeout(EZTinkerError):
+    code = "timeout"
+    status = 504
+    category = "server"
+
+
+class InternalError(EZTinkerError):
+    code = "internal"
+    status = 500
+    category = "server"
+
+
+ERROR_TYPES: dict[str, type[EZTinkerError]] = {
+    cls.code: cls
+    for cls in (
+        EZTinkerError,
+        InvalidRequest,
+        NotFound,
+        UnknownRun,
+        UnknownModel,
+        CheckpointNotFound,
+        Conflict,
+        PayloadTooLarge,
+        ServiceUnavailable,
+        RunStateLost,
+        OperationTimeout,
+        InternalError,
+    )
+}
+
+
+def error_from_dict(data: dict[str, Any]) -> EZTinkerError:
+    """Rebuild a typed error from its ``to_dict`` form (used across the Celery boundary)."""
+    cls = ERROR_TYPES.get(str(data.get("code", "")), InternalError)
+    return cls(str(data.get("message", "unknown error")), errors=data.get("errors") or {})
+
+
+class OperationFailed(Exception):
+    """What a Celery task raises when an operation fails.
+
+    Its single argument is the JSON error envelope (``EZTinkerError.to_dict``), so the failure
+    crosses the JSON result backend intact and the web layer can report ``category``.
+    """
+
+    def __init__(self, envelope: str) -> None:
+        super().__init__(envelope)
+
+    @classmethod
+    def wrap(cls, error: EZTinkerError) -> OperationFailed:
+        import json
+
+        return cls(json.dumps(error.to_dict()))

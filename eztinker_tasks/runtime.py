@@ -1,0 +1,97 @@
+"""Per-worker-process state: the engine, the Redis store and the worker's identity.
+
+Model state lives here and only here, inside the worker process. The engine is built lazily on
+the first task (the base models themselves load lazily inside the engine).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import redis
+
+from config import Settings
+from eztinker_tasks.store import Store
+from eztinker_tasks.tokenization import TokenizerCache
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from eztinker_tasks.engine import Engine
+
+
+@dataclass
+class WorkerRuntime:
+    settings: Settings
+    store: Store
+    engine: Engine
+    tokenizers: TokenizerCache
+    worker_name: str
+
+
+_lock = threading.Lock()
+_runtime: WorkerRuntime | None = None
+_worker_name = "unnamed"
+_device: str | None = None
+
+
+def configure(worker_name: str, device: str | None) -> None:
+    """Called by the worker entry point before Celery starts consuming."""
+    global _worker_name, _device
+    _worker_name = worker_name
+    _device = device
+
+
+def set_worker_name(name: str) -> None:
+    global _worker_name
+    _worker_name = name
+    if _runtime is not None:
+        _runtime.worker_name = name
+
+
+def get_runtime(app: Celery) -> WorkerRuntime:
+    """The process's runtime, built on first use from the app's settings."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            from eztinker_tasks.engine import Engine, EngineConfig
+
+            settings: Settings = app.conf.eztinker_settings
+            client = redis.Redis.from_url(app.conf.broker_url)
+            engine = Engine(
+                EngineConfig(
+                    data_dir=settings.data_dir,
+                    checkpoints_dir=settings.checkpoints_dir,
+                    device=_device or settings.device,
+                    dtype=settings.dtype,
+                )
+            )
+            _runtime = WorkerRuntime(
+                settings=settings,
+                store=Store(client, settings.result_ttl_s),
+                engine=engine,
+                tokenizers=TokenizerCache(settings.data_dir),
+                worker_name=_worker_name,
+            )
+        return _runtime
+
+
+def peek_runtime() -> WorkerRuntime | None:
+    return _runtime
+
+
+_report: Callable[[], None] | None = None
+
+
+def set_reporter(report: Callable[[], None]) -> None:
+    """The worker's heartbeat, called at once when the set of runs it holds changes."""
+    global _report
+    _report = report
+
+
+def report_now() -> None:
+    if _report is not None:
+        _report()

@@ -1,0 +1,295 @@
+"""Records EZTinker keeps in Redis: workers, runs, operations and futures.
+
+This is the third type layer (beside the web schemas and the engine types): small frozen
+dataclasses stored as JSON strings under ``ezt:*`` keys. The web process and the workers both
+use it; it imports neither torch nor Celery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import redis
+
+from eztinker_tasks.errors import Conflict
+
+P = "ezt"
+
+
+def _text(raw: object) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def body_hash(payload: Mapping[str, Any]) -> str:
+    """A stable hash of an operation's parameters, to tell a retry from a different request."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    name: str
+    hostname: str
+    pid: int
+    device: str
+    runs: tuple[str, ...] = ()
+    memory: dict[str, int] = field(default_factory=dict)
+    started_at: float = 0.0
+    heartbeat_at: float = 0.0
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> WorkerRecord:
+        data = json.loads(raw)
+        data["runs"] = tuple(data.get("runs", ()))
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    base_model: str
+    lora: dict[str, Any]
+    worker: str
+    created_at: float
+    status: str = "creating"  # creating | ready | failed | lost | deleted
+    step: int = 0
+    tokens_trained: int = 0
+    last_loss: float | None = None
+    last_state: str | None = None  # path of the newest state checkpoint
+    error: str | None = None
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> RunRecord:
+        data = json.loads(raw)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+STAT_FIELDS = ("step", "tokens_trained", "last_loss", "status")
+
+
+@dataclass(frozen=True)
+class FutureRecord:
+    future_id: str
+    op: str
+    queue: str
+    submitted_at: float
+    run_id: str | None = None
+    seq_id: int | None = None
+    worker: str | None = None
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> FutureRecord:
+        data = json.loads(raw)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
+class OpClaim:
+    """The outcome of claiming ``seq_id`` for an operation of a run."""
+
+    seq_id: int
+    future_id: str
+    created: bool  # False: this seq_id was submitted before with the same body
+
+
+_CLAIM_SCRIPT = """
+local existing = redis.call('HGET', KEYS[1], ARGV[1])
+if existing then return existing end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[2], ARGV[1]) end
+return false
+"""
+
+
+class Store:
+    """Typed access to the ``ezt:*`` keys of one Redis database."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int = 7 * 24 * 3600) -> None:
+        self.r = client
+        self.ttl_s = ttl_s
+        self._claim = client.register_script(_CLAIM_SCRIPT)
+
+    # -- workers ---------------------------------------------------------------------------
+    def heartbeat(self, record: WorkerRecord, ttl_s: float) -> None:
+        record = replace(record, heartbeat_at=time.time())
+        pipe = self.r.pipeline()
+        pipe.set(f"{P}:worker:{record.name}", json.dumps(asdict(record)), px=int(ttl_s * 1000))
+        pipe.sadd(f"{P}:workers", record.name)
+        pipe.execute()
+
+    def forget_worker(self, name: str) -> None:
+        self.r.delete(f"{P}:worker:{name}")
+        self.r.srem(f"{P}:workers", name)
+
+    def worker(self, name: str) -> WorkerRecord | None:
+        raw = self.r.get(f"{P}:worker:{name}")
+        return WorkerRecord.from_json(raw) if raw else None
+
+    def live_workers(self) -> list[WorkerRecord]:
+        names = sorted(_text(n) for n in self.r.smembers(f"{P}:workers"))
+        if not names:
+            return []
+        raws = self.r.mget([f"{P}:worker:{n}" for n in names])
+        live = []
+        for name, raw in zip(names, raws, strict=True):
+            if raw is None:
+                self.r.srem(f"{P}:workers", name)
+            else:
+                live.append(WorkerRecord.from_json(raw))
+        return live
+
+    # -- runs ------------------------------------------------------------------------------
+    def put_run(self, record: RunRecord) -> None:
+        pipe = self.r.pipeline()
+        pipe.set(f"{P}:run:{record.run_id}", json.dumps(asdict(record)))
+        pipe.zadd(f"{P}:runs", {record.run_id: record.created_at})
+        pipe.execute()
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.get(f"{P}:run:{run_id}")
+        pipe.hgetall(f"{P}:run:{run_id}:stats")
+        raw, stats = pipe.execute()
+        if not raw:
+            return None
+        record = RunRecord.from_json(raw)
+        if stats:
+            record = replace(record, **{_text(k): json.loads(v) for k, v in stats.items()})
+        return record
+
+    def update_run(self, run_id: str, **changes: Any) -> RunRecord | None:
+        """Change fields of the run record (the fast-moving counters live in its stats hash)."""
+        raw = self.r.get(f"{P}:run:{run_id}")
+        if not raw:
+            return None
+        record = replace(RunRecord.from_json(raw), **changes)
+        self.r.set(f"{P}:run:{run_id}", json.dumps(asdict(record)))
+        counters = {k: changes[k] for k in STAT_FIELDS if k in changes}
+        if counters:
+            self.r.hset(
+                f"{P}:run:{run_id}:stats", mapping={k: json.dumps(v) for k, v in counters.items()}
+            )
+        return record
+
+    def list_runs(self, include_deleted: bool = False) -> list[RunRecord]:
+        ids = [_text(i) for i in self.r.zrange(f"{P}:runs", 0, -1)]
+        if not ids:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.get(f"{P}:run:{i}")
+            pipe.hgetall(f"{P}:run:{i}:stats")
+        out = pipe.execute()
+        runs = []
+        for raw, stats in zip(out[::2], out[1::2], strict=True):
+            if not raw:
+                continue
+            record = RunRecord.from_json(raw)
+            if stats:
+                record = replace(record, **{_text(k): json.loads(v) for k, v in stats.items()})
+            runs.append(record)
+        return [r for r in runs if include_deleted or r.status != "deleted"]
+
+    def runs_of_worker(self, worker: str) -> list[RunRecord]:
+        return [r for r in self.list_runs() if r.worker == worker]
+
+    # -- operations and futures ------------------------------------------------------------
+    def last_seq(self, run_id: str) -> int:
+        raw = self.r.get(f"{P}:run:{run_id}:seq")
+        return int(raw) if raw else 0
+
+    def next_seq(self, run_id: str) -> int:
+        return int(self.r.incr(f"{P}:run:{run_id}:seq"))
+
+    def claim_op(self, run_id: str, seq_id: int, future_id: str, digest: str) -> OpClaim:
+        """Record ``seq_id`` -> ``future_id`` unless that seq_id exists (then check the body)."""
+        value = json.dumps({"future_id": future_id, "digest": digest})
+        keys = [f"{P}:run:{run_id}:ops", f"{P}:run:{run_id}:seq"]
+        existing = self._claim(keys=keys, args=[seq_id, value])
+        if not existing:
+            return OpClaim(seq_id, future_id, created=True)
+        prior = json.loads(existing)
+        if prior["digest"] != digest:
+            raise Conflict(
+                f"seq_id {seq_id} of run {run_id} was already used for a different request",
+                errors={"seq_id": ["reused with a different body"]},
+            )
+        return OpClaim(seq_id, prior["future_id"], created=False)
+
+    def put_future(self, record: FutureRecord) -> None:
+        self.r.set(f"{P}:future:{record.future_id}", json.dumps(asdict(record)), ex=self.ttl_s)
+
+    def get_future(self, future_id: str) -> FutureRecord | None:
+        raw = self.r.get(f"{P}:future:{future_id}")
+        return FutureRecord.from_json(raw) if raw else None
+
+    def mark_started(self, future_id: str, worker: str) -> None:
+        self.r.set(
+            f"{P}:future:{future_id}:started",
+            json.dumps({"at": time.time(), "worker": worker}),
+            ex=self.ttl_s,
+        )
+
+    def started(self, future_id: str) -> dict[str, Any] | None:
+        raw = self.r.get(f"{P}:future:{future_id}:started")
+        return json.loads(raw) if raw else None
+
+    # -- idempotent application on the worker ----------------------------------------------
+    def begin_op(
+        self, future_id: str, worker: str, run_id: str | None, seq_id: int | None
+    ) -> str | None:
+        """Mark ``future_id`` started; return the future that already applied ``seq_id``."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(
+            f"{P}:future:{future_id}:started",
+            json.dumps({"at": time.time(), "worker": worker}),
+            ex=self.ttl_s,
+        )
+        if run_id is not None and seq_id is not None:
+            pipe.hget(f"{P}:run:{run_id}:applied", str(seq_id))
+        out = pipe.execute()
+        return _text(out[1]) if len(out) > 1 and out[1] else None
+
+    def finish_op(self, run_id: str, seq_id: int | None, future_id: str, **stats: Any) -> None:
+        """Record that ``seq_id`` was applied and the run's new counters, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        if seq_id is not None:
+            key = f"{P}:run:{run_id}:applied"
+            pipe.hset(key, str(seq_id), future_id)
+            pipe.expire(key, self.ttl_s)
+        if stats:
+            pipe.hset(
+                f"{P}:run:{run_id}:stats", mapping={k: json.dumps(v) for k, v in stats.items()}
+            )
+        pipe.execute()
+
+    def run_stats(self, run_id: str) -> dict[str, Any]:
+        raw = self.r.hgetall(f"{P}:run:{run_id}:stats")
+        return {_text(k): json.loads(v) for k, v in raw.items()}
+
+    def applied_future(self, run_id: str, seq_id: int) -> str | None:
+        """The future id under which ``seq_id`` was applied to the run, if it was."""
+        raw = self.r.hget(f"{P}:run:{run_id}:applied", str(seq_id))
+        return _text(raw) if raw else None
+
+    def record_applied(self, run_id: str, seq_id: int, future_id: str) -> None:
+        key = f"{P}:run:{run_id}:applied"
+        self.r.hset(key, str(seq_id), future_id)
+        self.r.expire(key, self.ttl_s)
+
+    # -- models ----------------------------------------------------------------------------
+    def put_model(self, info: Mapping[str, Any]) -> None:
+        self.r.hset(f"{P}:models", str(info["name"]), json.dumps(dict(info)))
+
+    def get_model(self, name: str) -> dict[str, Any] | None:
+        raw = self.r.hget(f"{P}:models", name)
+        return json.loads(raw) if raw else None
+
+    def list_models(self) -> list[dict[str, Any]]:
+        return [json.loads(v) for v in self.r.hvals(f"{P}:models")]

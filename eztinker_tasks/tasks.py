@@ -1,0 +1,296 @@
+"""Thin Celery tasks: unpack ids and parameters, call the engine, return JSON.
+
+Every task body is a few lines over ``eztinker_tasks.engine.Engine``. Failures are raised as
+``OperationFailed`` carrying the error envelope (``category`` user/server), so the future
+reports them. Run operations carry a ``seq_id``: an operation already applied (a redelivered
+message) is not applied again; its stored result is returned instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from celery import Task, shared_task
+
+from eztinker_tasks import names
+from eztinker_tasks.errors import (
+    EZTinkerError,
+    InternalError,
+    OperationFailed,
+    RunStateLost,
+    UnknownRun,
+)
+from eztinker_tasks.runtime import WorkerRuntime, get_runtime, report_now
+from eztinker_tasks.types import (
+    AdamParams,
+    Datum,
+    LoraSpec,
+    SampleSource,
+    SamplingParams,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _call(
+    task: Task,
+    op: Callable[[WorkerRuntime, str | None], dict[str, Any]],
+    run_id: str | None = None,
+    seq_id: int | None = None,
+) -> dict[str, Any]:
+    """Run ``op`` with the worker runtime, turning every failure into OperationFailed.
+
+    ``op`` also receives the future that already applied ``seq_id`` (None if none did).
+    """
+    rt = get_runtime(task.app)
+    prior = rt.store.begin_op(str(task.request.id), rt.worker_name, run_id, seq_id)
+    try:
+        return op(rt, prior)
+    except EZTinkerError as exc:
+        log.info("operation %s failed: %s", task.name, exc.message)
+        raise OperationFailed.wrap(exc) from None
+    except Exception as exc:
+        log.exception("operation %s crashed", task.name)
+        raise OperationFailed.wrap(InternalError(f"{type(exc).__name__}: {exc}")) from None
+
+
+def _run_op(
+    task: Task,
+    run_id: str,
+    seq_id: int | None,
+    op: Callable[[WorkerRuntime], dict[str, Any]],
+    *,
+    needs_live_run: bool = True,
+) -> dict[str, Any]:
+    """Apply one operation of a run at most once per ``seq_id``."""
+
+    def body(rt: WorkerRuntime, prior: str | None) -> dict[str, Any]:
+        if prior is not None:
+            # Redelivered or resent: never apply twice; answer with the first result.
+            meta = task.app.backend.get_task_meta(prior)
+            if meta.get("status") == "SUCCESS":
+                return meta["result"]
+            return {"duplicate": True, "seq_id": seq_id}
+        if needs_live_run and not rt.engine.has_run(run_id):
+            record = rt.store.get_run(run_id)
+            if record is None or record.status == "deleted":
+                raise UnknownRun(f"unknown run {run_id!r}")
+            hint = (
+                f"load_state({record.last_state!r}) to resume"
+                if record.last_state
+                else "it had no saved state; create a new run"
+            )
+            raise RunStateLost(
+                f"run {run_id} lost its in-memory state (its worker {rt.worker_name} restarted); "
+                + hint
+            )
+        result = op(rt)
+        stats: dict[str, Any] = {}
+        if rt.engine.has_run(run_id):
+            info = rt.engine.run_info(run_id)
+            stats = {
+                "step": info.step,
+                "tokens_trained": info.tokens_trained,
+                "last_loss": info.last_loss,
+                "status": "ready",
+            }
+        rt.store.finish_op(run_id, seq_id, str(task.request.id), **stats)
+        return result
+
+    return _call(task, body, run_id, seq_id)
+
+
+@shared_task(name=names.CREATE_RUN, bind=True)
+def create_run(
+    self: Task,
+    run_id: str,
+    base_model: str | None = None,
+    lora: dict[str, Any] | None = None,
+    from_checkpoint: str | None = None,
+    optimizer: bool = True,
+) -> dict[str, Any]:
+    def op(rt: WorkerRuntime, _: str | None) -> dict[str, Any]:
+        if rt.engine.has_run(run_id):
+            return rt.engine.run_info(run_id).to_dict()
+        try:
+            if from_checkpoint:
+                info = rt.engine.create_run_from_checkpoint(run_id, from_checkpoint, optimizer)
+            else:
+                assert base_model is not None
+                info = rt.engine.create_run(run_id, base_model, LoraSpec.from_dict(lora or {}))
+        except EZTinkerError as exc:
+            rt.store.update_run(run_id, status="failed", error=exc.message)
+            raise
+        rt.store.put_model(rt.engine.model_info(info.base_model).to_dict())
+        rt.store.update_run(
+            run_id,
+            status="ready",
+            base_model=info.base_model,
+            lora=info.lora.to_dict(),
+            step=info.step,
+            last_state=from_checkpoint,
+        )
+        report_now()  # /health shows the new run at once
+        return info.to_dict()
+
+    return _call(self, op)
+
+
+@shared_task(name=names.FORWARD_BACKWARD, bind=True)
+def forward_backward(
+    self: Task,
+    run_id: str,
+    seq_id: int,
+    data: list[dict[str, Any]],
+    loss_fn: str = "cross_entropy",
+    loss_fn_config: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    datums = [Datum.from_dict(d) for d in data]
+    return _run_op(
+        self,
+        run_id,
+        seq_id,
+        lambda rt: rt.engine.forward_backward(run_id, datums, loss_fn, loss_fn_config).to_dict(),
+    )
+
+
+@shared_task(name=names.FORWARD, bind=True)
+def forward(
+    self: Task,
+    run_id: str,
+    seq_id: int | None,
+    data: list[dict[str, Any]],
+    loss_fn: str = "cross_entropy",
+    loss_fn_config: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    datums = [Datum.from_dict(d) for d in data]
+    return _run_op(
+        self,
+        run_id,
+        seq_id,
+        lambda rt: rt.engine.forward(run_id, datums, loss_fn, loss_fn_config).to_dict(),
+    )
+
+
+@shared_task(name=names.OPTIM_STEP, bind=True)
+def optim_step(self: Task, run_id: str, seq_id: int, adam: dict[str, float]) -> dict[str, Any]:
+    params = AdamParams.from_dict(adam)
+    return _run_op(self, run_id, seq_id, lambda rt: rt.engine.optim_step(run_id, params).to_dict())
+
+
+@shared_task(name=names.SAVE, bind=True)
+def save(self: Task, run_id: str, seq_id: int, name: str, kind: str = "state") -> dict[str, Any]:
+    def op(rt: WorkerRuntime) -> dict[str, Any]:
+        if kind == "sampler":
+            info = rt.engine.save_weights_for_sampler(run_id, name)
+        else:
+            info = rt.engine.save_state(run_id, name)
+            rt.store.update_run(run_id, last_state=info.path)
+        return info.to_dict()
+
+    return _run_op(self, run_id, seq_id, op)
+
+
+@shared_task(name=names.LOAD, bind=True)
+def load(self: Task, run_id: str, seq_id: int, path: str, optimizer: bool = True) -> dict[str, Any]:
+    def op(rt: WorkerRuntime) -> dict[str, Any]:
+        if rt.engine.has_run(run_id):
+            info = rt.engine.load_state(run_id, path, optimizer)
+        else:  # the worker restarted: rebuild the run from the checkpoint
+            info = rt.engine.create_run_from_checkpoint(run_id, path, optimizer)
+            report_now()
+        rt.store.update_run(run_id, last_state=path)
+        return info.to_dict()
+
+    return _run_op(self, run_id, seq_id, op, needs_live_run=False)
+
+
+def _sample_body(
+    rt: WorkerRuntime,
+    source: SampleSource,
+    prompt_tokens: list[int] | None,
+    prompt_text: str | None,
+    num_samples: int,
+    params: SamplingParams,
+    prompt_logprobs: bool,
+) -> dict[str, Any]:
+    base = _base_model_of(rt, source)
+    if prompt_tokens is None:
+        prompt_tokens = rt.tokenizers.encode(base, prompt_text or "")
+    out = rt.engine.sample(source, prompt_tokens, num_samples, params, prompt_logprobs)
+    result = out.to_dict()
+    for seq in result["sequences"]:
+        seq["text"] = rt.tokenizers.decode(base, seq["tokens"])  # without EOS etc.
+    result["prompt_tokens"] = list(prompt_tokens)
+    result["base_model"] = base
+    return result
+
+
+def _base_model_of(rt: WorkerRuntime, source: SampleSource) -> str:
+    if source.base_model:
+        return source.base_model
+    if source.run_id:
+        if rt.engine.has_run(source.run_id):
+            return rt.engine.run_info(source.run_id).base_model
+        record = rt.store.get_run(source.run_id)
+        if record is None:
+            raise UnknownRun(f"unknown run {source.run_id!r}")
+        return record.base_model
+    assert source.checkpoint is not None
+    infos = [c for c in rt.engine.list_checkpoints() if c.path == source.checkpoint]
+    if not infos:
+        from eztinker_tasks.errors import CheckpointNotFound
+
+        raise CheckpointNotFound(f"no checkpoint {source.checkpoint!r}")
+    return infos[0].base_model
+
+
+@shared_task(name=names.SAMPLE, bind=True)
+def sample(
+    self: Task,
+    source: dict[str, Any],
+    num_samples: int,
+    params: dict[str, Any],
+    prompt_tokens: list[int] | None = None,
+    prompt_text: str | None = None,
+    prompt_logprobs: bool = False,
+) -> dict[str, Any]:
+    src = SampleSource.from_dict(source)
+    sp = SamplingParams.from_dict(params)
+
+    def op(rt: WorkerRuntime) -> dict[str, Any]:
+        return _sample_body(rt, src, prompt_tokens, prompt_text, num_samples, sp, prompt_logprobs)
+
+    if src.run_id:
+        return _run_op(self, src.run_id, None, op)
+    return _call(self, lambda rt, _: op(rt))
+
+
+@shared_task(name=names.COMPUTE_LOGPROBS, bind=True)
+def compute_logprobs(self: Task, source: dict[str, Any], tokens: list[int]) -> dict[str, Any]:
+    src = SampleSource.from_dict(source)
+
+    def op(rt: WorkerRuntime) -> dict[str, Any]:
+        return {"logprobs": rt.engine.compute_logprobs(src, tokens)}
+
+    if src.run_id:
+        return _run_op(self, src.run_id, None, op)
+    return _call(self, lambda rt, _: op(rt))
+
+
+@shared_task(name=names.DELETE_RUN, bind=True)
+def delete_run(self: Task, run_id: str) -> dict[str, Any]:
+    def op(rt: WorkerRuntime, _: str | None) -> dict[str, Any]:
+        held = rt.engine.has_run(run_id)
+        if held:
+            rt.engine.delete_run(run_id)
+        rt.store.update_run(run_id, status="deleted")
+        self.app.control.cancel_consumer(
+            names.run_queue(run_id), destination=[rt.worker_name], reply=False
+        )
+        report_now()
+        return {"run_id": run_id, "deleted": True, "was_loaded": held}
+
+    return _call(self, op)

@@ -1,0 +1,51 @@
+"""Torch-free tokenizers for the web process and the tasks layer.
+
+Built-in models build their tokenizer locally (``catalog.ensure_tokenizer``); for hub models the
+worker writes the tokenizer files into ``catalog.tokenizer_dir`` when it first loads the model,
+so the web process can tokenize without importing torch or transformers.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from eztinker_tasks import catalog
+from eztinker_tasks.errors import UnknownModel
+
+
+class TokenizerCache:
+    """Loads each model's ``tokenizer.json`` once per process."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self._cache: dict[str, Tokenizer] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model: str) -> Tokenizer:
+        with self._lock:
+            tok = self._cache.get(model)
+            if tok is not None:
+                return tok
+            if model in catalog.BUILTIN_MODELS:
+                directory = catalog.ensure_tokenizer(model, self.data_dir)
+            else:
+                directory = catalog.tokenizer_dir(model, self.data_dir)
+            path = Path(directory) / "tokenizer.json"
+            if not path.exists():
+                raise UnknownModel(
+                    f"no tokenizer for model {model!r} yet: it is not built in and no worker "
+                    "has loaded it (create a run on it first)"
+                )
+            tok = Tokenizer.from_file(str(path))
+            self._cache[model] = tok
+            return tok
+
+    def encode(self, model: str, text: str) -> list[int]:
+        return list(self.get(model).encode(text, add_special_tokens=False).ids)
+
+    def decode(self, model: str, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``tokens``; special tokens such as EOS are left out unless asked for."""
+        return self.get(model).decode(tokens, skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,135 @@
+"""A GPU (or CPU) worker process: one per device, threads pool, concurrency 1.
+
+Why this pool: prefork would fork after CUDA could be initialised; solo ignores remote control
+(``add_consumer``) while a task runs. With threads and concurrency 1 the worker executes one
+operation at a time and still answers control messages, which is how run queues get bound to it.
+
+On start the worker consumes the shared sampling queue, its own queue and the queues of the runs
+recorded as its own (a restarted worker keeps serving its runs; their in-memory state
+is gone, so they are marked ``lost`` until a ``load_state``), and reports a heartbeat to Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+
+from config import Settings
+from eztinker_tasks import names, runtime
+from eztinker_tasks.store import Store, WorkerRecord
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat(threading.Thread):
+    """Writes this worker's record (device, runs held, memory) every few seconds."""
+
+    def __init__(self, app: Celery, name: str, device: str) -> None:
+        super().__init__(name="eztinker-heartbeat", daemon=True)
+        self.app = app
+        self.worker_name = name
+        self.device = device
+        self.stopped = threading.Event()
+        self.started_at = time.time()
+
+    def beat(self) -> None:
+        rt = runtime.get_runtime(self.app)
+        try:
+            runs = tuple(rt.engine.list_runs())
+            memory = rt.engine.memory_stats()
+        except RuntimeError:  # a dict changed size under us; report next time
+            runs, memory = (), {}
+        rt.store.heartbeat(
+            WorkerRecord(
+                name=self.worker_name,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                device=rt.engine.device,
+                runs=runs,
+                memory=memory,
+                started_at=self.started_at,
+            ),
+            rt.settings.worker_ttl_s,
+        )
+
+    def run(self) -> None:
+        interval = runtime.get_runtime(self.app).settings.worker_heartbeat_s
+        while not self.stopped.is_set():
+            try:
+                self.beat()
+            except Exception:  # keep beating through a broker hiccup
+                log.exception("heartbeat failed")
+            self.stopped.wait(interval)
+
+
+_heartbeat: Heartbeat | None = None
+
+
+def _on_ready(sender: Any = None, **_: object) -> None:
+    global _heartbeat
+    app: Celery = sender.app
+    name: str = sender.hostname
+    runtime.set_worker_name(name)
+    rt = runtime.get_runtime(app)
+    for record in rt.store.runs_of_worker(name):
+        if record.status in ("deleted", "failed"):
+            continue
+        if not rt.engine.has_run(record.run_id):
+            rt.store.update_run(
+                record.run_id,
+                status="lost",
+                error="worker restarted; in-memory state lost (load_state to resume)",
+            )
+        app.control.add_consumer(names.run_queue(record.run_id), destination=[name], reply=False)
+        log.info("re-bound queue of run %s", record.run_id)
+    _heartbeat = Heartbeat(app, name, rt.engine.device)
+    runtime.set_reporter(_heartbeat.beat)
+    _heartbeat.beat()
+    _heartbeat.start()
+
+
+def _on_shutdown(sender: object = None, **_: object) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stopped.set()
+        rt = runtime.peek_runtime()
+        if rt is not None:
+            rt.store.forget_worker(_heartbeat.worker_name)
+
+
+def run_worker(
+    app: Celery, settings: Settings, name: str, device: str | None, loglevel: str = "INFO"
+) -> None:
+    """Start consuming (blocks). ``name`` is the node name prefix, e.g. ``gpu0``."""
+    hostname = f"{name}@{socket.gethostname()}"
+    runtime.configure(hostname, device)
+    # A restarted worker serves its runs' queues again from the start: they are part of its
+    # initial queue list (a control broadcast sent during start-up could be missed).
+    store = Store(redis.Redis.from_url(app.conf.broker_url), settings.result_ttl_s)
+    own_runs = [
+        names.run_queue(r.run_id)
+        for r in store.runs_of_worker(hostname)
+        if r.status not in ("deleted", "failed")
+    ]
+    queues = [names.SAMPLE_QUEUE, names.worker_queue(hostname), *own_runs]
+    worker_ready.connect(_on_ready, weak=False)
+    worker_shutdown.connect(_on_shutdown, weak=False)
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            "--concurrency=1",
+            f"--hostname={hostname}",
+            f"--queues={','.join(queues)}",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )

@@ -1,0 +1,71 @@
+"""Checkpoints on disk: list, delete, and download as a tar.gz archive."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import tempfile
+from pathlib import Path
+
+from flask import Response, send_file
+from flask_smorest import Blueprint
+
+from eztinker_tasks import checkpoint_paths
+from eztinker_web.checkpoints.listing import delete_checkpoint, get_checkpoint, list_checkpoints
+from eztinker_web.checkpoints.schemas import CheckpointListSchema, CheckpointSchema
+from eztinker_web.services import services
+
+blp = Blueprint("checkpoints", __name__, url_prefix="/v1", description="Checkpoints on disk")
+
+
+@blp.route("/checkpoints", methods=["GET"])
+@blp.response(200, CheckpointListSchema)
+def all_checkpoints():
+    """Every checkpoint of every run (deleted runs' checkpoints stay)."""
+    return {"checkpoints": [c.to_dict() for c in list_checkpoints(services().settings)]}
+
+
+@blp.route("/runs/<run_id>/checkpoints", methods=["GET"])
+@blp.response(200, CheckpointListSchema)
+def run_checkpoints(run_id: str):
+    """The checkpoints of one run."""
+    checkpoint_paths.validate_name(run_id, "run_id")
+    return {"checkpoints": [c.to_dict() for c in list_checkpoints(services().settings, run_id)]}
+
+
+@blp.route("/runs/<run_id>/checkpoints/<name>", methods=["GET"])
+@blp.response(200, CheckpointSchema)
+def get_one(run_id: str, name: str):
+    """One checkpoint's metadata."""
+    return get_checkpoint(services().settings, checkpoint_paths.format_path(run_id, name)).to_dict()
+
+
+@blp.route("/runs/<run_id>/checkpoints/<name>", methods=["DELETE"])
+@blp.response(200, CheckpointSchema)
+def delete_one(run_id: str, name: str):
+    """Delete one checkpoint from disk."""
+    path = checkpoint_paths.format_path(run_id, name)
+    return delete_checkpoint(services().settings, path).to_dict()
+
+
+@blp.route("/runs/<run_id>/checkpoints/<name>/archive", methods=["GET"])
+@blp.response(200, content_type="application/gzip")
+def archive(run_id: str, name: str) -> Response:
+    """Stream the checkpoint directory as ``<run_id>-<name>.tar.gz``."""
+    info = get_checkpoint(services().settings, checkpoint_paths.format_path(run_id, name))
+    spool = tempfile.SpooledTemporaryFile(max_size=64 * 1024 * 1024)  # noqa: SIM115
+    with tarfile.open(fileobj=spool, mode="w:gz") as tar:
+        directory = Path(info.directory)
+        for file in sorted(directory.rglob("*")):
+            if file.is_file() and not file.is_symlink():
+                tar.add(file, arcname=f"{name}/{file.relative_to(directory)}")
+    size = spool.tell()
+    spool.seek(0)
+    response = send_file(
+        io.BufferedReader(spool),  # type: ignore[arg-type]
+        mimetype="application/gzip",
+        as_attachment=True,
+        download_name=f"{run_id}-{name}.tar.gz",
+    )
+    response.headers["Content-Length"] = str(size)
+    return response

@@ -1,0 +1,213 @@
+"""Turning a validated request into a Celery message on the right queue, exactly once.
+
+Run operations go to the run's own queue with a per-run ``seq_id``. A submit that reuses a
+seq_id with the same body returns the original future (safe client retries); with another body
+it is a 409. Every issued future id is recorded, so unknown ids answer 404.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eztinker_tasks import catalog, names
+from eztinker_tasks.errors import InvalidRequest, ServiceUnavailable, UnknownRun
+from eztinker_tasks.store import FutureRecord, RunRecord, WorkerRecord, body_hash
+from eztinker_web.services import services
+
+
+@dataclass(frozen=True)
+class Submitted:
+    future_id: str
+    seq_id: int | None
+    run_id: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "future_id": self.future_id,
+            "job_id": self.future_id,
+            "seq_id": self.seq_id,
+            "run_id": self.run_id,
+        }
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+def live_run(run_id: str) -> RunRecord:
+    record = services().store.get_run(run_id)
+    if record is None or record.status == "deleted":
+        raise UnknownRun(f"unknown run {run_id!r}", errors={"run_id": ["not found"]})
+    return record
+
+
+def model_limits(base_model: str) -> tuple[int, int] | None:
+    """(vocab_size, max_context) of a model if known without loading it."""
+    spec = catalog.BUILTIN_MODELS.get(base_model)
+    if spec is not None:
+        return int(spec.vocab_size), int(spec.max_context)
+    info = services().store.get_model(base_model)
+    if info is not None:
+        return int(info["vocab_size"]), int(info["max_context"])
+    return None
+
+
+def check_tokens(
+    base_model: str, sequences: Sequence[Sequence[int]], field: str, extra: int = 0
+) -> None:
+    """Reject token ids outside the vocabulary and sequences over the context length."""
+    limits = model_limits(base_model)
+    if limits is None:
+        return  # unknown until a worker loads it: the engine validates
+    vocab, context = limits
+    for i, seq in enumerate(sequences):
+        bad = [t for t in seq if t < 0 or t >= vocab]
+        if bad:
+            raise InvalidRequest(
+                f"{field}[{i}] holds token id {bad[0]} outside the vocabulary of "
+                f"{base_model} (0..{vocab - 1})",
+                errors={field: {str(i): [f"token id out of range: {bad[0]}"]}},
+            )
+        if len(seq) + extra > context:
+            raise InvalidRequest(
+                f"{field}[{i}] needs {len(seq) + extra} positions; {base_model} has a context "
+                f"of {context}",
+                errors={field: {str(i): ["longer than the model context"]}},
+            )
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def check_model_name(name: str) -> None:
+    """Reject at once a base model that is neither built in, a local directory nor a hub id."""
+    if name in catalog.BUILTIN_MODELS or services().store.get_model(name) is not None:
+        return
+    if Path(name).is_dir() or (_HUB_ID.match(name) and ".." not in name):
+        return
+    if "/" not in name and re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", name):
+        return  # a bare hub id such as "gpt2"
+    known = ", ".join(sorted(catalog.BUILTIN_MODELS))
+    raise InvalidRequest(
+        f"unknown base_model {name!r}: not a built-in model ({known}), a local model directory "
+        "or a Hugging Face model id",
+        errors={"base_model": ["unknown model"]},
+    )
+
+
+def pick_worker(workers: Sequence[WorkerRecord]) -> WorkerRecord:
+    if not workers:
+        raise ServiceUnavailable(
+            "no live worker: start one with `eztinker worker` (or `eztinker server`)"
+        )
+    return min(workers, key=lambda w: (len(w.runs), w.name))
+
+
+def create_run(
+    base_model: str | None, lora: Mapping[str, Any], from_checkpoint: str | None, optimizer: bool
+) -> tuple[RunRecord, Submitted]:
+    """Pick a worker, bind the run's queue to it alone, and send the create operation."""
+    svc = services()
+    store = svc.store
+    worker = pick_worker(store.live_workers())
+    run_id = new_id("run_")
+    queue = names.run_queue(run_id)
+    record = RunRecord(
+        run_id=run_id,
+        base_model=base_model or "",
+        lora=dict(lora),
+        worker=worker.name,
+        created_at=time.time(),
+    )
+    store.put_run(record)
+    replies = svc.celery.control.add_consumer(
+        queue, destination=[worker.name], reply=True, timeout=5.0
+    )
+    if not replies:
+        store.update_run(run_id, status="failed", error="worker did not answer")
+        raise ServiceUnavailable(
+            f"worker {worker.name} did not confirm binding the run's queue; is it running?"
+        )
+    kwargs = {
+        "run_id": run_id,
+        "base_model": base_model,
+        "lora": dict(lora),
+        "from_checkpoint": from_checkpoint,
+        "optimizer": optimizer,
+    }
+    future_id = new_id("fut_")
+    store.put_future(
+        FutureRecord(
+            future_id=future_id,
+            op=names.CREATE_RUN,
+            queue=queue,
+            submitted_at=time.time(),
+            run_id=run_id,
+            seq_id=0,
+            worker=worker.name,
+        )
+    )
+    _send(names.CREATE_RUN, kwargs, future_id, queue)
+    return record, Submitted(future_id, 0, run_id)
+
+
+def submit_run_op(
+    record: RunRecord, op: str, params: Mapping[str, Any], seq_id: int | None
+) -> Submitted:
+    """Send ``op`` with ``params`` to the run's queue under a (possibly client-given) seq_id."""
+    store = services().store
+    run_id = record.run_id
+    if seq_id is None:
+        seq_id = store.next_seq(run_id)
+    future_id = new_id("fut_")
+    claim = store.claim_op(run_id, seq_id, future_id, body_hash({"op": op, **params}))
+    if not claim.created:
+        return Submitted(claim.future_id, seq_id, run_id)
+    queue = names.run_queue(run_id)
+    store.put_future(
+        FutureRecord(
+            future_id=future_id,
+            op=op,
+            queue=queue,
+            submitted_at=time.time(),
+            run_id=run_id,
+            seq_id=seq_id,
+            worker=record.worker,
+        )
+    )
+    _send(op, {"run_id": run_id, "seq_id": seq_id, **params}, future_id, queue)
+    return Submitted(future_id, seq_id, run_id)
+
+
+def submit_shared(op: str, params: Mapping[str, Any], run: RunRecord | None = None) -> Submitted:
+    """Send a read-only operation: to the run's queue when it uses live run weights."""
+    store = services().store
+    future_id = new_id("fut_")
+    queue = names.run_queue(run.run_id) if run else names.SAMPLE_QUEUE
+    if run is None and not store.live_workers():
+        raise ServiceUnavailable("no live worker: start one with `eztinker worker`")
+    store.put_future(
+        FutureRecord(
+            future_id=future_id,
+            op=op,
+            queue=queue,
+            submitted_at=time.time(),
+            run_id=run.run_id if run else None,
+            worker=run.worker if run else None,
+        )
+    )
+    _send(op, dict(params), future_id, queue)
+    return Submitted(future_id, None, run.run_id if run else None)
+
+
+def _send(op: str, kwargs: Mapping[str, Any], future_id: str, queue: str) -> None:
+    try:
+        services().celery.send_task(op, kwargs=dict(kwargs), task_id=future_id, queue=queue)
+    except Exception as exc:
+        raise ServiceUnavailable(f"could not queue the operation: {exc}") from None

@@ -1,0 +1,29 @@
+"""``GET /v1/futures/<id>``: pending, running, succeeded (with result) or failed (with error)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask_smorest import Blueprint
+
+from eztinker_web.futures.schemas import FutureSchema, WaitSchema
+from eztinker_web.futures.status import future_status
+from eztinker_web.services import services
+
+blp = Blueprint("futures", __name__, url_prefix="/v1", description="Futures of operations")
+
+
+@blp.route("/futures/<future_id>", methods=["GET"])
+@blp.arguments(WaitSchema, location="query")
+@blp.response(200, FutureSchema)
+def get_future(args: dict[str, Any], future_id: str):
+    """The state of an operation; ``?wait=S`` long-polls until it is done."""
+    return future_status(services(), future_id, float(args["wait"]))
+
+
+@blp.route("/jobs/<future_id>", methods=["GET"])
+@blp.arguments(WaitSchema, location="query")
+@blp.response(200, FutureSchema)
+def get_job(args: dict[str, Any], future_id: str):
+    """Alias of ``/v1/futures/<id>`` under the seed's name (job_id)."""
+    return future_status(services(), future_id, float(args["wait"]))

@@ -1,0 +1,139 @@
+"""Reading a future: Celery's result record, plus what Celery alone cannot tell.
+
+Celery reports PENDING for ids it never saw and for tasks whose worker died; we record every
+issued id (unknown -> 404) and check the worker's heartbeat and the operation's age, so a future
+never hangs: it fails with a clear message instead. ``wait`` long-polls on the result
+backend's pub/sub channel (the Redis backend publishes every state change).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from eztinker_tasks.errors import NotFound
+from eztinker_tasks.store import FutureRecord
+from eztinker_web.services import Services
+
+META_PREFIX = "celery-task-meta-"
+TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
+
+
+def _read_meta(svc: Services, future_id: str) -> dict[str, Any]:
+    raw = svc.redis_client.get(META_PREFIX + future_id)
+    return json.loads(raw) if raw else {"status": "PENDING"}
+
+
+def _wait(svc: Services, future_id: str, wait_s: float) -> dict[str, Any]:
+    key = META_PREFIX + future_id
+    pubsub = svc.redis_client.pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.subscribe(key)
+        meta = _read_meta(svc, future_id)  # read after subscribing: no lost wake-up
+        deadline = time.monotonic() + wait_s
+        while meta.get("status") not in TERMINAL:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            message = pubsub.get_message(timeout=min(left, 1.0))
+            if message and message.get("type") == "message":
+                meta = json.loads(message["data"])
+            elif message is None:
+                meta = _read_meta(svc, future_id)
+                if meta.get("status") not in TERMINAL and _stalled(svc, future_id) is not None:
+                    break
+        return meta
+    finally:
+        pubsub.close()
+
+
+def _stalled(svc: Services, future_id: str) -> dict[str, Any] | None:
+    """An error envelope if the future can no longer finish (worker gone, too old)."""
+    record = svc.store.get_future(future_id)
+    if record is None:
+        return None
+    return _stall_reason(svc, record)
+
+
+def _stall_reason(svc: Services, record: FutureRecord) -> dict[str, Any] | None:
+    started = svc.store.started(record.future_id)
+    now = time.time()
+    if started and now - float(started["at"]) > svc.settings.op_timeout_s + 60:
+        return _error(
+            "timeout",
+            f"operation {record.op} has run for over {svc.settings.op_timeout_s:.0f} s "
+            f"on worker {started.get('worker')}; it was abandoned",
+        )
+    if record.worker:
+        if svc.store.worker(record.worker) is None:
+            return _error(
+                "worker_gone",
+                f"worker {record.worker} that holds run {record.run_id} is not alive (no "
+                f"heartbeat for {svc.settings.worker_ttl_s:.0f} s); the operation cannot run "
+                "until it comes back",
+            )
+    elif not svc.store.live_workers():
+        return _error("worker_gone", "no live worker to run this operation")
+    return None
+
+
+def _error(code: str, message: str, category: str = "server") -> dict[str, Any]:
+    return {"code": code, "category": category, "message": message, "errors": {}}
+
+
+def _failure(meta: dict[str, Any]) -> dict[str, Any]:
+    result = meta.get("result") or {}
+    if meta.get("status") == "REVOKED":
+        return _error("revoked", "the operation was cancelled")
+    if isinstance(result, dict) and result.get("exc_type") == "OperationFailed":
+        args = result.get("exc_message") or []
+        raw = args[0] if isinstance(args, list) and args else args
+        try:
+            env = json.loads(str(raw))
+            return {
+                "code": env.get("code", "error"),
+                "category": env.get("category", "server"),
+                "message": env.get("message", ""),
+                "errors": env.get("errors") or {},
+            }
+        except (TypeError, ValueError):
+            pass
+    if isinstance(result, dict):
+        text = f"{result.get('exc_type', 'Error')}: {result.get('exc_message')}"
+    else:
+        text = str(result)
+    return _error("internal", text)
+
+
+def future_status(svc: Services, future_id: str, wait_s: float = 0.0) -> dict[str, Any]:
+    record = svc.store.get_future(future_id)
+    if record is None:
+        raise NotFound(f"unknown future {future_id!r}", errors={"future_id": ["not found"]})
+    meta = _wait(svc, future_id, wait_s) if wait_s > 0 else _read_meta(svc, future_id)
+    state = meta.get("status", "PENDING")
+    body: dict[str, Any] = {
+        "future_id": record.future_id,
+        "job_id": record.future_id,
+        "op": record.op.removeprefix("eztinker."),
+        "run_id": record.run_id,
+        "seq_id": record.seq_id,
+        "submitted_at": record.submitted_at,
+        "result": None,
+        "error": None,
+    }
+    if state == "SUCCESS":
+        body["status"] = "succeeded"
+        body["result"] = meta.get("result")
+    elif state in ("FAILURE", "REVOKED"):
+        body["status"] = "failed"
+        body["error"] = _failure(meta)
+    else:
+        stall = _stall_reason(svc, record)
+        if stall is not None:
+            body["status"] = "failed"
+            body["error"] = stall
+        else:
+            running = state in ("STARTED", "RETRY") or svc.store.started(future_id) is not None
+            body["status"] = "running" if running else "pending"
+    return body

@@ -1,0 +1,85 @@
+"""Models: what can be trained, and tokenizing with their tokenizers (no GPU involved)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flask import send_file
+from flask_smorest import Blueprint
+
+from eztinker_tasks import catalog
+from eztinker_tasks.errors import InvalidRequest, NotFound
+from eztinker_web.models.schemas import (
+    DetokenizeSchema,
+    ModelListSchema,
+    TextSchema,
+    TokenizeSchema,
+    TokensSchema,
+)
+from eztinker_web.services import services
+
+blp = Blueprint("models", __name__, url_prefix="/v1", description="Models and tokenizers")
+
+
+@blp.route("/models", methods=["GET"])
+@blp.response(200, ModelListSchema)
+def list_models():
+    """Built-in models plus every model a worker has loaded."""
+    svc = services()
+    models: dict[str, dict[str, Any]] = {}
+    for spec in catalog.BUILTIN_MODELS.values():
+        models[spec.name] = {
+            "name": spec.name,
+            "architecture": spec.architecture,
+            "vocab_size": spec.vocab_size,
+            "max_context": spec.max_context,
+            "eos_token_id": spec.eos_token_id,
+            "builtin": True,
+            "description": spec.description,
+        }
+    for info in svc.store.list_models():
+        models.setdefault(info["name"], {**info, "description": ""})
+    return {"models": list(models.values()), "default_model": svc.settings.default_model}
+
+
+@blp.route("/tokenize", methods=["POST"])
+@blp.arguments(TokenizeSchema)
+@blp.response(200, TokensSchema)
+def tokenize(args: dict[str, Any]):
+    """Text to token ids with the model's tokenizer."""
+    svc = services()
+    model = args["base_model"] or svc.settings.default_model
+    return {"tokens": svc.tokenizers.encode(model, args["text"]), "base_model": model}
+
+
+@blp.route("/detokenize", methods=["POST"])
+@blp.arguments(DetokenizeSchema)
+@blp.response(200, TextSchema)
+def detokenize(args: dict[str, Any]):
+    """Token ids to text."""
+    svc = services()
+    model = args["base_model"] or svc.settings.default_model
+    vocab = svc.tokenizers.get(model).get_vocab_size(with_added_tokens=True)
+    bad = [t for t in args["tokens"] if t < 0 or t >= vocab]
+    if bad:
+        raise InvalidRequest(
+            f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+            errors={"tokens": [f"out of range: {bad[0]}"]},
+        )
+    return {"text": svc.tokenizers.decode(model, args["tokens"]), "base_model": model}
+
+
+@blp.route("/models/<path:name>/tokenizer/<filename>", methods=["GET"])
+@blp.response(200, content_type="application/json")
+def tokenizer_file(name: str, filename: str):
+    """The model's tokenizer files, so clients can build the same tokenizer offline."""
+    if filename not in catalog.TOKENIZER_FILES:
+        raise NotFound(f"no tokenizer file {filename!r}; one of {list(catalog.TOKENIZER_FILES)}")
+    svc = services()
+    svc.tokenizers.get(name)  # builds a built-in tokenizer / 404s an unknown model
+    directory = Path(catalog.tokenizer_dir(name, svc.settings.data_dir))
+    path = directory / filename
+    if not path.is_file():
+        raise NotFound(f"model {name!r} has no {filename}")
+    return send_file(path.resolve(), mimetype="application/json")

@@ -1,0 +1,161 @@
+"""Runs and their training operations.
+
+``POST /v1/runs`` binds a new run's queue to one worker; every operation below answers 202 with
+a future at once and is executed, in submission order, by that worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from flask_smorest import Blueprint
+
+from eztinker_tasks import checkpoint_paths, names
+from eztinker_tasks.errors import InvalidRequest
+from eztinker_tasks.loss_specs import check_loss_inputs, get_loss_spec, resolve_loss_config
+from eztinker_web import dispatch
+from eztinker_web.checkpoints.listing import get_checkpoint, list_checkpoints
+from eztinker_web.runs.schemas import (
+    CreateRunRequest,
+    CreateRunSchema,
+    ForwardBackwardSchema,
+    ForwardRequest,
+    LoadRequest,
+    LoadSchema,
+    OptimStepRequest,
+    OptimStepSchema,
+    RunListSchema,
+    RunSchema,
+    SaveRequest,
+    SaveSchema,
+    SubmittedSchema,
+)
+from eztinker_web.services import services
+
+blp = Blueprint("runs", __name__, url_prefix="/v1/runs", description="Training runs")
+
+
+@blp.route("", methods=["POST"])
+@blp.arguments(CreateRunSchema)
+@blp.response(201, RunSchema)
+def create_run(req: CreateRunRequest):
+    """Create a LoRA training run on a base model (or from a saved state)."""
+    settings = services().settings
+    if req.from_state:
+        base = get_checkpoint(settings, req.from_state).base_model
+    else:
+        base = req.base_model or settings.default_model
+        dispatch.check_model_name(base)
+    record, submitted = dispatch.create_run(base, req.lora.to_dict(), req.from_state, req.optimizer)
+    return {**asdict(record), **submitted.to_dict()}
+
+
+@blp.route("", methods=["GET"])
+@blp.response(200, RunListSchema)
+def list_runs():
+    """Every run that was not deleted."""
+    return {"runs": [asdict(r) for r in services().store.list_runs()]}
+
+
+@blp.route("/<run_id>", methods=["GET"])
+@blp.response(200, RunSchema)
+def get_run(run_id: str):
+    """A run's worker, step, tokens trained, last loss and checkpoints."""
+    record = dispatch.live_run(run_id)
+    checkpoints = [c.to_dict() for c in list_checkpoints(services().settings, run_id)]
+    last_seq = services().store.last_seq(run_id)
+    return {**asdict(record), "checkpoints": checkpoints, "last_seq_id": last_seq}
+
+
+@blp.route("/<run_id>", methods=["DELETE"])
+@blp.response(202, SubmittedSchema)
+def delete_run(run_id: str):
+    """Delete a run: after its queued operations, free its adapter and unbind its queue.
+
+    Checkpoints stay on disk.
+    """
+    record = dispatch.live_run(run_id)
+    submitted = dispatch.submit_shared(names.DELETE_RUN, {"run_id": run_id}, record)
+    services().store.update_run(run_id, status="deleted")
+    return submitted.to_dict()
+
+
+def _check_forward(run_id: str, req: ForwardRequest):
+    settings = services().settings
+    record = dispatch.live_run(run_id)
+    if len(req.data) > settings.max_datums:
+        raise InvalidRequest(
+            f"{len(req.data)} datums is over the limit of {settings.max_datums}",
+            errors={"data": ["too many datums"]},
+        )
+    spec = get_loss_spec(req.loss_fn)
+    config = resolve_loss_config(spec, req.loss_fn_config)
+    for i, datum in enumerate(req.data):
+        try:
+            check_loss_inputs(spec, set(datum.loss_fn_inputs))
+        except InvalidRequest as exc:
+            exc.message = f"data[{i}]: {exc.message}"
+            raise
+    if record.base_model:
+        dispatch.check_tokens(record.base_model, [d.tokens for d in req.data], "data")
+        dispatch.check_tokens(
+            record.base_model,
+            [[int(t) for t in d.loss_fn_inputs["target_tokens"]] for d in req.data],
+            "target_tokens",
+        )
+    params = {
+        "data": [d.to_dict() for d in req.data],
+        "loss_fn": req.loss_fn,
+        "loss_fn_config": config,
+    }
+    return record, params
+
+
+@blp.route("/<run_id>/forward_backward", methods=["POST"])
+@blp.arguments(ForwardBackwardSchema)
+@blp.response(202, SubmittedSchema)
+def forward_backward(req: ForwardRequest, run_id: str):
+    """Forward + backward on a batch; gradients accumulate until optim_step."""
+    record, params = _check_forward(run_id, req)
+    return dispatch.submit_run_op(record, names.FORWARD_BACKWARD, params, req.seq_id).to_dict()
+
+
+@blp.route("/<run_id>/forward", methods=["POST"])
+@blp.arguments(ForwardBackwardSchema)
+@blp.response(202, SubmittedSchema)
+def forward(req: ForwardRequest, run_id: str):
+    """The same outputs as forward_backward, with no gradient and no state change."""
+    record, params = _check_forward(run_id, req)
+    return dispatch.submit_run_op(record, names.FORWARD, params, req.seq_id).to_dict()
+
+
+@blp.route("/<run_id>/optim_step", methods=["POST"])
+@blp.arguments(OptimStepSchema)
+@blp.response(202, SubmittedSchema)
+def optim_step(req: OptimStepRequest, run_id: str):
+    """One AdamW step on the accumulated gradients, which are then zeroed."""
+    record = dispatch.live_run(run_id)
+    params = {"adam": req.adam.to_dict()}
+    return dispatch.submit_run_op(record, names.OPTIM_STEP, params, req.seq_id).to_dict()
+
+
+@blp.route("/<run_id>/save", methods=["POST"])
+@blp.arguments(SaveSchema)
+@blp.response(202, SubmittedSchema)
+def save(req: SaveRequest, run_id: str):
+    """Save a checkpoint: ``state`` (adapter + optimizer, to resume) or ``sampler`` (PEFT)."""
+    record = dispatch.live_run(run_id)
+    checkpoint_paths.validate_name(req.name)
+    params = {"name": req.name, "kind": req.kind}
+    return dispatch.submit_run_op(record, names.SAVE, params, req.seq_id).to_dict()
+
+
+@blp.route("/<run_id>/load", methods=["POST"])
+@blp.arguments(LoadSchema)
+@blp.response(202, SubmittedSchema)
+def load(req: LoadRequest, run_id: str):
+    """Load a saved state into this run (with or without its optimizer state)."""
+    record = dispatch.live_run(run_id)
+    get_checkpoint(services().settings, req.path)  # 404 now rather than a failed future
+    params = {"path": req.path, "optimizer": req.optimizer}
+    return dispatch.submit_run_op(record, names.LOAD, params, req.seq_id).to_dict()

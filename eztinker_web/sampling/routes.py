@@ -1,0 +1,79 @@
+"""``POST /v1/sample`` and ``POST /v1/compute_logprobs``: answer 202 with a future at once.
+
+Sampling a base model or a saved checkpoint goes to the shared sampling queue (any worker);
+sampling a run's live weights goes to the run's own queue, behind its earlier operations.
+"""
+
+from __future__ import annotations
+
+from flask_smorest import Blueprint
+
+from eztinker_tasks import checkpoint_paths, names
+from eztinker_tasks.errors import InvalidRequest
+from eztinker_tasks.store import RunRecord
+from eztinker_tasks.types import SampleSource
+from eztinker_web import dispatch
+from eztinker_web.runs.schemas import SubmittedSchema
+from eztinker_web.sampling.schemas import (
+    ComputeLogprobsSchema,
+    LogprobsRequest,
+    SampleRequest,
+    SampleSchema,
+)
+from eztinker_web.services import services
+
+blp = Blueprint("sampling", __name__, url_prefix="/v1", description="Sampling and logprobs")
+
+
+def _resolve(source: SampleSource) -> tuple[SampleSource, RunRecord | None, str | None]:
+    """Fill the default model; find the run; return the base model name when known."""
+    if source.run_id:
+        run = dispatch.live_run(source.run_id)
+        return source, run, run.base_model or None
+    if source.checkpoint:
+        checkpoint_paths.parse_path(source.checkpoint)
+        return source, None, None
+    base = source.base_model or services().settings.default_model
+    return SampleSource(base_model=base), None, base
+
+
+@blp.route("/sample", methods=["POST"])
+@blp.arguments(SampleSchema)
+@blp.response(202, SubmittedSchema)
+def sample(req: SampleRequest):
+    """Sample ``num_samples`` continuations of a prompt (text or tokens)."""
+    settings = services().settings
+    if req.num_samples > settings.max_samples:
+        raise InvalidRequest(
+            f"num_samples {req.num_samples} is over the limit of {settings.max_samples}",
+            errors={"num_samples": ["too many"]},
+        )
+    if req.params.max_tokens > settings.max_sample_tokens:
+        raise InvalidRequest(
+            f"max_tokens {req.params.max_tokens} is over the limit of {settings.max_sample_tokens}",
+            errors={"max_tokens": ["too many"]},
+        )
+    source, run, base = _resolve(req.source)
+    if base and req.prompt_tokens is not None:
+        dispatch.check_tokens(base, [req.prompt_tokens], "prompt_tokens", req.params.max_tokens)
+    params = {
+        "source": source.to_dict(),
+        "num_samples": req.num_samples,
+        "params": req.params.to_dict(),
+        "prompt_tokens": list(req.prompt_tokens) if req.prompt_tokens is not None else None,
+        "prompt_text": req.prompt_text,
+        "prompt_logprobs": req.prompt_logprobs,
+    }
+    return dispatch.submit_shared(names.SAMPLE, params, run).to_dict()
+
+
+@blp.route("/compute_logprobs", methods=["POST"])
+@blp.arguments(ComputeLogprobsSchema)
+@blp.response(202, SubmittedSchema)
+def compute_logprobs(req: LogprobsRequest):
+    """One logprob per token of ``tokens`` (None at position 0)."""
+    source, run, base = _resolve(req.source)
+    if base:
+        dispatch.check_tokens(base, [req.tokens], "tokens")
+    params = {"source": source.to_dict(), "tokens": list(req.tokens)}
+    return dispatch.submit_shared(names.COMPUTE_LOGPROBS, params, run).to_dict()

@@ -1,0 +1,222 @@
+"""Checkpoints: exact resume, the PEFT format round trip, atomic writes, listing, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from engine_helpers import (
+    SENTENCE,
+    assert_same_tensors,
+    encode,
+    exact_device,
+    logprob_atol,
+    new_run,
+    params_copy,
+    run_state,
+    sequence_datum,
+    train,
+)
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from eztinker_tasks.engine import Engine, checkpoints
+from eztinker_tasks.errors import CheckpointNotFound, Conflict, InvalidRequest
+from eztinker_tasks.types import AdamParams, SampleSource, SamplingParams
+
+
+def _floats(values: list[float | None]) -> list[float]:
+    assert all(v is not None for v in values)
+    return [float(v) for v in values if v is not None]
+
+
+def _data(engine: Engine, base_model: str):
+    return [
+        sequence_datum(encode(engine, base_model, SENTENCE)),
+        sequence_datum(encode(engine, base_model, "She opened the letter carefully.")),
+    ]
+
+
+def _steps(engine: Engine, run_id: str, data, n: int) -> None:
+    for i in range(n):
+        engine.forward_backward(run_id, data[i % len(data) :][:1])
+        engine.optim_step(run_id, AdamParams(learning_rate=2e-3, weight_decay=0.01))
+
+
+def test_resume_from_state_is_exact(engine: Engine, base_model: str) -> None:
+    data = _data(engine, base_model)
+    new_run(engine, "orig", base_model, rank=8)
+    _steps(engine, "orig", data, 3)
+    ckpt = engine.save_state("orig", "step3")
+    assert (ckpt.kind, ckpt.step, ckpt.path, ckpt.base_model) == (
+        "state",
+        3,
+        "orig/step3",
+        base_model,
+    )
+    _steps(engine, "orig", data, 4)
+    sample = SamplingParams(max_tokens=6, temperature=1.0)  # no seed: the run's own RNG
+    expected_sample = engine.sample(SampleSource(run_id="orig"), data[0].tokens[:2], 2, sample)
+    expected = params_copy(engine, "orig")
+
+    info = engine.create_run_from_checkpoint("resumed", "orig/step3")
+    assert (info.step, info.base_model, info.lora) == (3, base_model, engine.run_info("orig").lora)
+    assert info.optimizer_bytes == engine.run_info("orig").optimizer_bytes
+    _steps(engine, "resumed", data, 4)
+    assert_same_tensors(params_copy(engine, "resumed"), expected, exact=exact_device(engine))
+    got_sample = engine.sample(SampleSource(run_id="resumed"), data[0].tokens[:2], 2, sample)
+    if exact_device(engine):
+        assert got_sample == expected_sample  # the run's RNG state was restored too
+    else:
+        assert [s.tokens for s in got_sample.sequences] == [
+            s.tokens for s in expected_sample.sequences
+        ]
+
+    # Loading into the same run rewinds it too.
+    engine.load_state("orig", "eztinker://orig/step3")
+    assert engine.run_info("orig").step == 3
+    _steps(engine, "orig", data, 4)
+    assert_same_tensors(params_copy(engine, "orig"), expected, exact=exact_device(engine))
+
+
+def test_load_weights_without_optimizer(engine: Engine, base_model: str) -> None:
+    data = _data(engine, base_model)
+    new_run(engine, "a", base_model)
+    _steps(engine, "a", data, 2)
+    engine.save_weights_for_sampler("a", "w")
+    saved = params_copy(engine, "a")
+    engine.forward_backward("a", data)  # pending gradients are dropped by a load
+    _steps(engine, "a", data, 2)
+    info = engine.load_state("a", "a/w", optimizer=False)
+    assert info.step == 2 and info.optimizer_bytes == 0
+    assert all(p.grad is None for p in run_state(engine, "a").params.values())
+    assert_same_tensors(params_copy(engine, "a"), saved)
+    with pytest.raises(InvalidRequest, match="optimizer=False"):
+        engine.load_state("a", "a/w", optimizer=True)
+    with pytest.raises(InvalidRequest, match="optimizer=False"):
+        engine.create_run_from_checkpoint("b", "a/w")
+    assert not engine.has_run("b")
+    engine.create_run_from_checkpoint("b", "a/w", optimizer=False)
+    assert_same_tensors(params_copy(engine, "b"), saved)
+
+
+def test_sampler_checkpoint_is_plain_peft(engine: Engine, base_model: str) -> None:
+    ids = encode(engine, base_model, SENTENCE)
+    new_run(engine, "r", base_model)
+    train(engine, "r", [sequence_datum(ids)], steps=5, lr=1e-2)
+    info = engine.save_weights_for_sampler("r", "final")
+    directory = Path(info.directory)
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "eztinker_sampler.json",
+    ]
+    base_dir = engine.models.get(base_model).source
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == base_dir
+    assert config["r"] == 8 and config["lora_alpha"] == 32
+    meta = json.loads((directory / "eztinker_sampler.json").read_text())
+    assert (meta["kind"], meta["step"], meta["base_model"]) == ("sampler", 5, base_model)
+
+    plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=engine.dtype)
+    peft = PeftModel.from_pretrained(plain, str(directory)).to(engine.device).eval()
+    with torch.no_grad():
+        logits = peft(input_ids=torch.tensor([ids], device=engine.device)).logits[0].float()
+    lp = torch.log_softmax(logits[:-1], -1).gather(
+        1, torch.tensor(ids[1:], device=logits.device)[:, None]
+    )
+    expected = engine.compute_logprobs(SampleSource(run_id="r"), ids)[1:]
+    assert lp.squeeze(1).tolist() == pytest.approx(expected, abs=logprob_atol(engine))
+    base_lp = engine.compute_logprobs(SampleSource(base_model=base_model), ids)[1:]
+    assert max(abs(a - b) for a, b in zip(_floats(expected), _floats(base_lp), strict=True)) > 0.1
+
+
+def test_checkpoint_files_and_listing(engine: Engine, base_model: str) -> None:
+    new_run(engine, "r", base_model)
+    new_run(engine, "q", base_model)
+    state = engine.save_state("r", "s1")
+    engine.save_weights_for_sampler("r", "w1")
+    engine.save_state("q", "s1")
+    names = sorted(p.name for p in Path(state.directory).iterdir())
+    assert names == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "eztinker_state.json",
+        "optimizer.json",
+        "optimizer.safetensors",
+    ]
+    assert all(n.endswith((".json", ".safetensors")) for n in names)  # never pickle
+    assert state.size_bytes == sum(p.stat().st_size for p in Path(state.directory).iterdir())
+    assert [c.path for c in engine.list_checkpoints("r")] == ["r/s1", "r/w1"]
+    assert sorted(c.path for c in engine.list_checkpoints()) == ["q/s1", "r/s1", "r/w1"]
+    assert engine.list_checkpoints("nobody") == []
+    meta = json.loads((Path(state.directory) / "eztinker_state.json").read_text())
+    assert meta["lora"]["rank"] == 8 and meta["base_model"] == base_model
+    assert "rng_state" in meta
+
+    engine.delete_checkpoint("r/w1")
+    assert [c.path for c in engine.list_checkpoints("r")] == ["r/s1"]
+    with pytest.raises(CheckpointNotFound):
+        engine.delete_checkpoint("r/w1")
+
+
+def test_saving_again_replaces_atomically(engine: Engine, base_model: str) -> None:
+    data = _data(engine, base_model)
+    new_run(engine, "r", base_model)
+    first = engine.save_state("r", "latest")
+    _steps(engine, "r", data, 2)
+    second = engine.save_state("r", "latest")
+    assert second.step == 2 and second.created_at >= first.created_at
+    assert [c.step for c in engine.list_checkpoints("r")] == [2]
+    run_dir = Path(second.directory).parent
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.endswith(".lock")) == ["latest"]
+
+
+def test_a_crash_while_saving_leaves_no_checkpoint(
+    engine: Engine, base_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    new_run(engine, "r", base_model)
+    engine.save_state("r", "kept")
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoints, "_optimizer_files", explode)
+    with pytest.raises(OSError, match="disk full"):
+        engine.save_state("r", "broken")
+    with pytest.raises(OSError, match="disk full"):
+        engine.save_state("r", "kept")  # a failed overwrite keeps the old checkpoint
+    assert [c.path for c in engine.list_checkpoints("r")] == ["r/kept"]
+    run_dir = Path(engine.config.checkpoints_dir) / "r"
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.endswith(".lock")) == ["kept"]
+    with pytest.raises(CheckpointNotFound):
+        engine.create_run_from_checkpoint("x", "r/broken")
+
+
+def test_checkpoint_errors(engine: Engine) -> None:
+    new_run(engine, "g", "tiny-gpt2", rank=8)
+    new_run(engine, "l", "tiny-llama", rank=8)
+    new_run(engine, "l4", "tiny-llama", rank=4)
+    new_run(engine, "lmlp", "tiny-llama", rank=8, train_mlp=False)
+    engine.save_state("l", "s")
+    before = params_copy(engine, "g")
+    with pytest.raises(InvalidRequest, match="tiny-llama"):
+        engine.load_state("g", "l/s")
+    with pytest.raises(InvalidRequest, match="rank"):
+        engine.load_state("l4", "l/s")
+    with pytest.raises(InvalidRequest, match="train_mlp"):
+        engine.load_state("lmlp", "l/s")
+    with pytest.raises(CheckpointNotFound):
+        engine.load_state("l", "l/missing")
+    with pytest.raises(InvalidRequest):
+        engine.save_state("l", "../escape")
+    with pytest.raises(InvalidRequest):
+        engine.save_state("l", ".hidden")
+    with pytest.raises(InvalidRequest):
+        engine.load_state("l", "not-a-path")
+    with pytest.raises(Conflict):
+        engine.create_run_from_checkpoint("l", "l/s")
+    assert_same_tensors(params_copy(engine, "g"), before)
+    assert engine.run_info("l4").step == 0

@@ -1,0 +1,182 @@
+"""Bad input gets a clear 4xx with one JSON envelope, and the run loses nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Service, result_of, wait_future
+
+TOKENS = [5, 17, 42, 99, 7, 300, 12, 64]
+
+
+def _datum(tokens: list[Any], targets: list[int] | None = None, **extra: Any) -> dict[str, Any]:
+    targets = targets if targets is not None else [*tokens[1:], 1]
+    inputs = {"target_tokens": targets, "weights": [1.0] * len(targets), **extra}
+    return {"model_input": {"tokens": tokens}, "loss_fn_inputs": inputs}
+
+
+@pytest.fixture(scope="module")
+def run_id(service: Service) -> str:
+    with service.http as http:
+        created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 8})
+        result_of(http, created)
+        return created.json()["run_id"]
+
+
+def _assert_envelope(response: httpx.Response, status: int, *needles: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) >= {"code", "status", "message", "errors", "category"}, body
+    assert body["status"] == status
+    assert body["category"] == "user"
+    text = (body["message"] + " " + str(body["errors"])).lower()
+    for needle in needles:
+        assert needle.lower() in text, (needle, body)
+    return body
+
+
+def test_malformed_json(http: httpx.Client, run_id: str) -> None:
+    r = http.post(
+        f"/v1/runs/{run_id}/forward_backward",
+        content=b'{"data": [',
+        headers={"Content-Type": "application/json"},
+    )
+    _assert_envelope(r, 400, "malformed json")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "needles"),
+    [
+        ("forward_backward", {"data": [_datum(TOKENS)], "bogus": 1}, 422, ["bogus", "unknown"]),
+        ("forward_backward", {"data": "nope"}, 422, ["data"]),
+        ("forward_backward", {"data": [_datum([1, 2, "x"])]}, 422, ["integers"]),
+        ("forward_backward", {"data": []}, 422, ["empty"]),
+        ("forward_backward", {"data": [_datum(TOKENS, TOKENS[:3])]}, 422, ["target_tokens"]),
+        ("forward_backward", {"data": [_datum([1, 2, 99999])]}, 400, ["vocabulary", "99999"]),
+        ("forward_backward", {"data": [_datum([1, 2, -3])]}, 400, ["vocabulary"]),
+        ("forward_backward", {"data": [_datum(list(range(1, 1500)))]}, 400, ["context"]),
+        ("forward_backward", {"data": [_datum(TOKENS)], "loss_fn": "nope"}, 400, ["loss_fn"]),
+        (
+            "forward_backward",
+            {"data": [_datum(TOKENS)], "loss_fn": "ppo"},
+            400,
+            ["advantages"],
+        ),
+        (
+            "forward_backward",
+            {"data": [_datum(TOKENS)], "loss_fn_config": {"beta": 1.0}},
+            400,
+            ["beta"],
+        ),
+        ("forward_backward", {"input_ids": [1, 2, 3], "target_ids": [1, 2]}, 422, ["labels"]),
+        ("optim_step", {"learning_rate": -1.0}, 422, ["learning_rate"]),
+        ("optim_step", {"adam_params": {"beta1": 1.5}}, 422, ["beta1"]),
+        ("optim_step", {"adam_params": {"eps": 0}}, 422, ["eps"]),
+        ("save", {"name": "../escape"}, 400, ["name"]),
+        ("save", {"name": "a/b"}, 400, ["name"]),
+        ("save", {"name": ".hidden"}, 400, ["name"]),
+        ("save", {"name": "x" * 200}, 422, ["name"]),
+        ("load", {"path": "../../etc/passwd"}, 400, ["path"]),
+    ],
+)
+def test_bad_run_requests(
+    http: httpx.Client, run_id: str, path: str, body: dict, status: int, needles: list[str]
+) -> None:
+    _assert_envelope(http.post(f"/v1/runs/{run_id}/{path}", json=body), status, *needles)
+
+
+def test_non_finite_numbers_rejected(http: httpx.Client, run_id: str) -> None:
+    raw = (
+        '{"data": [{"model_input": {"tokens": [1, 2]}, "loss_fn_inputs": '
+        '{"target_tokens": [2, 3], "weights": [1.0, NaN]}}]}'
+    )
+    r = http.post(
+        f"/v1/runs/{run_id}/forward_backward",
+        content=raw.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    assert 400 <= r.status_code < 500
+    assert r.json()["category"] == "user"
+    r = http.post(
+        f"/v1/runs/{run_id}/optim_step",
+        content=b'{"learning_rate": Infinity}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert 400 <= r.status_code < 500
+
+
+def test_unknown_things_are_404(http: httpx.Client) -> None:
+    _assert_envelope(
+        http.post("/v1/runs/run_nope/forward_backward", json={"data": [_datum(TOKENS)]}),
+        404,
+        "run_nope",
+    )
+    _assert_envelope(http.get("/v1/runs/run_nope"), 404, "run_nope")
+    _assert_envelope(http.get("/v1/futures/fut_never_issued"), 404, "fut_never_issued")
+    _assert_envelope(http.get("/v1/runs/r/checkpoints/none"), 404, "checkpoint")
+    _assert_envelope(http.post("/v1/sample", json={"prompt": "x", "run_id": "run_nope"}), 404)
+
+
+def test_sampling_limits(http: httpx.Client) -> None:
+    _assert_envelope(
+        http.post("/v1/sample", json={"prompt": "x", "num_samples": 100000}), 400, "num_samples"
+    )
+    _assert_envelope(
+        http.post("/v1/sample", json={"prompt": "x", "temperature": -1}), 422, "temperature"
+    )
+    _assert_envelope(http.post("/v1/sample", json={"prompt_tokens": [1, 99999]}), 400, "vocabulary")
+    _assert_envelope(http.post("/v1/sample", json={"prompt": "x", "top_k": 0}), 422, "top_k")
+    _assert_envelope(http.post("/v1/sample", json={}), 422, "prompt")
+    _assert_envelope(
+        http.post("/v1/sample", json={"prompt": "x", "base_model": "a", "run_id": "b"}),
+        422,
+        "at most one",
+    )
+
+
+def test_body_over_size_limit_is_413(
+    tmp_path_factory: pytest.TempPathFactory, model_cache: Any
+) -> None:
+    from tests.conftest import start_service
+
+    svc = start_service(
+        tmp_path_factory.mktemp("small"),
+        model_cache,
+        extra_env={"EZTINKER_MAX_REQUEST_BYTES": "2000"},
+    )
+    try:
+        with svc.http as http:
+            big = {"data": [_datum(list(range(1, 400)))]}
+            r = http.post("/v1/runs/run_x/forward_backward", json=big)
+            _assert_envelope(r, 413)
+    finally:
+        svc.stop()
+
+
+def test_failed_op_resolves_with_user_error_and_run_still_trains(
+    http: httpx.Client, run_id: str
+) -> None:
+    missing = http.post(f"/v1/runs/{run_id}/load", json={"path": f"{run_id}/does-not-exist"})
+    _assert_envelope(missing, 404, "does-not-exist")
+    # A state of another base model passes the API's checks but fails in the engine: the
+    # future resolves with a user error and the run is untouched.
+    other = http.post("/v1/runs", json={"base_model": "tiny-llama", "rank": 8})
+    result_of(http, other)
+    other_id = other.json()["run_id"]
+    saved = result_of(http, http.post(f"/v1/runs/{other_id}/save", json={"name": "llama"}))
+    before = http.get(f"/v1/runs/{run_id}").json()["step"]
+    bad = http.post(f"/v1/runs/{run_id}/load", json={"path": saved["path"]})
+    assert bad.status_code == 202
+    body = wait_future(http, bad.json()["future_id"])
+    assert body["status"] == "failed"
+    assert body["error"]["category"] == "user"
+    assert "tiny-llama" in body["error"]["message"]
+    fb = http.post(f"/v1/runs/{run_id}/forward_backward", json={"data": [_datum(TOKENS)]})
+    first = result_of(http, fb)["metrics"]["loss:sum"]
+    result_of(http, http.post(f"/v1/runs/{run_id}/optim_step", json={"learning_rate": 1e-2}))
+    fb = http.post(f"/v1/runs/{run_id}/forward_backward", json={"data": [_datum(TOKENS)]})
+    assert result_of(http, fb)["metrics"]["loss:sum"] < first
+    assert http.get(f"/v1/runs/{run_id}").json()["step"] == before + 1
