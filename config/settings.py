@@ -76,6 +76,11 @@ class Settings:
     worker_ttl_s: float = _setting(
         "EZTINKER_WORKER_TTL_S", 15.0, "A worker silent this long counts as gone."
     )
+    min_free_bytes: int = _setting(
+        "EZTINKER_MIN_FREE_BYTES",
+        512 * 1024 * 1024,
+        "A worker with less free (GPU or host) memory gets no new runs.",
+    )
     flower_port: int = _setting("EZTINKER_FLOWER_PORT", 5555, "Port of the Flower UI.")
 
     @classmethod
@@ -179,5 +184,6 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "result_ttl_s": _positive_int,
     "worker_heartbeat_s": _positive_float,
     "worker_ttl_s": _positive_float,
+    "min_free_bytes": _positive_int,
     "flower_port": _port,
 }

@@ -61,11 +61,18 @@ def rl_datum(prompt: list[int], seq: types.SampledSequence, advantage: float) ->
     )
 
 
+def per_minibatch(metrics: list[dict[str, float]], key: str, fmt: str) -> str:
+    """One value per minibatch ("kl 7e-14/4e-02"): the first is on-policy, later ones drift."""
+    return "/".join(format(m.get(key, 0.0), fmt) for m in metrics)
+
+
 def main() -> None:
     args = parser.parse_args()
     random.seed(args.seed)
     service = eztinker.ServiceClient(base_url=args.base_url)
-    training_client = service.create_lora_training_client(args.model, rank=args.rank, seed=args.seed)
+    training_client = service.create_lora_training_client(
+        args.model, rank=args.rank, seed=args.seed
+    )
     tokenizer = training_client.get_tokenizer()
     print(f"created run {training_client.run_id} on {args.model}, loss {args.loss}")
 
@@ -104,24 +111,21 @@ def main() -> None:
             fb = training_client.forward_backward_async(batch[start : start + size], args.loss)
             pending.append((fb, training_client.optim_step_async(adam)))
         metrics = [fb.result().result().metrics for fb, _ in pending]
-        for _, opt in pending:
-            opt.result().result()
+        for _, optim in pending:
+            optim.result().result()
 
         # 5. The next round samples the new weights.
         sampling_client = training_client.save_weights_and_get_sampling_client(
             f"rl-step-{step + 1:03d}"
         )
 
-        def mean(key: str) -> float:
-            return float(np.mean([m.get(key, 0.0) for m in metrics]))
-
+        tokens = sum(len(seq.tokens) for group in groups for seq in group)
+        loss = sum(m["loss:sum"] for m in metrics) / tokens
         print(
-            f"step {step + 1:3d} reward {np.mean(rewards):.3f} "
-            f"loss {sum(m['loss:sum'] for m in metrics) / len(batch):+.4f} "
-            f"kl {mean('kl_sampler_learner:mean'):.2e} "
-            f"|lp-q| {mean('logprob_diff_abs:mean'):.2e} "
-            f"kl_first {metrics[0]['kl_sampler_learner:mean']:.1e} "
-            f"clip {mean('clip_fraction:mean'):.3f}"
+            f"step {step + 1:3d} reward {np.mean(rewards):.3f} loss {loss:+.4f} "
+            f"kl {per_minibatch(metrics, 'kl_sampler_learner:mean', '.1e')} "
+            f"|lp-q| {per_minibatch(metrics, 'logprob_diff_abs:mean', '.1e')} "
+            f"clip {per_minibatch(metrics, 'clip_fraction:mean', '.3f')}"
         )
 
     print(f"done: run {training_client.run_id}, sampler weights {sampling_client.model_path}")

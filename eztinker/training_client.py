@@ -171,7 +171,12 @@ class TrainingClient:
         import torch
 
         data = list(data)
-        fwd = self.forward(data).result()
+        # The logprobs need only the targets: other inputs (ones the custom loss reads, such as
+        # reference logprobs) would be refused by the server's cross_entropy.
+        targets = [
+            Datum(d.model_input, {"target_tokens": d.loss_fn_inputs["target_tokens"]}) for d in data
+        ]
+        fwd = self.forward(targets).result()
         logprobs = [
             torch.tensor(out["logprobs"].to_numpy(), dtype=torch.float32, requires_grad=True)
             for out in fwd.loss_fn_outputs

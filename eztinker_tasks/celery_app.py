@@ -26,7 +26,8 @@ from eztinker_tasks.names import SAMPLE_QUEUE
 
 def make_celery(settings: Settings, redis_url: str) -> Celery:
     """Build the Celery app for ``redis_url`` (broker and result backend)."""
-    app = Celery("eztinker", broker=redis_url, backend=redis_url, set_as_current=False)
+    backend = f"eztinker_tasks.result_backend:ResultBackend+{redis_url}"
+    app = Celery("eztinker", broker=redis_url, backend=backend, set_as_current=False)
     visibility = int(settings.op_timeout_s * 2 + 300)
     app.conf.update(
         task_serializer="json",

@@ -97,13 +97,25 @@ class OpClaim:
     created: bool  # False: this seq_id was submitted before with the same body
 
 
-_CLAIM_SCRIPT = """
-local existing = redis.call('HGET', KEYS[1], ARGV[1])
-if existing then return existing end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+# One round trip for a submit: pick the seq_id (or take the client's), refuse or reuse a
+# seq_id seen before, and record the future. KEYS: ops hash, seq counter.
+# ARGV: seq_id or "", the op record (JSON), the future key prefix, the future record (JSON),
+# the future TTL in seconds. Returns {seq_id, existing op record or false}.
+_SUBMIT_SCRIPT = """
+local seq = ARGV[1]
+if seq == '' then
+  seq = tostring(redis.call('INCR', KEYS[2]))
+end
+local existing = redis.call('HGET', KEYS[1], seq)
+if existing then return {seq, existing} end
+redis.call('HSET', KEYS[1], seq, ARGV[2])
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[2], ARGV[1]) end
-return false
+if tonumber(seq) > current then redis.call('SET', KEYS[2], seq) end
+local op = cjson.decode(ARGV[2])
+local future = cjson.decode(ARGV[4])
+future['seq_id'] = tonumber(seq)
+redis.call('SET', ARGV[3] .. op['future_id'], cjson.encode(future), 'EX', ARGV[5])
+return {seq, false}
 """
 
 
@@ -113,7 +125,7 @@ class Store:
     def __init__(self, client: redis.Redis, ttl_s: int = 7 * 24 * 3600) -> None:
         self.r = client
         self.ttl_s = ttl_s
-        self._claim = client.register_script(_CLAIM_SCRIPT)
+        self._submit = client.register_script(_SUBMIT_SCRIPT)
 
     # -- workers ---------------------------------------------------------------------------
     def heartbeat(self, record: WorkerRecord, ttl_s: float) -> None:
@@ -204,23 +216,34 @@ class Store:
         raw = self.r.get(f"{P}:run:{run_id}:seq")
         return int(raw) if raw else 0
 
-    def next_seq(self, run_id: str) -> int:
-        return int(self.r.incr(f"{P}:run:{run_id}:seq"))
+    def submit_op(
+        self, run_id: str, seq_id: int | None, digest: str, future: FutureRecord
+    ) -> OpClaim:
+        """Claim ``seq_id`` (or the next one) for ``future``, in one round trip.
 
-    def claim_op(self, run_id: str, seq_id: int, future_id: str, digest: str) -> OpClaim:
-        """Record ``seq_id`` -> ``future_id`` unless that seq_id exists (then check the body)."""
-        value = json.dumps({"future_id": future_id, "digest": digest})
+        A seq_id claimed before with the same body returns the earlier future
+        (``created=False``); with another body it raises Conflict.
+        """
+        value = json.dumps({"future_id": future.future_id, "digest": digest})
         keys = [f"{P}:run:{run_id}:ops", f"{P}:run:{run_id}:seq"]
-        existing = self._claim(keys=keys, args=[seq_id, value])
+        args = [
+            "" if seq_id is None else str(seq_id),
+            value,
+            f"{P}:future:",
+            json.dumps(asdict(future)),
+            str(self.ttl_s),
+        ]
+        seq_raw, existing = self._submit(keys=keys, args=args)
+        seq = int(seq_raw)
         if not existing:
-            return OpClaim(seq_id, future_id, created=True)
+            return OpClaim(seq, future.future_id, created=True)
         prior = json.loads(existing)
         if prior["digest"] != digest:
             raise Conflict(
-                f"seq_id {seq_id} of run {run_id} was already used for a different request",
+                f"seq_id {seq} of run {run_id} was already used for a different request",
                 errors={"seq_id": ["reused with a different body"]},
             )
-        return OpClaim(seq_id, prior["future_id"], created=False)
+        return OpClaim(seq, prior["future_id"], created=False)
 
     def put_future(self, record: FutureRecord) -> None:
         self.r.set(f"{P}:future:{record.future_id}", json.dumps(asdict(record)), ex=self.ttl_s)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -27,6 +28,23 @@ from eztinker_tasks import names, runtime
 from eztinker_tasks.store import Store, WorkerRecord
 
 log = logging.getLogger(__name__)
+
+
+def free_memory_bytes(device: str) -> int:
+    """Free memory where this worker's runs live: the GPU's, or the host's available RAM."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 class Heartbeat(threading.Thread):
@@ -44,7 +62,8 @@ class Heartbeat(threading.Thread):
         rt = runtime.get_runtime(self.app)
         try:
             runs = tuple(rt.engine.list_runs())
-            memory = rt.engine.memory_stats()
+            memory = {k: v for k, v in rt.engine.memory_stats().items() if not k.startswith("run.")}
+            memory["free_bytes"] = free_memory_bytes(rt.engine.device)
         except RuntimeError:  # a dict changed size under us; report next time
             runs, memory = (), {}
         rt.store.heartbeat(
@@ -71,6 +90,7 @@ class Heartbeat(threading.Thread):
 
 
 _heartbeat: Heartbeat | None = None
+SWITCH_INTERVAL_S = 0.0005
 
 
 def _on_ready(sender: Any = None, **_: object) -> None:
@@ -110,6 +130,9 @@ def run_worker(
     """Start consuming (blocks). ``name`` is the node name prefix, e.g. ``gpu0``."""
     hostname = f"{name}@{socket.gethostname()}"
     runtime.configure(hostname, device)
+    # The consumer thread hands each message to the pool thread; with CPython's default 5 ms
+    # GIL switch interval every hand-off can wait that long. Switch sooner.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     # A restarted worker serves its runs' queues again from the start: they are part of its
     # initial queue list (a control broadcast sent during start-up could be missed).
     store = Store(redis.Redis.from_url(app.conf.broker_url), settings.result_ttl_s)

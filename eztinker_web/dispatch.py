@@ -101,12 +101,19 @@ def check_model_name(name: str) -> None:
     )
 
 
-def pick_worker(workers: Sequence[WorkerRecord]) -> WorkerRecord:
+def pick_worker(workers: Sequence[WorkerRecord], min_free_bytes: int) -> WorkerRecord:
+    """The live worker with the fewest runs among those with enough free memory."""
     if not workers:
         raise ServiceUnavailable(
             "no live worker: start one with `eztinker worker` (or `eztinker server`)"
         )
-    return min(workers, key=lambda w: (len(w.runs), w.name))
+    roomy = [w for w in workers if w.memory.get("free_bytes", min_free_bytes) >= min_free_bytes]
+    if not roomy:
+        raise ServiceUnavailable(
+            f"every live worker has less than {min_free_bytes >> 20} MiB free; delete runs or "
+            "start another worker",
+        )
+    return min(roomy, key=lambda w: (len(w.runs), -w.memory.get("free_bytes", 0), w.name))
 
 
 def create_run(
@@ -115,7 +122,7 @@ def create_run(
     """Pick a worker, bind the run's queue to it alone, and send the create operation."""
     svc = services()
     store = svc.store
-    worker = pick_worker(store.live_workers())
+    worker = pick_worker(store.live_workers(), svc.settings.min_free_bytes)
     run_id = new_id("run_")
     queue = names.run_queue(run_id)
     record = RunRecord(
@@ -163,26 +170,21 @@ def submit_run_op(
     """Send ``op`` with ``params`` to the run's queue under a (possibly client-given) seq_id."""
     store = services().store
     run_id = record.run_id
-    if seq_id is None:
-        seq_id = store.next_seq(run_id)
-    future_id = new_id("fut_")
-    claim = store.claim_op(run_id, seq_id, future_id, body_hash({"op": op, **params}))
-    if not claim.created:
-        return Submitted(claim.future_id, seq_id, run_id)
     queue = names.run_queue(run_id)
-    store.put_future(
-        FutureRecord(
-            future_id=future_id,
-            op=op,
-            queue=queue,
-            submitted_at=time.time(),
-            run_id=run_id,
-            seq_id=seq_id,
-            worker=record.worker,
-        )
+    future = FutureRecord(
+        future_id=new_id("fut_"),
+        op=op,
+        queue=queue,
+        submitted_at=time.time(),
+        run_id=run_id,
+        seq_id=seq_id,
+        worker=record.worker,
     )
-    _send(op, {"run_id": run_id, "seq_id": seq_id, **params}, future_id, queue)
-    return Submitted(future_id, seq_id, run_id)
+    claim = store.submit_op(run_id, seq_id, body_hash({"op": op, **params}), future)
+    if not claim.created:
+        return Submitted(claim.future_id, claim.seq_id, run_id)
+    _send(op, {"run_id": run_id, "seq_id": claim.seq_id, **params}, future.future_id, queue)
+    return Submitted(future.future_id, claim.seq_id, run_id)
 
 
 def submit_shared(op: str, params: Mapping[str, Any], run: RunRecord | None = None) -> Submitted:

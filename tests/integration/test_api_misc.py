@@ -1,0 +1,134 @@
+"""Health, auth, settings, checkpoints archive/delete, sampling from a saved checkpoint."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from config import Settings, SettingsError
+from eztinker_web import create_app
+from tests.conftest import Service, free_port, result_of, start_service
+
+TOKENS = [5, 17, 42, 99, 7, 300, 12, 64]
+
+
+def test_health_and_run_creation_answer_503_without_broker(tmp_path: Path) -> None:
+    dead = f"redis://:pw@127.0.0.1:{free_port()}/0"
+    app = create_app(Settings(redis_url=dead, data_dir=tmp_path))
+    client = app.test_client()
+    r = client.get("/health")
+    assert r.status_code == 503
+    assert r.json["status"] == "down"
+    r = client.post("/v1/runs", json={})
+    assert r.status_code == 503
+    assert r.json["category"] == "server"
+
+
+def test_no_live_worker_means_503_with_a_hint(
+    tmp_path_factory: pytest.TempPathFactory, model_cache: Path
+) -> None:
+    svc = start_service(tmp_path_factory.mktemp("noworker"), model_cache, workers=0)
+    try:
+        with svc.http as http:
+            health = http.get("/health")
+            assert health.status_code == 503
+            assert "eztinker worker" in health.json()["message"]
+            r = http.post("/v1/runs", json={})
+            assert r.status_code == 503
+            assert "eztinker worker" in r.json()["message"]
+    finally:
+        svc.stop()
+
+
+def test_api_keys_guard_v1_but_not_health(service: Service, tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {"EZTINKER_REDIS_URL": service.redis_url, "EZTINKER_API_KEYS": "k1, k2"},
+        data_dir=service.data_dir,
+    )
+    client = create_app(settings).test_client()
+    assert client.get("/health").status_code == 200
+    denied = client.get("/v1/runs")
+    assert denied.status_code == 401
+    assert denied.json["code"] == "unauthorized"
+    assert client.get("/v1/runs", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.get("/v1/runs", headers={"Authorization": "Bearer k2"}).status_code == 200
+    assert client.get("/v1/runs", headers={"X-API-Key": "k1"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"EZTINKER_PORT": "eighty"}, "EZTINKER_PORT"),
+        ({"EZTINKER_PORT": "70000"}, "EZTINKER_PORT"),
+        ({"EZTINKER_REDIS_URL": "http://x"}, "EZTINKER_REDIS_URL"),
+        ({"EZTINKER_DEVICE": "tpu"}, "EZTINKER_DEVICE"),
+        ({"EZTINKER_OP_TIMEOUT_S": "-1"}, "EZTINKER_OP_TIMEOUT_S"),
+        ({"EZTINKER_BASE_URL": "localhost"}, "EZTINKER_BASE_URL"),
+    ],
+)
+def test_invalid_settings_name_the_variable(env: dict[str, str], name: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env(env)
+
+
+def test_settings_defaults_match_the_seed() -> None:
+    s = Settings.from_env({})
+    assert s.redis_url is None
+    assert s.checkpoints_dir == Path("checkpoints")
+    assert s.base_url == "http://localhost:8000"
+    assert (s.host, s.port) == ("localhost", 8000)
+    assert s.default_model == "tiny-gpt2"
+    assert Settings.from_env({"CHECKPOINTS_DIR": "/x"}).checkpoints_dir == Path("/x")
+
+
+def test_checkpoint_archive_sampler_checkpoint_and_delete(
+    service: Service, http: httpx.Client
+) -> None:
+    created = http.post("/v1/runs", json={"base_model": "tiny-llama", "rank": 4, "seed": 5})
+    run_id = created.json()["run_id"]
+    result_of(http, created)
+    fb = {"input_ids": TOKENS, "target_ids": TOKENS}
+    for _ in range(3):
+        http.post(f"/v1/runs/{run_id}/forward_backward", json=fb)
+        http.post(f"/v1/runs/{run_id}/optim_step", json={"learning_rate": 1e-2})
+    saved = result_of(
+        http, http.post(f"/v1/runs/{run_id}/save", json={"name": "for-sampler", "kind": "sampler"})
+    )
+    assert saved["kind"] == "sampler" and saved["step"] == 3
+
+    listed = http.get(f"/v1/runs/{run_id}/checkpoints").json()["checkpoints"]
+    assert [c["name"] for c in listed] == ["for-sampler"]
+
+    archive = http.get(f"/v1/runs/{run_id}/checkpoints/for-sampler/archive")
+    assert archive.status_code == 200
+    assert archive.headers["content-type"] == "application/gzip"
+    with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
+        names = set(tar.getnames())
+    assert "for-sampler/adapter_model.safetensors" in names
+    assert "for-sampler/adapter_config.json" in names
+
+    # Sampling a saved checkpoint (shared queue) equals sampling the live run.
+    probe = {"prompt_tokens": TOKENS[:3], "max_tokens": 6, "temperature": 0.0}
+    live = result_of(http, http.post("/v1/sample", json={**probe, "run_id": run_id}))
+    ckpt = result_of(http, http.post("/v1/sample", json={**probe, "checkpoint": saved["path"]}))
+    assert ckpt["sequences"][0]["tokens"] == live["sequences"][0]["tokens"]
+    lp_live = result_of(
+        http, http.post("/v1/compute_logprobs", json={"tokens": TOKENS, "run_id": run_id})
+    )
+    lp_ckpt = result_of(
+        http,
+        http.post("/v1/compute_logprobs", json={"tokens": TOKENS, "model_path": saved["path"]}),
+    )
+    assert lp_live["logprobs"][0] is None
+    assert lp_ckpt["logprobs"][1:] == pytest.approx(lp_live["logprobs"][1:], abs=1e-5)
+
+    gone = http.delete(f"/v1/runs/{run_id}/checkpoints/for-sampler")
+    assert gone.status_code == 200
+    assert not (service.checkpoints_dir / run_id / "for-sampler").exists()
+    assert http.get(f"/v1/runs/{run_id}/checkpoints/for-sampler").status_code == 404
+    info = http.get(f"/v1/runs/{run_id}").json()
+    assert info["last_seq_id"] == 7  # 3 x (fb + step) + save
