@@ -46,6 +46,9 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": visibility},
         result_backend_transport_options={"visibility_timeout": visibility},
+        # Only the prefork pool enforces these; under the threads pool a CUDA op cannot be
+        # interrupted anyway. Long ops are bounded by the engine's own deadlines (sampling) and
+        # by futures, which fail once an op has run longer than EZTINKER_OP_TIMEOUT_S.
         task_soft_time_limit=settings.op_timeout_s,
         task_time_limit=settings.op_timeout_s + 60,
         worker_send_task_events=False,  # Flower turns events on while it watches

@@ -51,7 +51,7 @@ def delete_one(run_id: str, name: str):
 @blp.route("/runs/<run_id>/checkpoints/<name>/archive", methods=["GET"])
 @blp.response(200, content_type="application/gzip")
 def archive(run_id: str, name: str) -> Response:
-    """Stream the checkpoint directory as ``<run_id>-<name>.tar.gz``."""
+    """Stream the checkpoint directory as `<run_id>-<name>.tar.gz`."""
     info = get_checkpoint(services().settings, checkpoint_paths.format_path(run_id, name))
     spool = tempfile.SpooledTemporaryFile(max_size=64 * 1024 * 1024)  # noqa: SIM115
     with tarfile.open(fileobj=spool, mode="w:gz") as tar:

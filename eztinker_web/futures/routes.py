@@ -1,4 +1,4 @@
-"""``GET /v1/futures/<id>``: pending, running, succeeded (with result) or failed (with error)."""
+"""`GET /v1/futures/<id>`: pending, running, succeeded (with result) or failed (with error)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ blp = Blueprint("futures", __name__, url_prefix="/v1", description="Futures of o
 @blp.arguments(WaitSchema, location="query")
 @blp.response(200, FutureSchema)
 def get_future(args: dict[str, Any], future_id: str):
-    """The state of an operation; ``?wait=S`` long-polls until it is done."""
+    """The state of an operation; `?wait=S` long-polls until it is done."""
     return future_status(services(), future_id, float(args["wait"]))
 
 
@@ -25,5 +25,5 @@ def get_future(args: dict[str, Any], future_id: str):
 @blp.arguments(WaitSchema, location="query")
 @blp.response(200, FutureSchema)
 def get_job(args: dict[str, Any], future_id: str):
-    """Alias of ``/v1/futures/<id>`` under the seed's name (job_id)."""
+    """Alias of `/v1/futures/<id>` under the seed's name (job_id)."""
     return future_status(services(), future_id, float(args["wait"]))

@@ -1,4 +1,4 @@
-"""``GET /health``: broker status and the live workers (name, device, runs held)."""
+"""`GET /health`: broker status and the live workers (name, device, runs held)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Runs and their training operations.
 
-``POST /v1/runs`` binds a new run's queue to one worker; every operation below answers 202 with
+`POST /v1/runs` binds a new run's queue to one worker; every operation below answers 202 with
 a future at once and is executed, in submission order, by that worker.
 """
 
@@ -143,7 +143,7 @@ def optim_step(req: OptimStepRequest, run_id: str):
 @blp.arguments(SaveSchema)
 @blp.response(202, SubmittedSchema)
 def save(req: SaveRequest, run_id: str):
-    """Save a checkpoint: ``state`` (adapter + optimizer, to resume) or ``sampler`` (PEFT)."""
+    """Save a checkpoint: `state` (adapter + optimizer, to resume) or `sampler` (PEFT)."""
     record = dispatch.live_run(run_id)
     checkpoint_paths.validate_name(req.name)
     params = {"name": req.name, "kind": req.kind}

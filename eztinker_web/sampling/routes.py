@@ -1,4 +1,4 @@
-"""``POST /v1/sample`` and ``POST /v1/compute_logprobs``: answer 202 with a future at once.
+"""`POST /v1/sample` and `POST /v1/compute_logprobs`: answer 202 with a future at once.
 
 Sampling a base model or a saved checkpoint goes to the shared sampling queue (any worker);
 sampling a run's live weights goes to the run's own queue, behind its earlier operations.
@@ -41,7 +41,7 @@ def _resolve(source: SampleSource) -> tuple[SampleSource, RunRecord | None, str 
 @blp.arguments(SampleSchema)
 @blp.response(202, SubmittedSchema)
 def sample(req: SampleRequest):
-    """Sample ``num_samples`` continuations of a prompt (text or tokens)."""
+    """Sample `num_samples` continuations of a prompt (text or tokens)."""
     settings = services().settings
     if req.num_samples > settings.max_samples:
         raise InvalidRequest(
@@ -71,7 +71,7 @@ def sample(req: SampleRequest):
 @blp.arguments(ComputeLogprobsSchema)
 @blp.response(202, SubmittedSchema)
 def compute_logprobs(req: LogprobsRequest):
-    """One logprob per token of ``tokens`` (None at position 0)."""
+    """One logprob per token of `tokens` (None at position 0)."""
     source, run, base = _resolve(req.source)
     if base:
         dispatch.check_tokens(base, [req.tokens], "tokens")
