@@ -7,9 +7,10 @@ models have random weights) already scores ~0.25, so there is signal from the fi
 Each step samples --group-size completions for each prompt from the latest saved weights,
 scores them, centres the rewards within each group (the advantage), and trains on the batch
 with an RL loss (importance_sampling or ppo), split into --minibatches optimizer steps that are
-all submitted at once and pipelined on the server. The first minibatch is on-policy; the later
-ones are trained after an update, so their sampler/learner KL and clip fraction show the
-off-policy drift (the first one shows sampler/learner parity: a KL of ~0).
+all submitted at once and pipelined on the server. Each step prints the mean reward, the loss
+per token and, one value per minibatch ("a/b"), the sampler/learner KL (k3 estimator), the mean
+|lp - q| and the clip fraction. The first minibatch is on-policy, so it shows sampler/learner
+parity (a KL of ~0); later ones train after an update and show the off-policy drift.
 
     uv run python examples/rl_loop.py --base-url http://localhost:8000 --steps 20
 
@@ -19,6 +20,7 @@ The SDK mirrors Tinker's: with `import tinker` and Tinker's base URL, this loop 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 
 import numpy as np
@@ -62,8 +64,8 @@ def rl_datum(prompt: list[int], seq: types.SampledSequence, advantage: float) ->
 
 
 def per_minibatch(metrics: list[dict[str, float]], key: str, fmt: str) -> str:
-    """One value per minibatch ("kl 7e-14/4e-02"): the first is on-policy, later ones drift."""
-    return "/".join(format(m.get(key, 0.0), fmt) for m in metrics)
+    """One value per minibatch ("kl 7e-14/4e-02"), "-" where the loss has no such metric."""
+    return "/".join(format(m[key], fmt) if key in m else "-" for m in metrics)
 
 
 def main() -> None:
@@ -92,8 +94,8 @@ def main() -> None:
         for i, prompt in enumerate(prompts):
             seed = args.seed * 1_000_003 + step * 101 + i  # reproducible, distinct per request
             params = types.SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=seed)
-            futures.append(sampling_client.sample_async(prompt, args.group_size, params))
-        groups = [f.result().result().sequences for f in futures]
+            futures.append(sampling_client.sample(prompt, args.group_size, params))
+        groups = [future.result().sequences for future in futures]
 
         # 3. Rewards and group-centred advantages (GRPO, divided by the group's std).
         batch, rewards = [], []
@@ -105,14 +107,14 @@ def main() -> None:
 
         # 4. Train: every minibatch's forward_backward + optim_step submitted before any wait.
         random.shuffle(batch)
-        size = -(-len(batch) // args.minibatches)
+        size = math.ceil(len(batch) / args.minibatches)
         pending = []
         for start in range(0, len(batch), size):
-            fb = training_client.forward_backward_async(batch[start : start + size], args.loss)
-            pending.append((fb, training_client.optim_step_async(adam)))
-        metrics = [fb.result().result().metrics for fb, _ in pending]
+            fb = training_client.forward_backward(batch[start : start + size], args.loss)
+            pending.append((fb, training_client.optim_step(adam)))
+        metrics = [fb.result().metrics for fb, _ in pending]
         for _, optim in pending:
-            optim.result().result()
+            optim.result()
 
         # 5. The next round samples the new weights.
         sampling_client = training_client.save_weights_and_get_sampling_client(

@@ -22,10 +22,10 @@ def test_health_and_run_creation_answer_503_without_broker(tmp_path: Path) -> No
     client = app.test_client()
     r = client.get("/health")
     assert r.status_code == 503
-    assert r.json["status"] == "down"
+    assert r.get_json()["status"] == "down"
     r = client.post("/v1/runs", json={})
     assert r.status_code == 503
-    assert r.json["category"] == "server"
+    assert r.get_json()["category"] == "server"
 
 
 def test_no_live_worker_means_503_with_a_hint(
@@ -53,7 +53,7 @@ def test_api_keys_guard_v1_but_not_health(service: Service, tmp_path: Path) -> N
     assert client.get("/health").status_code == 200
     denied = client.get("/v1/runs")
     assert denied.status_code == 401
-    assert denied.json["code"] == "unauthorized"
+    assert denied.get_json()["code"] == "unauthorized"
     assert client.get("/v1/runs", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert client.get("/v1/runs", headers={"Authorization": "Bearer k2"}).status_code == 200
     assert client.get("/v1/runs", headers={"X-API-Key": "k1"}).status_code == 200

@@ -68,6 +68,19 @@ def test_server_command_runs_everything(tmp_path: Path, model_cache: Path) -> No
             )
             assert len(out["sequences"][0]["tokens"]) <= 5
         _wait_http(f"http://127.0.0.1:{flower_port}/", timeout=60)
+        # Flower turns task events on when it starts; the next operation shows up in it.
+        time.sleep(2)
+        with httpx.Client(base_url=base, timeout=60) as http:
+            sampled = http.post("/v1/sample", json={"prompt": "Hi", "max_tokens": 2})
+            result_of(http, sampled)
+        future_id = sampled.json()["future_id"]
+        deadline = time.monotonic() + 30
+        while True:
+            page = httpx.get(f"http://127.0.0.1:{flower_port}/task/{future_id}", timeout=5)
+            if page.status_code == 200 and "eztinker.sample" in page.text:
+                break
+            assert time.monotonic() < deadline, "Flower never saw the task"
+            time.sleep(1)
         broker_pid = record["pid"]
     finally:
         proc.send_signal(signal.SIGINT)

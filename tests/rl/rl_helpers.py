@@ -1,9 +1,10 @@
 """Helpers of the RL tests: random batches, twin runs and the plain PyTorch references.
 
 Twin runs are two LoRA runs created with the same seed and given the same warm-up step, so
-their weights are identical (a fresh adapter has lora_B = 0: the warm-up makes every LoRA
-matrix trainable-by-gradient). Driving one with loss X and the other with cross_entropy whose
-weights are -dX/dlp must leave them identical again after ``optim_step(SGD_LIKE)``.
+their weights are identical (a fresh adapter has lora_B = 0, so only lora_B would get a
+gradient; after the warm-up every LoRA matrix does). Driving one with loss X and the other with
+cross_entropy whose weights are -dX/dlp must leave them identical again after
+``optim_step(SGD_LIKE)``.
 """
 
 from __future__ import annotations

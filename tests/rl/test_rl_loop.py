@@ -36,12 +36,15 @@ def test_rl_loop_reward_rises(service: Service, tmp_path: Path, loss: str) -> No
     first, last = rewards[0], sum(rewards[-3:]) / 3
     assert 0.1 < first < 0.4, out  # signal from the start
     assert last >= first + 0.2 and last >= 1.5 * first, out
-    for _, _, _, kl, diff, clip in steps:
-        # Minibatch 1 trains on the weights that sampled it: sampler/learner parity.
-        assert float(kl.split("/")[0]) < 1e-9 and float(diff.split("/")[0]) < 1e-5, out
-        assert float(clip.split("/")[0]) == 0.0, out
-    if loss == "ppo":  # minibatch 2 is one update off-policy: the clip range is hit
-        assert max(float(s[5].split("/")[1]) for s in steps) > 0, out
+    kl, diff, clip = ([s[i].split("/") for s in steps] for i in (3, 4, 5))  # per minibatch
+    # Minibatch 1 trains on the weights that sampled it: sampler/learner parity, no clipping.
+    assert all(float(x[0]) < 1e-9 for x in kl) and all(float(x[0]) < 1e-5 for x in diff), out
+    # Minibatch 2 trains one update later: off-policy, and with ppo the clip range is hit.
+    assert max(float(x[1]) for x in diff) > 1e-2, out
+    if loss == "ppo":
+        assert all(x[0] == "0.000" for x in clip) and max(float(x[1]) for x in clip) > 0, out
+    else:
+        assert all(x == ["-", "-"] for x in clip), out  # importance_sampling does not clip
 
     # Seeded everything: the same command prints the same log (but for the run id).
     if loss == "ppo":
