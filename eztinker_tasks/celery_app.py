@@ -40,7 +40,8 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
         worker_prefetch_multiplier=1,
         task_track_started=False,
         result_expires=settings.result_ttl_s,
-        result_extended=True,
+        result_extended=False,  # args would double every result; the worker is in ezt:future
+        worker_disable_rate_limits=True,
         task_default_queue=SAMPLE_QUEUE,
         task_create_missing_queues=True,
         broker_connection_retry_on_startup=True,

@@ -245,6 +245,10 @@ class Store:
             )
         return OpClaim(seq, prior["future_id"], created=False)
 
+    @staticmethod
+    def future_key(future_id: str) -> str:
+        return f"{P}:future:{future_id}"
+
     def put_future(self, record: FutureRecord) -> None:
         self.r.set(f"{P}:future:{record.future_id}", json.dumps(asdict(record)), ex=self.ttl_s)
 

@@ -20,6 +20,7 @@ from eztinker_tasks.celery_app import make_celery
 from eztinker_tasks.errors import ServiceUnavailable
 from eztinker_tasks.store import Store
 from eztinker_tasks.tokenization import TokenizerCache
+from eztinker_web.futures.watcher import ResultWatcher
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Services:
     _celery: Celery | None = None
     _store: Store | None = None
     _redis: redis.Redis | None = None
+    _watcher: ResultWatcher | None = None
 
     def _connect(self) -> None:
         with self._lock:
@@ -39,6 +41,7 @@ class Services:
             self._redis = redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30)
             self._celery = make_celery(self.settings, url)
             self._store = Store(self._redis, self.settings.result_ttl_s)
+            self._watcher = ResultWatcher(self._redis)
 
     @property
     def store(self) -> Store:
@@ -51,6 +54,12 @@ class Services:
         self._connect()
         assert self._celery is not None
         return self._celery
+
+    @property
+    def watcher(self) -> ResultWatcher:
+        self._connect()
+        assert self._watcher is not None
+        return self._watcher
 
     @property
     def redis_client(self) -> redis.Redis:

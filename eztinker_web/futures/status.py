@@ -3,7 +3,7 @@
 Celery reports PENDING for ids it never saw and for tasks whose worker died; we record every
 issued id (unknown -> 404) and check the worker's heartbeat and the operation's age, so a future
 never hangs: it fails with a clear message instead. ``wait`` long-polls on the result
-backend's pub/sub channel (the Redis backend publishes every state change).
+backend's pub/sub channels (see ``watcher``).
 """
 
 from __future__ import annotations
@@ -25,27 +25,24 @@ def _read_meta(svc: Services, future_id: str) -> dict[str, Any]:
     return json.loads(raw) if raw else {"status": "PENDING"}
 
 
+def _read_both(svc: Services, future_id: str) -> tuple[FutureRecord | None, dict[str, Any]]:
+    """The future's record and its result, in one round trip."""
+    pipe = svc.redis_client.pipeline(transaction=False)
+    pipe.get(svc.store.future_key(future_id))
+    pipe.get(META_PREFIX + future_id)
+    raw_record, raw_meta = pipe.execute()
+    record = FutureRecord.from_json(raw_record) if raw_record else None
+    return record, (json.loads(raw_meta) if raw_meta else {"status": "PENDING"})
+
+
 def _wait(svc: Services, future_id: str, wait_s: float) -> dict[str, Any]:
-    key = META_PREFIX + future_id
-    pubsub = svc.redis_client.pubsub(ignore_subscribe_messages=True)
-    try:
-        pubsub.subscribe(key)
-        meta = _read_meta(svc, future_id)  # read after subscribing: no lost wake-up
-        deadline = time.monotonic() + wait_s
-        while meta.get("status") not in TERMINAL:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            message = pubsub.get_message(timeout=min(left, 1.0))
-            if message and message.get("type") == "message":
-                meta = json.loads(message["data"])
-            elif message is None:
-                meta = _read_meta(svc, future_id)
-                if meta.get("status") not in TERMINAL and _stalled(svc, future_id) is not None:
-                    break
-        return meta
-    finally:
-        pubsub.close()
+    return svc.watcher.wait(
+        future_id,
+        read=lambda: _read_meta(svc, future_id),
+        done=lambda meta: meta.get("status") in TERMINAL,
+        timeout_s=wait_s,
+        stalled=lambda: _stalled(svc, future_id) is not None,
+    )
 
 
 def _stalled(svc: Services, future_id: str) -> dict[str, Any] | None:
@@ -107,10 +104,11 @@ def _failure(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def future_status(svc: Services, future_id: str, wait_s: float = 0.0) -> dict[str, Any]:
-    record = svc.store.get_future(future_id)
+    record, meta = _read_both(svc, future_id)
     if record is None:
         raise NotFound(f"unknown future {future_id!r}", errors={"future_id": ["not found"]})
-    meta = _wait(svc, future_id, wait_s) if wait_s > 0 else _read_meta(svc, future_id)
+    if wait_s > 0 and meta.get("status") not in TERMINAL:
+        meta = _wait(svc, future_id, wait_s)
     state = meta.get("status", "PENDING")
     body: dict[str, Any] = {
         "future_id": record.future_id,

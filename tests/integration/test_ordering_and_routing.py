@@ -22,6 +22,13 @@ def _meta(svc: Service, future_id: str) -> dict:
     return json.loads(raw)
 
 
+def _executed_on(svc: Service, future_id: str) -> str:
+    """The worker that ran an operation, as it recorded when it started it."""
+    raw = redis.Redis.from_url(svc.redis_url).get(f"ezt:future:{future_id}:started")
+    assert raw is not None
+    return json.loads(raw)["worker"]
+
+
 def _create(http: httpx.Client, **body) -> str:
     created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 4, **body})
     result_of(http, created)
@@ -110,7 +117,7 @@ def test_runs_are_pinned_to_their_recorded_worker(two_workers: Service) -> None:
                 )
         for r, f in futures:
             assert wait_future(http, f["future_id"])["status"] == "succeeded"
-            assert _meta(two_workers, f["future_id"])["worker"] == recorded[r]
+            assert _executed_on(two_workers, f["future_id"]) == recorded[r]
         health = http.get("/health").json()
         held = {w["name"]: set(w["runs"]) for w in health["workers"]}
         for r, worker in recorded.items():
