@@ -81,6 +81,16 @@ class Settings:
         512 * 1024 * 1024,
         "A worker with less free (GPU or host) memory gets no new runs.",
     )
+    coalesce_max_ops: int = _setting(
+        "EZTINKER_COALESCE_MAX_OPS",
+        32,
+        "Most queued forward/forward_backward calls of a run merged into one pass (1 = off).",
+    )
+    coalesce_max_tokens: int = _setting(
+        "EZTINKER_COALESCE_MAX_TOKENS",
+        16384,
+        "Most tokens the calls merged into one pass may add to it.",
+    )
     flower_port: int = _setting("EZTINKER_FLOWER_PORT", 5555, "Port of the Flower UI.")
 
     @classmethod
@@ -185,5 +195,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "worker_heartbeat_s": _positive_float,
     "worker_ttl_s": _positive_float,
     "min_free_bytes": _positive_int,
+    "coalesce_max_ops": _positive_int,
+    "coalesce_max_tokens": _positive_int,
     "flower_port": _port,
 }

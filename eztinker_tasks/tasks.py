@@ -15,6 +15,7 @@ from typing import Any
 from celery import Task, shared_task
 
 from eztinker_tasks import names
+from eztinker_tasks.coalesce import QueuedOp, peek_followers, remove_answered
 from eztinker_tasks.errors import (
     EZTinkerError,
     InternalError,
@@ -138,6 +139,60 @@ def create_run(
     return _call(self, op)
 
 
+def _loss_op(
+    task: Task,
+    run_id: str,
+    seq_id: int | None,
+    data: list[dict[str, Any]],
+    loss_fn: str,
+    loss_fn_config: dict[str, float] | None,
+    *,
+    backward: bool,
+) -> dict[str, Any]:
+    """forward_backward / forward, coalesced with compatible calls queued right behind it."""
+    datums = [Datum.from_dict(d) for d in data]
+
+    def op(rt: WorkerRuntime) -> dict[str, Any]:
+        followers: list[QueuedOp] = []
+        if seq_id is not None and rt.settings.coalesce_max_ops > 1:
+            followers = peek_followers(
+                rt.store.r,
+                names.run_queue(run_id),
+                str(task.name),
+                run_id,
+                loss_fn,
+                loss_fn_config,
+                max_ops=rt.settings.coalesce_max_ops - 1,
+                max_tokens=max(
+                    0, rt.settings.coalesce_max_tokens - sum(map(len, (d.tokens for d in datums)))
+                ),
+                already_applied=lambda seq: rt.store.applied_future(run_id, seq) is not None,
+            )
+        groups = [datums] + [[Datum.from_dict(d) for d in f.data] for f in followers]
+        try:
+            outs = rt.engine.forward_backward_many(
+                run_id, groups, loss_fn, loss_fn_config, backward=backward
+            )
+        except EZTinkerError:
+            if not followers:
+                raise
+            # A follower's input is bad (nothing was applied): run this call alone; the
+            # follower fails on its own turn with its own error.
+            followers = []
+            outs = rt.engine.forward_backward_many(
+                run_id, [datums], loss_fn, loss_fn_config, backward=backward
+            )
+        for follower, out in zip(followers, outs[1:], strict=True):
+            task.app.backend.store_result(follower.task_id, out.to_dict(), "SUCCESS")
+            rt.store.record_applied(run_id, follower.seq_id, follower.task_id)
+        remove_answered(rt.store.r, names.run_queue(run_id), followers)
+        if followers:
+            log.info("ran %d queued calls of run %s in the same pass", len(followers), run_id)
+        return outs[0].to_dict()
+
+    return _run_op(task, run_id, seq_id, op)
+
+
 @shared_task(name=names.FORWARD_BACKWARD, bind=True)
 def forward_backward(
     self: Task,
@@ -147,13 +202,7 @@ def forward_backward(
     loss_fn: str = "cross_entropy",
     loss_fn_config: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    datums = [Datum.from_dict(d) for d in data]
-    return _run_op(
-        self,
-        run_id,
-        seq_id,
-        lambda rt: rt.engine.forward_backward(run_id, datums, loss_fn, loss_fn_config).to_dict(),
-    )
+    return _loss_op(self, run_id, seq_id, data, loss_fn, loss_fn_config, backward=True)
 
 
 @shared_task(name=names.FORWARD, bind=True)
@@ -165,13 +214,7 @@ def forward(
     loss_fn: str = "cross_entropy",
     loss_fn_config: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    datums = [Datum.from_dict(d) for d in data]
-    return _run_op(
-        self,
-        run_id,
-        seq_id,
-        lambda rt: rt.engine.forward(run_id, datums, loss_fn, loss_fn_config).to_dict(),
-    )
+    return _loss_op(self, run_id, seq_id, data, loss_fn, loss_fn_config, backward=False)
 
 
 @shared_task(name=names.OPTIM_STEP, bind=True)

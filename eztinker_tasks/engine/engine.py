@@ -157,7 +157,7 @@ class Engine:
         loss_fn_config: Mapping[str, Any] | None = None,
     ) -> ForwardBackwardOutput:
         """One batched forward+backward; gradients accumulate until ``optim_step``."""
-        return self._loss_pass(run_id, data, loss_fn, loss_fn_config, backward=True)
+        return self._loss_pass(run_id, [data], loss_fn, loss_fn_config, backward=True)[0]
 
     def forward(
         self,
@@ -167,7 +167,23 @@ class Engine:
         loss_fn_config: Mapping[str, Any] | None = None,
     ) -> ForwardBackwardOutput:
         """Same outputs as ``forward_backward``; no gradient, no state change."""
-        return self._loss_pass(run_id, data, loss_fn, loss_fn_config, backward=False)
+        return self._loss_pass(run_id, [data], loss_fn, loss_fn_config, backward=False)[0]
+
+    def forward_backward_many(
+        self,
+        run_id: str,
+        groups: Sequence[Sequence[Datum]],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, Any] | None = None,
+        *,
+        backward: bool = True,
+    ) -> list[ForwardBackwardOutput]:
+        """Several consecutive ``forward_backward`` (or ``forward``) calls in ONE pass.
+
+        Each group's outputs and metrics are those its own call would return, and the
+        accumulated gradient is that of all of them; used to coalesce queued operations.
+        """
+        return self._loss_pass(run_id, groups, loss_fn, loss_fn_config, backward=backward)
 
     def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput:
         run = self._run(run_id)
@@ -177,16 +193,19 @@ class Engine:
     def _loss_pass(
         self,
         run_id: str,
-        data: Sequence[Datum],
+        groups: Sequence[Sequence[Datum]],
         loss_fn: str,
         loss_fn_config: Mapping[str, Any] | None,
         *,
         backward: bool,
-    ) -> ForwardBackwardOutput:
+    ) -> list[ForwardBackwardOutput]:
         run = self._run(run_id)
         spec = get_loss_spec(loss_fn)
         config = resolve_loss_config(spec, loss_fn_config)
         info = run.base.info
+        if not groups or any(len(g) == 0 for g in groups):
+            raise InvalidRequest("data must be a non-empty list of datums", errors={"data": []})
+        data = [datum for group in groups for datum in group]
         batch = build_batch(data, spec, info.vocab_size, info.max_context, self._device)
         if loss_fn not in losses.LOSS_FNS:
             raise InvalidRequest(
@@ -194,18 +213,19 @@ class Engine:
                 errors={"loss_fn": [f"not implemented: {loss_fn}"]},
             )
         with self._weights(run.base, run.adapter) as model:
-            output = training.run_loss(
+            outputs = training.run_loss(
                 model,
                 batch,
                 loss_fn,
                 config,
                 backward=backward,
                 chunk_elements=self.config.logprob_chunk_elements,
+                group_sizes=[len(g) for g in groups],
             )
         if backward:
             run.tokens_trained += batch.num_tokens
-            run.last_loss = output.metrics["loss:sum"]
-        return output
+            run.last_loss = outputs[-1].metrics["loss:sum"]
+        return outputs
 
     # ------------------------------------------------------------------ sampling
 

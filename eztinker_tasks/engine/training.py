@@ -8,8 +8,9 @@ adapter's ``.grad`` (which accumulates until ``optim_step``).
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -30,36 +31,64 @@ def run_loss(
     *,
     backward: bool,
     chunk_elements: int,
-) -> ForwardBackwardOutput:
-    """Forward the batch, compute the loss and (if ``backward``) accumulate gradients."""
+    group_sizes: Sequence[int] | None = None,
+) -> list[ForwardBackwardOutput]:
+    """Forward the batch, compute the loss and (if ``backward``) accumulate gradients.
+
+    ``group_sizes`` splits the batch's rows into consecutive groups (operations coalesced into
+    one pass); each group gets its own loss, metrics and outputs, exactly as if it had been a
+    call of its own, and the gradient is that of the sum of the group losses. Default: one
+    group.
+    """
+    sizes = list(group_sizes) if group_sizes is not None else [len(batch.lengths)]
+    if sum(sizes) != len(batch.lengths) or min(sizes) < 1:
+        raise ValueError(f"group sizes {sizes} do not split a batch of {len(batch.lengths)}")
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     with torch.set_grad_enabled(backward):
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         lp = target_logprobs(out.logits, batch.targets, chunk_elements)
         lp = lp.masked_fill(~batch.mask, 0.0)
-        result = losses.compute_loss(loss_fn, lp, batch.mask, batch.inputs, config)
+        results = []
+        for a, b in itertools.pairwise(bounds):
+            inputs = {key: value[a:b] for key, value in batch.inputs.items()}
+            results.append(losses.compute_loss(loss_fn, lp[a:b], batch.mask[a:b], inputs, config))
         if backward:
-            result.loss.backward()
+            total = results[0].loss
+            for result in results[1:]:
+                total = total + result.loss
+            total.backward()
     # One device-to-host copy for everything the caller gets back.
     flat = torch.cat(
         [
             lp.detach().flatten(),
-            result.elementwise.detach().float().flatten(),
-            result.loss.detach().float().reshape(1),
+            *(r.elementwise.detach().float().flatten() for r in results),
+            torch.stack([r.loss.detach().float() for r in results]),
         ]
     ).cpu()
     size = lp.numel()
     lp_rows, loss_rows = flat[:size].view(lp.shape), flat[size : 2 * size].view(lp.shape)
-    outputs = [
-        {"logprobs": lp_rows[b, :n].tolist(), "elementwise_loss": loss_rows[b, :n].tolist()}
-        for b, n in enumerate(batch.lengths)
-    ]
-    metrics = {
-        "loss:sum": float(flat[-1]),
-        "num_tokens:sum": float(batch.num_tokens),
-        "num_sequences:sum": float(len(batch.lengths)),
-        **{k: float(v) for k, v in result.metrics.items()},
-    }
-    return ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=metrics)
+    group_losses = flat[2 * size :].tolist()
+    outputs = []
+    for (a, b), result, loss in zip(itertools.pairwise(bounds), results, group_losses, strict=True):
+        lengths = batch.lengths[a:b]
+        outputs.append(
+            ForwardBackwardOutput(
+                loss_fn_outputs=[
+                    {
+                        "logprobs": lp_rows[row, :n].tolist(),
+                        "elementwise_loss": loss_rows[row, :n].tolist(),
+                    }
+                    for row, n in zip(range(a, b), lengths, strict=True)
+                ],
+                metrics={
+                    "loss:sum": float(loss),
+                    "num_tokens:sum": float(sum(lengths)),
+                    "num_sequences:sum": float(len(lengths)),
+                    **{k: float(v) for k, v in result.metrics.items()},
+                },
+            )
+        )
+    return outputs
 
 
 def check_adam_params(params: AdamParams) -> None:
