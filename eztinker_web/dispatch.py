@@ -210,6 +210,14 @@ def submit_shared(op: str, params: Mapping[str, Any], run: RunRecord | None = No
 
 def _send(op: str, kwargs: Mapping[str, Any], future_id: str, queue: str) -> None:
     try:
-        services().celery.send_task(op, kwargs=dict(kwargs), task_id=future_id, queue=queue)
+        # argsrepr/kwargsrepr: Celery would otherwise repr the (possibly large) batch per send.
+        services().celery.send_task(
+            op,
+            kwargs=dict(kwargs),
+            task_id=future_id,
+            queue=queue,
+            argsrepr="()",
+            kwargsrepr=f"{{run_id: {kwargs.get('run_id')!r}, seq_id: {kwargs.get('seq_id')!r}}}",
+        )
     except Exception as exc:
         raise ServiceUnavailable(f"could not queue the operation: {exc}") from None
