@@ -7,6 +7,7 @@ process pattern-subscribes to all result channels and wakes the requests waiting
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -20,11 +21,20 @@ log = logging.getLogger(__name__)
 META_PREFIX = "celery-task-meta-"
 
 
+def _parse(payload: bytes | str) -> dict[str, Any]:
+    try:
+        meta = json.loads(payload)
+    except ValueError:
+        return {"status": "PENDING"}
+    return meta if isinstance(meta, dict) else {"status": "PENDING"}
+
+
 class ResultWatcher:
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._lock = threading.Lock()
         self._waiters: dict[str, set[threading.Event]] = {}
+        self._payloads: dict[str, bytes | str] = {}  # the last result published, per waited id
         self._listening = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -48,7 +58,7 @@ class ResultWatcher:
                     channel = message["channel"]
                     if isinstance(channel, bytes):
                         channel = channel.decode()
-                    self._wake(channel[len(META_PREFIX) :])
+                    self._wake(channel[len(META_PREFIX) :], message.get("data"))
             except redis.RedisError as exc:
                 log.warning("result watcher lost its connection (%s); reconnecting", exc)
             finally:
@@ -57,9 +67,11 @@ class ResultWatcher:
                 pubsub.close()
             time.sleep(0.5)
 
-    def _wake(self, future_id: str) -> None:
+    def _wake(self, future_id: str, payload: bytes | str | None = None) -> None:
         with self._lock:
             events = list(self._waiters.get(future_id, ()))
+            if events and payload is not None:
+                self._payloads[future_id] = payload
         for event in events:
             event.set()
 
@@ -77,7 +89,7 @@ class ResultWatcher:
         timeout_s: float,
         stalled: Callable[[], bool],
     ) -> dict[str, Any]:
-        """Re-``read`` the result whenever it changes, until ``done`` or ``timeout_s``.
+        """Follow the result (as published, else ``read``) until ``done`` or ``timeout_s``.
 
         Every second without news it also asks ``stalled`` (worker gone, ...) and gives up then.
         """
@@ -95,7 +107,9 @@ class ResultWatcher:
                     break
                 woke = event.wait(min(left, 1.0 if self._listening.is_set() else 0.05))
                 event.clear()
-                meta = read()
+                with self._lock:
+                    payload = self._payloads.pop(future_id, None)
+                meta = _parse(payload) if payload is not None else read()
                 if not woke and not done(meta) and stalled():
                     break
             return meta
@@ -106,3 +120,4 @@ class ResultWatcher:
                     group.discard(event)
                     if not group:
                         del self._waiters[future_id]
+                        self._payloads.pop(future_id, None)
