@@ -5,7 +5,8 @@ worker) in a temporary data dir, then measures on tiny-gpt2:
 
 1. p50/p99 latency of one small ``forward`` (1 datum of 16 tokens) called in-process;
 2. p50/p99 round trip of the same op over HTTP: POST, then long-poll the future;
-3. throughput of N pipelined ops (all submitted, then all awaited).
+3. throughput of N pipelined ops (all submitted, then all awaited), over raw HTTP from 4
+   threads and through one SDK ``TrainingClient``.
 
     uv run python bench/service.py [--ops 1000] [--latency-samples 200]
 """
@@ -128,6 +129,23 @@ def main() -> None:
             body = http.get(f"/v1/futures/{fid}", params={"wait": 30}).json()
             assert body["status"] == "succeeded", body
         t_all = time.perf_counter() - t0
+
+        # The same through the Python SDK: one TrainingClient pipelining its calls.
+        from eztinker import ServiceClient, types
+
+        training = ServiceClient(base_url=base).create_lora_training_client(
+            "tiny-gpt2", rank=8, seed=0
+        )
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints(TOKENS[:-1]),
+            loss_fn_inputs={"target_tokens": TOKENS[1:], "weights": [1.0] * 16},
+        )
+        training.forward([datum]).result()
+        t0 = time.perf_counter()
+        sdk_futures = [training.forward([datum]) for _ in range(args.ops)]
+        for fut in sdk_futures:
+            fut.result(timeout=60)
+        t_sdk = time.perf_counter() - t0
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(60)
@@ -145,7 +163,8 @@ def main() -> None:
     print(f"{'pipelined ops':<44}{args.ops:>10d}")
     print(f"{'submit time (s)':<44}{t_submit:>10.2f}")
     print(f"{'submit + complete time (s)':<44}{t_all:>10.2f}")
-    print(f"{'throughput (ops/s)':<44}{args.ops / t_all:>10.1f}")
+    print(f"{'throughput, raw HTTP, 4 threads (ops/s)':<44}{args.ops / t_all:>10.1f}")
+    print(f"{'throughput, SDK TrainingClient (ops/s)':<44}{args.ops / t_sdk:>10.1f}")
     print(f"mean in-process op: {statistics.mean(local) * ms:.2f} ms")
 
 

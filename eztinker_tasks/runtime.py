@@ -20,14 +20,14 @@ from eztinker_tasks.tokenization import TokenizerCache
 if TYPE_CHECKING:
     from celery import Celery
 
-    from eztinker_tasks.engine import Engine
+    from eztinker_tasks.engine import Backend
 
 
 @dataclass
 class WorkerRuntime:
     settings: Settings
     store: Store
-    engine: Engine
+    engine: Backend  # the interface; Engine (PEFT) is today's implementation
     tokenizers: TokenizerCache
     worker_name: str
 

@@ -54,6 +54,15 @@ class Backend(Protocol):
         loss_fn: str = "cross_entropy",
         loss_fn_config: Mapping[str, Any] | None = None,
     ) -> ForwardBackwardOutput: ...
+    def forward_backward_many(
+        self,
+        run_id: str,
+        groups: Sequence[Sequence[Datum]],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, Any] | None = None,
+        *,
+        backward: bool = True,
+    ) -> list[ForwardBackwardOutput]: ...
     def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput: ...
 
     def sample(
