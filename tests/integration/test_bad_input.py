@@ -108,6 +108,11 @@ def test_non_finite_numbers_rejected(http: httpx.Client, run_id: str) -> None:
     assert 400 <= r.status_code < 500
 
 
+def test_too_many_datums(http: httpx.Client, run_id: str) -> None:
+    body = {"data": [_datum([1, 2])] * 4097}
+    _assert_envelope(http.post(f"/v1/runs/{run_id}/forward", json=body), 400, "4097", "limit")
+
+
 def test_unknown_things_are_404(http: httpx.Client) -> None:
     _assert_envelope(
         http.post("/v1/runs/run_nope/forward_backward", json={"data": [_datum(TOKENS)]}),
