@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,21 +63,19 @@ def remove_answered(client: redis.Redis, queue: str, ops: list[QueuedOp]) -> Non
 
 
 def peek_followers(
-    client: redis.Redis,
-    queue: str,
+    oldest_last: Sequence[bytes],
     task_name: str,
     run_id: str,
     loss_fn: str,
     loss_fn_config: Mapping[str, float] | None,
     *,
-    max_ops: int,
     max_tokens: int,
     already_applied: Callable[[int], bool],
 ) -> list[QueuedOp]:
-    """The operations queued right behind the current one that can share its pass."""
-    if max_ops <= 0:
-        return []
-    oldest_last = client.lrange(queue, -max_ops, -1)
+    """The operations queued right behind the current one that can share its pass.
+
+    ``oldest_last`` is the head of the run's queue as ``LRANGE queue -n -1`` returns it.
+    """
     followers: list[QueuedOp] = []
     tokens = 0
     for raw in reversed(oldest_last):  # oldest first: the order they will run in
@@ -100,8 +98,6 @@ def peek_followers(
             break
         if tokens + size > max_tokens or already_applied(seq_id):
             break
-        followers.append(
-            QueuedOp(task_id, seq_id, data, raw if isinstance(raw, bytes) else raw.encode())
-        )
+        followers.append(QueuedOp(task_id, seq_id, data, raw))
         tokens += size
     return followers

@@ -269,19 +269,33 @@ class Store:
 
     # -- idempotent application on the worker ----------------------------------------------
     def begin_op(
-        self, future_id: str, worker: str, run_id: str | None, seq_id: int | None
-    ) -> str | None:
-        """Mark ``future_id`` started; return the future that already applied ``seq_id``."""
+        self,
+        future_id: str,
+        worker: str,
+        run_id: str | None,
+        seq_id: int | None,
+        peek: tuple[str, int] | None = None,
+    ) -> tuple[str | None, list[bytes]]:
+        """Mark ``future_id`` started, in one round trip.
+
+        Returns the future that already applied ``seq_id`` (None if none did) and, with
+        ``peek=(queue, n)``, the oldest ``n`` messages waiting in ``queue`` (oldest last).
+        """
         pipe = self.r.pipeline(transaction=False)
         pipe.set(
             f"{P}:future:{future_id}:started",
             json.dumps({"at": time.time(), "worker": worker}),
             ex=self.ttl_s,
         )
-        if run_id is not None and seq_id is not None:
+        check = run_id is not None and seq_id is not None
+        if check:
             pipe.hget(f"{P}:run:{run_id}:applied", str(seq_id))
+        if peek is not None and peek[1] > 0:
+            pipe.lrange(peek[0], -peek[1], -1)
         out = pipe.execute()
-        return _text(out[1]) if len(out) > 1 and out[1] else None
+        prior = _text(out[1]) if check and out[1] else None
+        queued = list(out[-1]) if peek is not None and peek[1] > 0 else []
+        return prior, queued
 
     def finish_op(self, run_id: str, seq_id: int | None, future_id: str, **stats: Any) -> None:
         """Record that ``seq_id`` was applied and the run's new counters, in one round trip."""

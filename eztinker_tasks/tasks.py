@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Task, shared_task
@@ -35,20 +36,27 @@ from eztinker_tasks.types import (
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Begun:
+    """What the worker learnt when it started an operation (in one Redis round trip)."""
+
+    prior: str | None  # the future that already applied this seq_id, if any
+    queued: list[bytes]  # the head of the run's queue, when asked for (oldest last)
+
+
 def _call(
     task: Task,
-    op: Callable[[WorkerRuntime, str | None], dict[str, Any]],
+    op: Callable[[WorkerRuntime, Begun], dict[str, Any]],
     run_id: str | None = None,
     seq_id: int | None = None,
+    peek: int = 0,
 ) -> dict[str, Any]:
-    """Run ``op`` with the worker runtime, turning every failure into OperationFailed.
-
-    ``op`` also receives the future that already applied ``seq_id`` (None if none did).
-    """
+    """Run ``op`` with the worker runtime, turning every failure into OperationFailed."""
     rt = get_runtime(task.app)
-    prior = rt.store.begin_op(str(task.request.id), rt.worker_name, run_id, seq_id)
+    queue = (names.run_queue(run_id), peek) if run_id is not None and peek > 0 else None
+    prior, queued = rt.store.begin_op(str(task.request.id), rt.worker_name, run_id, seq_id, queue)
     try:
-        return op(rt, prior)
+        return op(rt, Begun(prior, queued))
     except EZTinkerError as exc:
         log.info("operation %s failed: %s", task.name, exc.message)
         raise OperationFailed.wrap(exc) from None
@@ -61,13 +69,15 @@ def _run_op(
     task: Task,
     run_id: str,
     seq_id: int | None,
-    op: Callable[[WorkerRuntime], dict[str, Any]],
+    op: Callable[[WorkerRuntime, Begun], dict[str, Any]],
     *,
     needs_live_run: bool = True,
+    peek: int = 0,
 ) -> dict[str, Any]:
     """Apply one operation of a run at most once per ``seq_id``."""
 
-    def body(rt: WorkerRuntime, prior: str | None) -> dict[str, Any]:
+    def body(rt: WorkerRuntime, begun: Begun) -> dict[str, Any]:
+        prior = begun.prior
         if prior is not None:
             # Redelivered or resent: never apply twice; answer with the first result.
             meta = task.app.backend.get_task_meta(prior)
@@ -87,7 +97,7 @@ def _run_op(
                 f"run {run_id} lost its in-memory state (its worker {rt.worker_name} restarted); "
                 + hint
             )
-        result = op(rt)
+        result = op(rt, begun)
         stats: dict[str, Any] = {}
         if rt.engine.has_run(run_id):
             info = rt.engine.run_info(run_id)
@@ -100,7 +110,7 @@ def _run_op(
         rt.store.finish_op(run_id, seq_id, str(task.request.id), **stats)
         return result
 
-    return _call(task, body, run_id, seq_id)
+    return _call(task, body, run_id, seq_id, peek)
 
 
 @shared_task(name=names.CREATE_RUN, bind=True)
@@ -112,7 +122,7 @@ def create_run(
     from_checkpoint: str | None = None,
     optimizer: bool = True,
 ) -> dict[str, Any]:
-    def op(rt: WorkerRuntime, _: str | None) -> dict[str, Any]:
+    def op(rt: WorkerRuntime, _: Begun) -> dict[str, Any]:
         if rt.engine.has_run(run_id):
             return rt.engine.run_info(run_id).to_dict()
         try:
@@ -152,17 +162,15 @@ def _loss_op(
     """forward_backward / forward, coalesced with compatible calls queued right behind it."""
     datums = [Datum.from_dict(d) for d in data]
 
-    def op(rt: WorkerRuntime) -> dict[str, Any]:
+    def op(rt: WorkerRuntime, begun: Begun) -> dict[str, Any]:
         followers: list[QueuedOp] = []
-        if seq_id is not None and rt.settings.coalesce_max_ops > 1:
+        if seq_id is not None and begun.queued:
             followers = peek_followers(
-                rt.store.r,
-                names.run_queue(run_id),
+                begun.queued,
                 str(task.name),
                 run_id,
                 loss_fn,
                 loss_fn_config,
-                max_ops=rt.settings.coalesce_max_ops - 1,
                 max_tokens=max(
                     0, rt.settings.coalesce_max_tokens - sum(map(len, (d.tokens for d in datums)))
                 ),
@@ -190,7 +198,9 @@ def _loss_op(
             log.info("ran %d queued calls of run %s in the same pass", len(followers), run_id)
         return outs[0].to_dict()
 
-    return _run_op(task, run_id, seq_id, op)
+    settings = get_runtime(task.app).settings
+    peek = settings.coalesce_max_ops - 1 if seq_id is not None else 0
+    return _run_op(task, run_id, seq_id, op, peek=peek)
 
 
 @shared_task(name=names.FORWARD_BACKWARD, bind=True)
@@ -220,12 +230,14 @@ def forward(
 @shared_task(name=names.OPTIM_STEP, bind=True)
 def optim_step(self: Task, run_id: str, seq_id: int, adam: dict[str, float]) -> dict[str, Any]:
     params = AdamParams.from_dict(adam)
-    return _run_op(self, run_id, seq_id, lambda rt: rt.engine.optim_step(run_id, params).to_dict())
+    return _run_op(
+        self, run_id, seq_id, lambda rt, _: rt.engine.optim_step(run_id, params).to_dict()
+    )
 
 
 @shared_task(name=names.SAVE, bind=True)
 def save(self: Task, run_id: str, seq_id: int, name: str, kind: str = "state") -> dict[str, Any]:
-    def op(rt: WorkerRuntime) -> dict[str, Any]:
+    def op(rt: WorkerRuntime, _: Begun) -> dict[str, Any]:
         if kind == "sampler":
             info = rt.engine.save_weights_for_sampler(run_id, name)
         else:
@@ -238,7 +250,7 @@ def save(self: Task, run_id: str, seq_id: int, name: str, kind: str = "state") -
 
 @shared_task(name=names.LOAD, bind=True)
 def load(self: Task, run_id: str, seq_id: int, path: str, optimizer: bool = True) -> dict[str, Any]:
-    def op(rt: WorkerRuntime) -> dict[str, Any]:
+    def op(rt: WorkerRuntime, _: Begun) -> dict[str, Any]:
         if rt.engine.has_run(run_id):
             info = rt.engine.load_state(run_id, path, optimizer)
         else:  # the worker restarted: rebuild the run from the checkpoint
@@ -307,7 +319,7 @@ def sample(
         return _sample_body(rt, src, prompt_tokens, prompt_text, num_samples, sp, prompt_logprobs)
 
     if src.run_id:
-        return _run_op(self, src.run_id, None, op)
+        return _run_op(self, src.run_id, None, lambda rt, _: op(rt))
     return _call(self, lambda rt, _: op(rt))
 
 
@@ -319,13 +331,13 @@ def compute_logprobs(self: Task, source: dict[str, Any], tokens: list[int]) -> d
         return {"logprobs": rt.engine.compute_logprobs(src, tokens)}
 
     if src.run_id:
-        return _run_op(self, src.run_id, None, op)
+        return _run_op(self, src.run_id, None, lambda rt, _: op(rt))
     return _call(self, lambda rt, _: op(rt))
 
 
 @shared_task(name=names.DELETE_RUN, bind=True)
 def delete_run(self: Task, run_id: str) -> dict[str, Any]:
-    def op(rt: WorkerRuntime, _: str | None) -> dict[str, Any]:
+    def op(rt: WorkerRuntime, _: Begun) -> dict[str, Any]:
         held = rt.engine.has_run(run_id)
         if held:
             rt.engine.delete_run(run_id)
