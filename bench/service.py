@@ -6,7 +6,8 @@ worker) in a temporary data dir, then measures on tiny-gpt2:
 1. p50/p99 latency of one small ``forward`` (1 datum of 16 tokens) called in-process;
 2. p50/p99 round trip of the same op over HTTP: POST, then long-poll the future;
 3. throughput of N pipelined ops (all submitted, then all awaited), over raw HTTP from 4
-   threads and through one SDK ``TrainingClient``.
+   client threads (which then collect the results 100 at a time from ``/v1/futures/batch``),
+   and through one SDK ``TrainingClient`` (one long-poll per future).
 
     uv run python bench/service.py [--ops 1000] [--latency-samples 200]
 """
@@ -122,12 +123,18 @@ def main() -> None:
             r = local_client.c.post(f"/v1/runs/{run_id}/forward", json={"data": [DATUM]})
             return r.json()["future_id"]
 
+        def collect(batch: list[str]) -> None:
+            if not hasattr(local_client, "c"):
+                local_client.c = httpx.Client(base_url=base, timeout=60)
+            body = local_client.c.post(
+                "/v1/futures/batch", json={"future_ids": batch, "wait": 30}
+            ).json()
+            assert all(f["status"] == "succeeded" for f in body["futures"]), body
+
         with ThreadPoolExecutor(4) as pool:
             ids = list(pool.map(submit, range(args.ops)))
-        t_submit = time.perf_counter() - t0
-        for fid in ids:
-            body = http.get(f"/v1/futures/{fid}", params={"wait": 30}).json()
-            assert body["status"] == "succeeded", body
+            t_submit = time.perf_counter() - t0
+            list(pool.map(collect, [ids[i : i + 100] for i in range(0, len(ids), 100)]))
         t_all = time.perf_counter() - t0
 
         # The same through the Python SDK: one TrainingClient pipelining its calls.

@@ -314,6 +314,25 @@ class Store:
         raw = self.r.hgetall(f"{P}:run:{run_id}:stats")
         return {_text(k): json.loads(v) for k, v in raw.items()}
 
+    def answer_many(
+        self, run_id: str, answers: list[tuple[int, str, str, str]], expires_s: int
+    ) -> None:
+        """Store results of coalesced ops and mark them applied, in one round trip.
+
+        ``answers``: (seq_id, future_id, result key, encoded result record) each; the record is
+        published on its key's channel too, as the result backend does.
+        """
+        if not answers:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        applied = f"{P}:run:{run_id}:applied"
+        for seq_id, future_id, key, value in answers:
+            pipe.set(key, value, ex=expires_s)
+            pipe.publish(key, value)
+            pipe.hset(applied, str(seq_id), future_id)
+        pipe.expire(applied, self.ttl_s)
+        pipe.execute()
+
     def applied_future(self, run_id: str, seq_id: int) -> str | None:
         """The future id under which ``seq_id`` was applied to the run, if it was."""
         raw = self.r.hget(f"{P}:run:{run_id}:applied", str(seq_id))

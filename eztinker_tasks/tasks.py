@@ -190,9 +190,14 @@ def _loss_op(
             outs = rt.engine.forward_backward_many(
                 run_id, [datums], loss_fn, loss_fn_config, backward=backward
             )
+        backend = task.app.backend
+        answers = []
         for follower, out in zip(followers, outs[1:], strict=True):
-            task.app.backend.store_result(follower.task_id, out.to_dict(), "SUCCESS")
-            rt.store.record_applied(run_id, follower.seq_id, follower.task_id)
+            meta = backend._get_result_meta(out.to_dict(), "SUCCESS", None, None)
+            meta["task_id"] = follower.task_id
+            key = backend.get_key_for_task(follower.task_id).decode()
+            answers.append((follower.seq_id, follower.task_id, key, backend.encode(meta)))
+        rt.store.answer_many(run_id, answers, int(rt.settings.result_ttl_s))
         remove_answered(rt.store.r, names.run_queue(run_id), followers)
         if followers:
             log.info("ran %d queued calls of run %s in the same pass", len(followers), run_id)

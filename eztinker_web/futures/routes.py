@@ -6,8 +6,13 @@ from typing import Any
 
 from flask_smorest import Blueprint
 
-from eztinker_web.futures.schemas import FutureSchema, WaitSchema
-from eztinker_web.futures.status import future_status
+from eztinker_web.futures.schemas import (
+    BatchRequestSchema,
+    BatchSchema,
+    FutureSchema,
+    WaitSchema,
+)
+from eztinker_web.futures.status import future_status, future_statuses
 from eztinker_web.services import services
 
 blp = Blueprint("futures", __name__, url_prefix="/v1", description="Futures of operations")
@@ -27,3 +32,11 @@ def get_future(args: dict[str, Any], future_id: str):
 def get_job(args: dict[str, Any], future_id: str):
     """Alias of `/v1/futures/<id>` under the seed's name (job_id)."""
     return future_status(services(), future_id, float(args["wait"]))
+
+
+@blp.route("/futures/batch", methods=["POST"])
+@blp.arguments(BatchRequestSchema)
+@blp.response(200, BatchSchema)
+def get_many(args: dict[str, Any]):
+    """Many futures at once (for pipelining clients); `wait` long-polls until all are done."""
+    return {"futures": future_statuses(services(), args["future_ids"], float(args["wait"]))}

@@ -135,3 +135,13 @@ def future_status(svc: Services, future_id: str, wait_s: float = 0.0) -> dict[st
             running = state in ("STARTED", "RETRY") or svc.store.started(future_id) is not None
             body["status"] = "running" if running else "pending"
     return body
+
+
+def future_statuses(svc: Services, future_ids: list[str], wait_s: float) -> list[dict[str, Any]]:
+    """``future_status`` of each id, waiting at most ``wait_s`` in all for them to finish."""
+    deadline = time.monotonic() + wait_s
+    out = []
+    for future_id in future_ids:
+        left = max(0.0, deadline - time.monotonic())
+        out.append(future_status(svc, future_id, left))
+    return out

@@ -132,3 +132,26 @@ def test_checkpoint_archive_sampler_checkpoint_and_delete(
     assert http.get(f"/v1/runs/{run_id}/checkpoints/for-sampler").status_code == 404
     info = http.get(f"/v1/runs/{run_id}").json()
     assert info["last_seq_id"] == 7  # 3 x (fb + step) + save
+
+
+def test_batch_futures_long_poll_until_all_done(http: httpx.Client) -> None:
+    created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 4, "seed": 2})
+    run_id = created.json()["run_id"]
+    result_of(http, created)
+    ids = [
+        http.post(
+            f"/v1/runs/{run_id}/forward", json={"input_ids": TOKENS, "target_ids": TOKENS}
+        ).json()["future_id"]
+        for _ in range(5)
+    ]
+    batch = http.post("/v1/futures/batch", json={"future_ids": ids, "wait": 30})
+    assert batch.status_code == 200, batch.text
+    bodies = batch.json()["futures"]
+    assert [b["future_id"] for b in bodies] == ids
+    assert all(b["status"] == "succeeded" for b in bodies)
+    single = http.get(f"/v1/futures/{ids[3]}").json()
+    assert single["result"] == bodies[3]["result"]
+    missing = http.post("/v1/futures/batch", json={"future_ids": [ids[0], "fut_nope"]})
+    assert missing.status_code == 404
+    assert "fut_nope" in missing.json()["message"]
+    assert http.post("/v1/futures/batch", json={"future_ids": []}).status_code == 422
