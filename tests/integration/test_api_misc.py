@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -155,3 +157,23 @@ def test_batch_futures_long_poll_until_all_done(http: httpx.Client) -> None:
     assert missing.status_code == 404
     assert "fut_nope" in missing.json()["message"]
     assert http.post("/v1/futures/batch", json={"future_ids": []}).status_code == 422
+
+
+def test_web_process_never_imports_torch(service: Service) -> None:
+    code = """
+import sys
+from config import Settings
+from eztinker_web import create_app
+app = create_app(Settings.from_env())
+c = app.test_client()
+runs = c.get("/v1/runs").get_json()["runs"]
+assert c.post("/v1/tokenize", json={"text": "hi"}).status_code == 200
+assert c.post("/v1/sample", json={"prompt": "hi", "max_tokens": 1}).status_code == 202
+heavy = [m for m in ("torch", "transformers", "peft") if m in sys.modules]
+print("HEAVY", heavy)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=service.env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "HEAVY []" in out.stdout, out.stdout
