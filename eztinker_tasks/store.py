@@ -229,7 +229,7 @@ class Store:
         args = [
             "" if seq_id is None else str(seq_id),
             value,
-            f"{P}:future:",
+            Store.future_key(""),
             json.dumps(asdict(future)),
             str(self.ttl_s),
         ]
@@ -250,21 +250,14 @@ class Store:
         return f"{P}:future:{future_id}"
 
     def put_future(self, record: FutureRecord) -> None:
-        self.r.set(f"{P}:future:{record.future_id}", json.dumps(asdict(record)), ex=self.ttl_s)
+        self.r.set(self.future_key(record.future_id), json.dumps(asdict(record)), ex=self.ttl_s)
 
     def get_future(self, future_id: str) -> FutureRecord | None:
-        raw = self.r.get(f"{P}:future:{future_id}")
+        raw = self.r.get(self.future_key(future_id))
         return FutureRecord.from_json(raw) if raw else None
 
-    def mark_started(self, future_id: str, worker: str) -> None:
-        self.r.set(
-            f"{P}:future:{future_id}:started",
-            json.dumps({"at": time.time(), "worker": worker}),
-            ex=self.ttl_s,
-        )
-
     def started(self, future_id: str) -> dict[str, Any] | None:
-        raw = self.r.get(f"{P}:future:{future_id}:started")
+        raw = self.r.get(self.future_key(future_id) + ":started")
         return json.loads(raw) if raw else None
 
     # -- idempotent application on the worker ----------------------------------------------
@@ -283,13 +276,13 @@ class Store:
         """
         pipe = self.r.pipeline(transaction=False)
         pipe.set(
-            f"{P}:future:{future_id}:started",
+            self.future_key(future_id) + ":started",
             json.dumps({"at": time.time(), "worker": worker}),
             ex=self.ttl_s,
         )
         check = run_id is not None and seq_id is not None
         if check:
-            pipe.hget(f"{P}:run:{run_id}:applied", str(seq_id))
+            pipe.hget(self._applied_key(run_id), str(seq_id))
         if peek is not None and peek[1] > 0:
             pipe.lrange(peek[0], -peek[1], -1)
         out = pipe.execute()
@@ -301,7 +294,7 @@ class Store:
         """Record that ``seq_id`` was applied and the run's new counters, in one round trip."""
         pipe = self.r.pipeline(transaction=False)
         if seq_id is not None:
-            key = f"{P}:run:{run_id}:applied"
+            key = self._applied_key(run_id)
             pipe.hset(key, str(seq_id), future_id)
             pipe.expire(key, self.ttl_s)
         if stats:
@@ -309,10 +302,6 @@ class Store:
                 f"{P}:run:{run_id}:stats", mapping={k: json.dumps(v) for k, v in stats.items()}
             )
         pipe.execute()
-
-    def run_stats(self, run_id: str) -> dict[str, Any]:
-        raw = self.r.hgetall(f"{P}:run:{run_id}:stats")
-        return {_text(k): json.loads(v) for k, v in raw.items()}
 
     def answer_many(
         self, run_id: str, answers: list[tuple[int, str, str, str]], expires_s: int
@@ -325,7 +314,7 @@ class Store:
         if not answers:
             return
         pipe = self.r.pipeline(transaction=False)
-        applied = f"{P}:run:{run_id}:applied"
+        applied = self._applied_key(run_id)
         for seq_id, future_id, key, value in answers:
             pipe.set(key, value, ex=expires_s)
             pipe.publish(key, value)
@@ -333,15 +322,15 @@ class Store:
         pipe.expire(applied, self.ttl_s)
         pipe.execute()
 
+    @staticmethod
+    def _applied_key(run_id: str) -> str:
+        """Hash of seq_id -> the future under which that op of the run was applied."""
+        return f"{P}:run:{run_id}:applied"
+
     def applied_future(self, run_id: str, seq_id: int) -> str | None:
         """The future id under which ``seq_id`` was applied to the run, if it was."""
-        raw = self.r.hget(f"{P}:run:{run_id}:applied", str(seq_id))
+        raw = self.r.hget(self._applied_key(run_id), str(seq_id))
         return _text(raw) if raw else None
-
-    def record_applied(self, run_id: str, seq_id: int, future_id: str) -> None:
-        key = f"{P}:run:{run_id}:applied"
-        self.r.hset(key, str(seq_id), future_id)
-        self.r.expire(key, self.ttl_s)
 
     # -- models ----------------------------------------------------------------------------
     def put_model(self, info: Mapping[str, Any]) -> None:

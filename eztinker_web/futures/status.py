@@ -14,9 +14,9 @@ from typing import Any
 
 from eztinker_tasks.errors import NotFound
 from eztinker_tasks.store import FutureRecord
+from eztinker_web.futures.watcher import META_PREFIX
 from eztinker_web.services import Services
 
-META_PREFIX = "celery-task-meta-"
 TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
 
 
