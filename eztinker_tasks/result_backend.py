@@ -23,6 +23,25 @@ class ResultBackend(RedisBackend):
     def on_task_call(self, producer: Any, task_id: str) -> None:
         return None
 
+    def result_record(
+        self,
+        task_id: str,
+        result: Any,
+        state: str = "SUCCESS",
+        traceback: Any = None,
+        request: Any = None,
+    ) -> tuple[str, str]:
+        """The Redis key and encoded record of a task's result, as this backend stores it.
+
+        Coalesced operations have their results written in one pipeline by the worker, in
+        exactly this form (see ``tasks._loss_op``).
+        """
+        meta = self._get_result_meta(
+            result=result, state=state, traceback=traceback, request=request
+        )
+        meta["task_id"] = bytes_to_str(task_id)
+        return bytes_to_str(self.get_key_for_task(task_id)), self.encode(meta)
+
     def _store_result(
         self,
         task_id: str,
@@ -32,12 +51,9 @@ class ResultBackend(RedisBackend):
         request: Any = None,
         **kwargs: Any,
     ) -> Any:
-        meta = self._get_result_meta(
-            result=result, state=state, traceback=traceback, request=request
-        )
-        meta["task_id"] = bytes_to_str(task_id)
+        key, value = self.result_record(task_id, result, state, traceback, request)
         try:
-            self._set_with_state(self.get_key_for_task(task_id), self.encode(meta), state)
+            self._set_with_state(key, value, state)
         except BackendStoreError as exc:
             raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
         return result

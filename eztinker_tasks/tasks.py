@@ -24,6 +24,7 @@ from eztinker_tasks.errors import (
     RunStateLost,
     UnknownRun,
 )
+from eztinker_tasks.result_backend import ResultBackend
 from eztinker_tasks.runtime import WorkerRuntime, get_runtime, report_now
 from eztinker_tasks.types import (
     AdamParams,
@@ -190,13 +191,11 @@ def _loss_op(
             outs = rt.engine.forward_backward_many(
                 run_id, [datums], loss_fn, loss_fn_config, backward=backward
             )
-        backend = task.app.backend
-        answers = []
-        for follower, out in zip(followers, outs[1:], strict=True):
-            meta = backend._get_result_meta(out.to_dict(), "SUCCESS", None, None)
-            meta["task_id"] = follower.task_id
-            key = backend.get_key_for_task(follower.task_id).decode()
-            answers.append((follower.seq_id, follower.task_id, key, backend.encode(meta)))
+        backend: ResultBackend = task.app.backend
+        answers = [
+            (f.seq_id, f.task_id, *backend.result_record(f.task_id, out.to_dict()))
+            for f, out in zip(followers, outs[1:], strict=True)
+        ]
         rt.store.answer_many(run_id, answers, int(rt.settings.result_ttl_s))
         remove_answered(rt.store.r, names.run_queue(run_id), followers)
         if followers:
