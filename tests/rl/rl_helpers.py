@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pytest
 import torch
 
 import eztinker
@@ -85,6 +86,27 @@ def twin_runs(
         tc.optim_step(WARM_UP).result()
         runs.append(tc)
     return runs[0], runs[1]
+
+
+def step_twins(
+    run_a: eztinker.TrainingClient,
+    run_b: eztinker.TrainingClient,
+    data: Sequence[types.Datum],
+    before: Sequence[np.ndarray],
+    label: str,
+) -> list[np.ndarray]:
+    """The same ``optim_step(SGD_LIKE)`` on two runs that accumulated what should be the same
+    gradient: check equal gradient norms, a real move of the logprobs of ``data`` away from
+    ``before``, and identical results. Returns run A's logprobs after the step."""
+    norm_a = run_a.optim_step(SGD_LIKE).result().metrics or {}
+    norm_b = run_b.optim_step(SGD_LIKE).result().metrics or {}
+    assert norm_a["grad_norm"] == pytest.approx(norm_b["grad_norm"], rel=1e-5)
+    after_a, after_b = forward_logprobs(run_a, data), forward_logprobs(run_b, data)
+    moved, twin_diff = max_abs_diff(after_a, before), max_abs_diff(after_a, after_b)
+    print(f"{label}: step moved logprobs by up to {moved:.3g}; twins differ by {twin_diff:.3g}")
+    assert moved > 500 * ATOL, moved  # the step did change the model noticeably
+    assert twin_diff < ATOL, (moved, twin_diff)
+    return after_a
 
 
 def grad_wrt_logprobs(
