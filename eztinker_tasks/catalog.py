@@ -95,9 +95,14 @@ def get_builtin(name: str) -> BuiltinModel | None:
 _HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the shape of a Hugging Face model id (``gpt2``, ``org/model``)."""
+    return bool(_HUB_NAME_RE.match(name)) and ".." not in name
+
+
 def safe_dir_name(name: str) -> str:
     """A single, safe path component for a model name (hub id, built-in name or local path)."""
-    if _HUB_NAME_RE.match(name) and ".." not in name and len(name) <= 96:
+    if is_hub_id(name) and len(name) <= 96:
         return name.replace("/", "--")
     stem = re.sub(r"[^A-Za-z0-9_.\-]+", "-", Path(name).name).strip(".-")[:48] or "model"
     digest = hashlib.sha256(name.encode()).hexdigest()[:12]

@@ -7,7 +7,6 @@ it is a 409. Every issued future id is recorded, so unknown ids answer 404.
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -82,17 +81,12 @@ def check_tokens(
             )
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
 def check_model_name(name: str) -> None:
     """Reject at once a base model that is neither built in, a local directory nor a hub id."""
     if name in catalog.BUILTIN_MODELS or services().store.get_model(name) is not None:
         return
-    if Path(name).is_dir() or (_HUB_ID.match(name) and ".." not in name):
+    if Path(name).is_dir() or catalog.is_hub_id(name):
         return
-    if "/" not in name and re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", name):
-        return  # a bare hub id such as "gpt2"
     known = ", ".join(sorted(catalog.BUILTIN_MODELS))
     raise InvalidRequest(
         f"unknown base_model {name!r}: not a built-in model ({known}), a local model directory "
