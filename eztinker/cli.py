@@ -32,11 +32,12 @@ def worker(
     name: str = typer.Option("gpu0", help="Node name prefix (gpu0, cpu0, ...)"),
     device: str = typer.Option(None, help="cpu, cuda or cuda:N (default EZTINKER_DEVICE)"),
     loglevel: str = typer.Option("INFO", help="Log level"),
+    events: bool = typer.Option(False, "--events", help="Send task events (for Flower)"),
 ) -> None:
     """Start one worker process (one per GPU: set CUDA_VISIBLE_DEVICES)."""
     from eztinker.server import run_worker
 
-    run_worker(name, device, loglevel)
+    run_worker(name, device, loglevel, events)
 
 
 @app.command()

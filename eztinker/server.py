@@ -55,10 +55,12 @@ def web_argv(host: str, port: int, threads: int = 32) -> list[str]:
     ]  # fmt: skip
 
 
-def worker_argv(name: str, device: str | None) -> list[str]:
+def worker_argv(name: str, device: str | None, events: bool = False) -> list[str]:
     argv = [sys.executable, "-m", "eztinker", "worker", "--name", name]
     if device:
         argv += ["--device", device]
+    if events:
+        argv.append("--events")
     return argv
 
 
@@ -109,11 +111,15 @@ def serve(
         worker_env = dict(env)
         if gpus and device is None:
             worker_env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-            children.append(Child(f"worker gpu{i}", worker_argv(f"gpu{i}", "cuda"), worker_env))
+            children.append(
+                Child(f"worker gpu{i}", worker_argv(f"gpu{i}", "cuda", flower), worker_env)
+            )
         else:
             dev = device or "cpu"
             kind = "gpu" if dev.startswith("cuda") else "cpu"
-            children.append(Child(f"worker {kind}{i}", worker_argv(f"{kind}{i}", dev), worker_env))
+            children.append(
+                Child(f"worker {kind}{i}", worker_argv(f"{kind}{i}", dev, flower), worker_env)
+            )
     if flower:
         children.append(Child("flower", flower_argv(redis_url, settings.flower_port), env))
 
@@ -189,14 +195,14 @@ def run_broker() -> int:
     return 0
 
 
-def run_worker(name: str, device: str | None, loglevel: str) -> None:
+def run_worker(name: str, device: str | None, loglevel: str, events: bool = False) -> None:
     from eztinker_tasks.broker import resolve_redis_url
     from eztinker_tasks.celery_app import make_celery
     from eztinker_tasks.worker import run_worker as start
 
     settings = load_settings()
     url = resolve_redis_url(settings, wait_s=60)
-    start(make_celery(settings, url), settings, name, device, loglevel)
+    start(make_celery(settings, url), settings, name, device, loglevel, events)
 
 
 def run_web(host: str | None, port: int | None) -> None:

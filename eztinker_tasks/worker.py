@@ -125,7 +125,12 @@ def _on_shutdown(sender: object = None, **_: object) -> None:
 
 
 def run_worker(
-    app: Celery, settings: Settings, name: str, device: str | None, loglevel: str = "INFO"
+    app: Celery,
+    settings: Settings,
+    name: str,
+    device: str | None,
+    loglevel: str = "INFO",
+    events: bool = False,
 ) -> None:
     """Start consuming (blocks). ``name`` is the node name prefix, e.g. ``gpu0``."""
     hostname = f"{name}@{socket.gethostname()}"
@@ -154,5 +159,9 @@ def run_worker(
             f"--loglevel={loglevel}",
             "--without-gossip",
             "--without-mingle",
+            # Task events cost a few publishes per op; they are on from the start when Flower
+            # runs beside the worker, so Flower sees every task, not only those after its own
+            # enable-events broadcast reaches the worker.
+            *(["--task-events"] if events else []),
         ]
     )
