@@ -4,10 +4,15 @@ Starts the real stack (``eztinker server --no-flower``: embedded broker, gunicor
 worker) in a temporary data dir, then measures on tiny-gpt2:
 
 1. p50/p99 latency of one small ``forward`` (1 datum of 16 tokens) called in-process;
-2. p50/p99 round trip of the same op over HTTP: POST, then long-poll the future;
-3. throughput of N pipelined ops (all submitted, then all awaited), over raw HTTP from 4
-   client threads (which then collect the results 100 at a time from ``/v1/futures/batch``),
-   and through one SDK ``TrainingClient`` (one long-poll per future).
+2. p50/p99 round trip of the same op over HTTP: POST, then long-poll the future (with the
+   SDK's HTTP layer, ``eztinker.transport.Transport``), and through the SDK proper
+   (``TrainingClient.forward(...).result()``);
+3. throughput of N pipelined ops (all submitted, then all awaited), over HTTP from 4 client
+   threads (which then collect the results 100 at a time from ``/v1/futures/batch``), and
+   through one SDK ``TrainingClient`` (one long-poll per future).
+
+Each latency is measured in rounds that alternate between the two remote paths, so that slow
+phases of a shared machine hit both alike.
 
     uv run python bench/service.py [--ops 1000] [--latency-samples 200]
 """
@@ -22,12 +27,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import httpx
 
 TOKENS = list(range(10, 27))
 DATUM = {
@@ -41,11 +44,11 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def in_process(samples: int, data_dir: Path) -> list[float]:
+def in_process(samples: int, data_dir: Path, device: str) -> list[float]:
     from eztinker_tasks.engine import Engine, EngineConfig
     from eztinker_tasks.types import Datum, LoraSpec
 
-    engine = Engine(EngineConfig(data_dir=data_dir, checkpoints_dir=data_dir / "c", device="cpu"))
+    engine = Engine(EngineConfig(data_dir=data_dir, checkpoints_dir=data_dir / "c", device=device))
     engine.create_run("bench", "tiny-gpt2", LoraSpec(rank=8, seed=0))
     datum = Datum(tuple(TOKENS[:-1]), {"target_tokens": TOKENS[1:], "weights": [1.0] * 16})
     times = []
@@ -67,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ops", type=int, default=1000)
     parser.add_argument("--latency-samples", type=int, default=200)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (engine and worker)")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="eztinker-bench-"))
@@ -77,58 +81,73 @@ def main() -> None:
         "OMP_NUM_THREADS": "1",
     }
     os.environ["OMP_NUM_THREADS"] = "1"
-    local = in_process(args.latency_samples, tmp / "data")  # also builds the tiny model
+    # This also builds the tiny model.
+    local = in_process(args.latency_samples, tmp / "data", args.device)
     log = open(tmp / "server.log", "wb")  # noqa: SIM115
     server = subprocess.Popen(
         [sys.executable, "-m", "eztinker", "server", "--no-flower", "--port", str(port),
-         "--host", "127.0.0.1"],
+         "--host", "127.0.0.1", "--device", args.device],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        http = httpx.Client(base_url=base, timeout=60)
         deadline = time.monotonic() + 120
         while True:
             try:
-                if http.get("/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
+                with urllib.request.urlopen(base + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
                 pass
             if time.monotonic() > deadline:
                 raise SystemExit(f"server did not start; see {tmp / 'server.log'}")
             time.sleep(0.3)
-        created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 8, "seed": 0})
-        run_id = created.json()["run_id"]
-        http.get(f"/v1/futures/{created.json()['future_id']}", params={"wait": 30})
+        from eztinker import ServiceClient, types
+        from eztinker.transport import Transport
 
-        def roundtrip() -> float:
-            t0 = time.perf_counter()
-            fut = http.post(f"/v1/runs/{run_id}/forward", json={"data": [DATUM]}).json()
-            body = http.get(f"/v1/futures/{fut['future_id']}", params={"wait": 30}).json()
+        transport = Transport(base)
+        service = ServiceClient(base_url=base)
+        run_id = service.create_lora_training_client("tiny-gpt2", rank=8, seed=0).run_id
+        training = service.create_lora_training_client("tiny-gpt2", rank=8, seed=0)
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints(TOKENS[:-1]),
+            loss_fn_inputs={"target_tokens": TOKENS[1:], "weights": [1.0] * 16},
+        )
+
+        def http_roundtrip() -> None:
+            fut = transport.request("POST", f"/v1/runs/{run_id}/forward", json={"data": [DATUM]})
+            body = transport.request("GET", f"/v1/futures/{fut['future_id']}", params={"wait": 30})
             assert body["status"] == "succeeded", body
+
+        def sdk_roundtrip() -> None:
+            training.forward([datum]).result()
+
+        def timed(fn) -> float:
+            t0 = time.perf_counter()
+            fn()
             return time.perf_counter() - t0
 
         for _ in range(10):
-            roundtrip()
-        remote = [roundtrip() for _ in range(args.latency_samples)]
+            http_roundtrip()
+            sdk_roundtrip()
+        remote: list[float] = []
+        sdk: list[float] = []
+        for _ in range(0, args.latency_samples, 20):  # alternate in rounds of 20
+            remote += [timed(http_roundtrip) for _ in range(20)]
+            sdk += [timed(sdk_roundtrip) for _ in range(20)]
 
         # Pipelined: submit every op first (4 client threads), then wait for all of them.
         t0 = time.perf_counter()
 
-        local_client = threading.local()
-
         def submit(_: int) -> str:
-            if not hasattr(local_client, "c"):
-                local_client.c = httpx.Client(base_url=base, timeout=60)
-            r = local_client.c.post(f"/v1/runs/{run_id}/forward", json={"data": [DATUM]})
-            return r.json()["future_id"]
+            body = transport.request("POST", f"/v1/runs/{run_id}/forward", json={"data": [DATUM]})
+            return body["future_id"]
 
         def collect(batch: list[str]) -> None:
-            if not hasattr(local_client, "c"):
-                local_client.c = httpx.Client(base_url=base, timeout=60)
-            body = local_client.c.post(
-                "/v1/futures/batch", json={"future_ids": batch, "wait": 30}
-            ).json()
+            body = transport.request(
+                "POST", "/v1/futures/batch", json={"future_ids": batch, "wait": 30},
+                idempotent=True, timeout=90,
+            )  # fmt: skip
             assert all(f["status"] == "succeeded" for f in body["futures"]), body
 
         with ThreadPoolExecutor(4) as pool:
@@ -138,16 +157,6 @@ def main() -> None:
         t_all = time.perf_counter() - t0
 
         # The same through the Python SDK: one TrainingClient pipelining its calls.
-        from eztinker import ServiceClient, types
-
-        training = ServiceClient(base_url=base).create_lora_training_client(
-            "tiny-gpt2", rank=8, seed=0
-        )
-        datum = types.Datum(
-            model_input=types.ModelInput.from_ints(TOKENS[:-1]),
-            loss_fn_inputs={"target_tokens": TOKENS[1:], "weights": [1.0] * 16},
-        )
-        training.forward([datum]).result()
         t0 = time.perf_counter()
         sdk_futures = [training.forward([datum]) for _ in range(args.ops)]
         for fut in sdk_futures:
@@ -159,18 +168,22 @@ def main() -> None:
 
     ms = 1000.0
     p50_l, p99_l = pct(local, 0.5) * ms, pct(local, 0.99) * ms
-    p50_r, p99_r = pct(remote, 0.5) * ms, pct(remote, 0.99) * ms
+    rows = [("HTTP + Celery round trip", remote), ("SDK forward().result()", sdk)]
     print()
-    print("EZTinker service overhead (CPU, tiny-gpt2, forward of 1 x 16 tokens)")
+    print(f"EZTinker service overhead ({args.device}, tiny-gpt2, forward of 1 x 16 tokens)")
     print(f"{'measure':<44}{'p50 ms':>10}{'p99 ms':>10}")
     print(f"{'engine in-process':<44}{p50_l:>10.2f}{p99_l:>10.2f}")
-    print(f"{'HTTP + Celery round trip':<44}{p50_r:>10.2f}{p99_r:>10.2f}")
-    print(f"{'overhead (round trip - in-process)':<44}{p50_r - p50_l:>10.2f}{p99_r - p99_l:>10.2f}")
+    for name, times in rows:
+        print(f"{name:<44}{pct(times, 0.5) * ms:>10.2f}{pct(times, 0.99) * ms:>10.2f}")
+    for name, times in rows:
+        label = f"overhead: {name.split(' ')[0]} - in-process"
+        p50, p99 = pct(times, 0.5) * ms - p50_l, pct(times, 0.99) * ms - p99_l
+        print(f"{label:<44}{p50:>10.2f}{p99:>10.2f}")
     print()
     print(f"{'pipelined ops':<44}{args.ops:>10d}")
     print(f"{'submit time (s)':<44}{t_submit:>10.2f}")
     print(f"{'submit + complete time (s)':<44}{t_all:>10.2f}")
-    print(f"{'throughput, raw HTTP, 4 threads (ops/s)':<44}{args.ops / t_all:>10.1f}")
+    print(f"{'throughput, HTTP, 4 threads (ops/s)':<44}{args.ops / t_all:>10.1f}")
     print(f"{'throughput, SDK TrainingClient (ops/s)':<44}{args.ops / t_sdk:>10.1f}")
     print(f"mean in-process op: {statistics.mean(local) * ms:.2f} ms")
 

@@ -9,6 +9,7 @@ configuration.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -171,8 +172,28 @@ def _keys(raw: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in raw.split(",") if k.strip())
 
 
-def _text(raw: str) -> str:
-    return raw
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
+_HOST = re.compile(
+    r"^(\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*|[A-Za-z0-9][A-Za-z0-9.\-]*)$"
+)
+
+
+def _model(raw: str) -> str:
+    """A built-in model name, a Hugging Face model id or an existing local model directory."""
+    name = raw.strip()
+    if (_MODEL_ID.match(name) and ".." not in name) or Path(name).is_dir():
+        return name
+    raise ValueError(
+        "must be a built-in model name (tiny-gpt2, tiny-llama), a Hugging Face model id "
+        "(org/name) or an existing model directory"
+    )
+
+
+def _host(raw: str) -> str:
+    host = raw.strip()
+    if _HOST.match(host):
+        return host
+    raise ValueError("must be a host name or an IP address (like localhost or 0.0.0.0)")
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -180,8 +201,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "checkpoints_dir": Path,
     "data_dir": Path,
     "base_url": _http_url,
-    "default_model": _text,
-    "host": _text,
+    "default_model": _model,
+    "host": _host,
     "port": _port,
     "device": _device,
     "dtype": _dtype,

@@ -15,7 +15,9 @@ app = typer.Typer(
 def server(
     port: int = typer.Option(None, help="Web port (default EZTINKER_PORT or 8000)"),
     host: str = typer.Option(None, help="Web host (default EZTINKER_HOST or localhost)"),
-    workers: int = typer.Option(None, help="Worker processes (default: one per GPU, else 1)"),
+    workers: int = typer.Option(
+        None, help="Worker processes (default 1; N spreads them over the GPUs)"
+    ),
     no_flower: bool = typer.Option(False, "--no-flower", help="Do not start Flower"),
     device: str = typer.Option(None, help="Force a device for all workers (cpu, cuda)"),
 ) -> None:

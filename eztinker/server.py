@@ -1,7 +1,8 @@
 """``eztinker server``: the whole stack in one command, on the embedded default.
 
 Starts (unless ``EZTINKER_REDIS_URL`` names a Redis) the private broker, then the web server
-(gunicorn, gthread), one worker per GPU (or one CPU worker) and Flower, and supervises them:
+(gunicorn, gthread), one worker (on GPU 0 if there is one, else on the CPU; ``--workers N``
+spreads N workers over the GPUs) and Flower, and supervises them:
 a worker or web process that dies is restarted; Ctrl-C stops everything, broker last.
 The ``Procfile`` lists the same processes separately for ``honcho start``.
 """
@@ -18,18 +19,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def gpu_count() -> int:
+def gpu_ids() -> list[str]:
+    """The GPUs workers may use, as ``CUDA_VISIBLE_DEVICES`` entries.
+
+    The ones already listed in ``CUDA_VISIBLE_DEVICES`` if it is set, else every GPU that
+    ``nvidia-smi`` lists.
+    """
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+        ids = [d.strip() for d in visible.split(",") if d.strip()]
+        return [] if not ids or ids[0] == "-1" else ids
     smi = shutil.which("nvidia-smi")
     if not smi:
-        return 0
+        return []
     try:
         out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+        return []
+    count = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    return [str(i) for i in range(count)]
 
 
 @dataclass
@@ -104,13 +112,13 @@ def serve(
         print(f"[eztinker] embedded broker on 127.0.0.1 (data in {broker.dir})", flush=True)
     env = {**os.environ, "EZTINKER_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
 
-    gpus = gpu_count()
-    n_workers = workers if workers is not None else max(gpus, 1)
+    gpus = gpu_ids()
+    n_workers = workers if workers is not None else 1
     children = [Child("web", web_argv(host, port), env)]
     for i in range(n_workers):
         worker_env = dict(env)
         if gpus and device is None:
-            worker_env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+            worker_env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
             children.append(
                 Child(f"worker gpu{i}", worker_argv(f"gpu{i}", "cuda", flower), worker_env)
             )
@@ -174,23 +182,41 @@ def serve(
 
 
 def run_broker() -> int:
-    """Run the embedded broker in the foreground (the Procfile's ``broker`` process)."""
+    """Run the embedded broker in the foreground (the Procfile's ``broker`` process).
+
+    With ``EZTINKER_REDIS_URL`` set, or a broker already running for this data dir, there is
+    nothing to start: it says so and waits for Ctrl-C (honcho stops every process when one
+    exits).
+    """
     from eztinker_tasks.broker import EmbeddedBroker
 
     settings = load_settings()
+
+    def stop(signum: int, _: Any) -> None:
+        if broker is not None:
+            broker.stop()
+        sys.exit(0)
+
+    broker: EmbeddedBroker | None = None
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    if settings.redis_url:
+        print(
+            "[eztinker] EZTINKER_REDIS_URL is set: using that Redis, no embedded broker", flush=True
+        )
+        while True:
+            signal.pause()
     broker = EmbeddedBroker(settings.data_dir)
     record = broker.start()
     if broker.process is None:
-        print(f"[eztinker] a broker already runs for this data dir (pid {record.pid})")
-        return 1
+        print(
+            f"[eztinker] a broker already runs for this data dir (pid {record.pid}); using it",
+            flush=True,
+        )
+        broker = None
+        while True:
+            signal.pause()
     print(f"[eztinker] embedded broker on 127.0.0.1:{record.port} (pid {record.pid})", flush=True)
-
-    def stop(signum: int, _: Any) -> None:
-        broker.stop()
-        sys.exit(0)
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     broker.process.wait()
     return 0
 

@@ -1,4 +1,4 @@
-"""HTTP to the EZTinker API: one ``httpx.Client``, bounded retries, typed errors.
+"""HTTP to the EZTinker API: one keep-alive connection pool, bounded retries, typed errors.
 
 Which failures are retried (with exponential backoff and jitter, honouring ``Retry-After``):
 
@@ -24,20 +24,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from eztinker.errors import APIConnectionError, EZTinkerAPIError, from_envelope
+from eztinker.http_client import HTTPClient, MaybeSentError, NotSentError, Response
 
 log = logging.getLogger("eztinker")
 
 DEFAULT_BASE_URL = "http://localhost:8000"
 USER_AGENT = "eztinker-python/0.1"
 
-# Failures where the request surely never reached the server.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-# Failures where it may have been received (and acted on).
-_MAYBE_SENT = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadTimeout,
-               httpx.WriteTimeout)  # fmt: skip
 _ALWAYS_RETRY_STATUS = frozenset({429, 503})
 _IDEMPOTENT_RETRY_STATUS = frozenset({500, 502, 504})
 
@@ -71,7 +65,7 @@ class RetryPolicy:
         return base * (1 + self.jitter * random.random())
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(response: Response) -> float | None:
     value = response.headers.get("Retry-After")
     try:
         return float(value) if value is not None else None
@@ -89,7 +83,6 @@ class Transport:
         *,
         timeout: float = 60.0,
         retry: RetryPolicy | None = None,
-        http_transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = resolve_base_url(base_url)
         self.api_key = resolve_api_key(api_key)
@@ -98,11 +91,8 @@ class Transport:
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        self._client = httpx.Client(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            transport=http_transport,
+        self._client = HTTPClient(
+            self.base_url, headers, timeout=timeout, connect_timeout=min(timeout, 10.0)
         )
 
     def close(self) -> None:
@@ -125,7 +115,7 @@ class Transport:
         """
         with self._send(method, path, json=json, params=params, idempotent=idempotent,
                         timeout=timeout, accept=accept) as response:  # fmt: skip
-            if not response.content:
+            if not response.read():
                 return None
             try:
                 return response.json()
@@ -135,7 +125,7 @@ class Transport:
     @contextmanager
     def stream(
         self, method: str, path: str, *, timeout: float | None = None
-    ) -> Generator[httpx.Response]:
+    ) -> Generator[Response]:
         """A successful streamed response (for downloads); errors are raised as usual."""
         with self._send(method, path, idempotent=True, timeout=timeout, stream=True) as response:
             yield response
@@ -152,29 +142,23 @@ class Transport:
         timeout: float | None = None,
         stream: bool = False,
         accept: Collection[int] = (),
-    ) -> Generator[httpx.Response]:
+    ) -> Generator[Response]:
         method = method.upper()
         if idempotent is None:
             idempotent = method in ("GET", "HEAD", "OPTIONS", "PUT")
         attempt = 0
         while True:
             try:
-                request = self._client.build_request(
-                    method, path, json=json, params=params,
-                    timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+                response = self._client.send(
+                    method, path, json_body=json, params=params, timeout=timeout,
+                    stream=stream,
                 )  # fmt: skip
-                response = self._client.send(request, stream=True)
-                if not stream or response.status_code >= 400:
-                    try:
-                        response.read()
-                    finally:
-                        response.close()
-            except httpx.TransportError as exc:
-                retryable = isinstance(exc, _NOT_SENT) or (
-                    idempotent and isinstance(exc, _MAYBE_SENT)
-                )
+                if stream and response.status_code >= 400:
+                    response.read()
+            except (NotSentError, MaybeSentError) as exc:
+                retryable = isinstance(exc, NotSentError) or idempotent
                 if retryable and attempt < self.retry.max_retries:
-                    self._sleep(attempt, method, path, f"{type(exc).__name__}: {exc}")
+                    self._sleep(attempt, method, path, str(exc))
                     attempt += 1
                     continue
                 raise self._connection_error(exc, method, path) from None
@@ -201,25 +185,25 @@ class Transport:
         log.info("%s %s failed (%s); retry %d in %.2f s", method, path, why, attempt + 1, delay)
         time.sleep(delay)
 
-    def _connection_error(self, exc: httpx.TransportError, method: str, path: str) -> Exception:
-        if isinstance(exc, httpx.TimeoutException):
-            message = f"{method} {self.base_url}{path} timed out ({type(exc).__name__})"
+    def _connection_error(
+        self, exc: NotSentError | MaybeSentError, method: str, path: str
+    ) -> Exception:
+        if isinstance(exc, MaybeSentError) and exc.timeout:
+            message = f"{method} {self.base_url}{path} timed out ({exc})"
             code = "timeout"
-        elif isinstance(exc, _NOT_SENT):
-            reason = str(exc) or type(exc).__name__
+        elif isinstance(exc, NotSentError):
             message = (
-                f"cannot reach the EZTinker server at {self.base_url} ({reason}); is it running? "
+                f"cannot reach the EZTinker server at {self.base_url} ({exc}); is it running? "
                 "Set EZTINKER_BASE_URL or --base-url"
             )
             code = "connection_error"
         else:
-            reason = str(exc) or type(exc).__name__
-            message = f"connection to {self.base_url} failed during {method} {path} ({reason})"
+            message = f"connection to {self.base_url} failed during {method} {path} ({exc})"
             code = "connection_error"
         return APIConnectionError(message, code=code, category="server")
 
     @staticmethod
-    def _http_error(response: httpx.Response) -> EZTinkerAPIError:
+    def _http_error(response: Response) -> EZTinkerAPIError:
         try:
             body: Any = response.json()
         except ValueError:

@@ -76,6 +76,14 @@ class PayloadTooLarge(EZTinkerError):
     category = "user"
 
 
+class UnsupportedMediaType(EZTinkerError):
+    """A request body that is not JSON."""
+
+    code = "unsupported_media_type"
+    status = 415
+    category = "user"
+
+
 class ServiceUnavailable(EZTinkerError):
     """No broker or no live worker: retry later, or start one."""
 

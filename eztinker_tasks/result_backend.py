@@ -8,18 +8,40 @@
   task cannot overwrite a SUCCESS. EZTinker's workers answer a redelivered operation from its
   stored result by seq_id (see ``tasks._run_op``), so a second store writes the same SUCCESS;
   the read is skipped.
+
+And one addition: a task may attach writes of its own to its result (``write_with_result``),
+which go in the same MULTI/EXEC as the result and its publication. A run operation records
+its seq_id as applied and the run's new counters that way: atomically with the result, and
+without a round trip of its own.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
+Writes = Callable[[Any], None]  # adds commands to a redis-py pipeline
+
 
 class ResultBackend(RedisBackend):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+        self._with_result: dict[str, Writes] = {}
+
+    def write_with_result(self, task_id: str, writes: Writes | None) -> None:
+        """Have ``writes`` go with the task's successful result (None: forget any)."""
+        with self._lock:
+            if writes is None:
+                self._with_result.pop(task_id, None)
+            else:
+                self._with_result[task_id] = writes
+
     def on_task_call(self, producer: Any, task_id: str) -> None:
         return None
 
@@ -52,8 +74,23 @@ class ResultBackend(RedisBackend):
         **kwargs: Any,
     ) -> Any:
         key, value = self.result_record(task_id, result, state, traceback, request)
+        with self._lock:
+            writes = self._with_result.pop(task_id, None)
         try:
-            self._set_with_state(key, value, state)
+            if writes is not None and state == "SUCCESS":
+                self.ensure(self._set_with, (key, value, writes), **self.retry_policy)
+            else:
+                self._set_with_state(key, value, state)
         except BackendStoreError as exc:
             raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
         return result
+
+    def _set_with(self, key: str, value: str, writes: Writes) -> None:
+        with self.client.pipeline(transaction=True) as pipe:
+            writes(pipe)
+            if self.expires:
+                pipe.setex(key, self.expires, value)
+            else:
+                pipe.set(key, value)
+            pipe.publish(key, value)
+            pipe.execute()

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from eztinker_tasks.errors import Conflict
+from eztinker_tasks.errors import Conflict, UnknownRun
 
 P = "ezt"
 
@@ -89,6 +89,15 @@ class FutureRecord:
 
 
 @dataclass(frozen=True)
+class QueuedMessage:
+    """A task message ready to push onto a queue (built by ``eztinker_tasks.messages``)."""
+
+    queue: str
+    payload: str
+    seq_token: str = ""  # where the submit script writes the seq_id it picks
+
+
+@dataclass(frozen=True)
 class OpClaim:
     """The outcome of claiming ``seq_id`` for an operation of a run."""
 
@@ -97,25 +106,33 @@ class OpClaim:
     created: bool  # False: this seq_id was submitted before with the same body
 
 
-# One round trip for a submit: pick the seq_id (or take the client's), refuse or reuse a
-# seq_id seen before, and record the future. KEYS: ops hash, seq counter.
-# ARGV: seq_id or "", the op record (JSON), the future key prefix, the future record (JSON),
-# the future TTL in seconds. Returns {seq_id, existing op record or false}.
+# One round trip for a submit, all or nothing: refuse a run that is gone, pick the seq_id (or
+# take the client's), refuse or reuse a seq_id seen before, record the future, write the seq_id
+# into the task message and queue it (see ``eztinker_tasks.messages``).
+# KEYS: run record, run stats hash, ops hash, seq counter, future record, queue.
+# ARGV: seq_id or "", op record (JSON), future record (JSON), future TTL (s), task message,
+# the seq placeholder in the message.
+# Returns {"gone"} | {"dup", seq_id, existing op record} | {"ok", seq_id}.
 _SUBMIT_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+if redis.call('HGET', KEYS[2], 'status') == '"deleted"' then return {'gone'} end
 local seq = ARGV[1]
 if seq == '' then
-  seq = tostring(redis.call('INCR', KEYS[2]))
+  seq = tostring(redis.call('INCR', KEYS[4]))
 end
-local existing = redis.call('HGET', KEYS[1], seq)
-if existing then return {seq, existing} end
-redis.call('HSET', KEYS[1], seq, ARGV[2])
-local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-if tonumber(seq) > current then redis.call('SET', KEYS[2], seq) end
-local op = cjson.decode(ARGV[2])
-local future = cjson.decode(ARGV[4])
+local existing = redis.call('HGET', KEYS[3], seq)
+if existing then return {'dup', seq, existing} end
+redis.call('HSET', KEYS[3], seq, ARGV[2])
+local current = tonumber(redis.call('GET', KEYS[4]) or '0')
+if tonumber(seq) > current then redis.call('SET', KEYS[4], seq) end
+local future = cjson.decode(ARGV[3])
 future['seq_id'] = tonumber(seq)
-redis.call('SET', ARGV[3] .. op['future_id'], cjson.encode(future), 'EX', ARGV[5])
-return {seq, false}
+redis.call('SET', KEYS[5], cjson.encode(future), 'EX', ARGV[4])
+local message = ARGV[5]
+local i, j = string.find(message, ARGV[6], 1, true)
+if i then message = string.sub(message, 1, i - 1) .. seq .. string.sub(message, j + 1) end
+redis.call('LPUSH', KEYS[6], message)
+return {'ok', seq}
 """
 
 
@@ -217,33 +234,57 @@ class Store:
         return int(raw) if raw else 0
 
     def submit_op(
-        self, run_id: str, seq_id: int | None, digest: str, future: FutureRecord
+        self,
+        run_id: str,
+        seq_id: int | None,
+        digest: str,
+        future: FutureRecord,
+        message: QueuedMessage,
     ) -> OpClaim:
-        """Claim ``seq_id`` (or the next one) for ``future``, in one round trip.
+        """Claim ``seq_id`` (or the next one) for ``future`` and queue its message, atomically.
 
         A seq_id claimed before with the same body returns the earlier future
-        (``created=False``); with another body it raises Conflict.
+        (``created=False``, nothing queued); with another body it raises Conflict. A run that
+        does not exist or was deleted raises UnknownRun.
         """
         value = json.dumps({"future_id": future.future_id, "digest": digest})
-        keys = [f"{P}:run:{run_id}:ops", f"{P}:run:{run_id}:seq"]
+        keys = [
+            f"{P}:run:{run_id}",
+            f"{P}:run:{run_id}:stats",
+            f"{P}:run:{run_id}:ops",
+            f"{P}:run:{run_id}:seq",
+            self.future_key(future.future_id),
+            message.queue,
+        ]
         args = [
             "" if seq_id is None else str(seq_id),
             value,
-            Store.future_key(""),
             json.dumps(asdict(future)),
             str(self.ttl_s),
+            message.payload,
+            message.seq_token,
         ]
-        seq_raw, existing = self._submit(keys=keys, args=args)
-        seq = int(seq_raw)
-        if not existing:
+        reply = self._submit(keys=keys, args=args)
+        outcome = _text(reply[0])
+        if outcome == "gone":
+            raise UnknownRun(f"unknown run {run_id!r}", errors={"run_id": ["not found"]})
+        seq = int(reply[1])
+        if outcome == "ok":
             return OpClaim(seq, future.future_id, created=True)
-        prior = json.loads(existing)
+        prior = json.loads(reply[2])
         if prior["digest"] != digest:
             raise Conflict(
                 f"seq_id {seq} of run {run_id} was already used for a different request",
                 errors={"seq_id": ["reused with a different body"]},
             )
         return OpClaim(seq, prior["future_id"], created=False)
+
+    def queue_op(self, future: FutureRecord, message: QueuedMessage) -> None:
+        """Record ``future`` and queue its message, atomically (MULTI/EXEC)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self.future_key(future.future_id), json.dumps(asdict(future)), ex=self.ttl_s)
+        pipe.lpush(message.queue, message.payload)
+        pipe.execute()
 
     @staticmethod
     def future_key(future_id: str) -> str:
@@ -290,9 +331,21 @@ class Store:
         queued = list(out[-1]) if peek is not None and peek[1] > 0 else []
         return prior, queued
 
-    def finish_op(self, run_id: str, seq_id: int | None, future_id: str, **stats: Any) -> None:
-        """Record that ``seq_id`` was applied and the run's new counters, in one round trip."""
-        pipe = self.r.pipeline(transaction=False)
+    def finish_op(
+        self,
+        run_id: str,
+        seq_id: int | None,
+        future_id: str,
+        pipe: redis.client.Pipeline | None = None,
+        **stats: Any,
+    ) -> None:
+        """Record that ``seq_id`` was applied and the run's new counters.
+
+        Into ``pipe`` when given (the caller executes it), else in a round trip of its own.
+        """
+        own = pipe is None
+        if pipe is None:
+            pipe = self.r.pipeline(transaction=False)
         if seq_id is not None:
             key = self._applied_key(run_id)
             pipe.hset(key, str(seq_id), future_id)
@@ -301,7 +354,8 @@ class Store:
             pipe.hset(
                 f"{P}:run:{run_id}:stats", mapping={k: json.dumps(v) for k, v in stats.items()}
             )
-        pipe.execute()
+        if own:
+            pipe.execute()
 
     def answer_many(
         self, run_id: str, answers: list[tuple[int, str, str, str]], expires_s: int

@@ -108,7 +108,12 @@ def _run_op(
                 "last_loss": info.last_loss,
                 "status": "ready",
             }
-        rt.store.finish_op(run_id, seq_id, str(task.request.id), **stats)
+        # Recorded in the same transaction that stores (and publishes) the result.
+        task_id = str(task.request.id)
+        backend: ResultBackend = task.app.backend
+        backend.write_with_result(
+            task_id, lambda pipe: rt.store.finish_op(run_id, seq_id, task_id, pipe, **stats)
+        )
         return result
 
     return _call(task, body, run_id, seq_id, peek)

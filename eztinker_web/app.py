@@ -12,7 +12,7 @@ from flask import Flask, redirect, send_from_directory
 from config import Settings
 from eztinker_tasks.tokenization import TokenizerCache
 from eztinker_web.auth import install_auth
-from eztinker_web.errors import EZTinkerApi, register_error_handlers
+from eztinker_web.errors import EZTinkerApi, register_error_handlers, require_json_bodies
 from eztinker_web.services import Services
 
 DOCS_ASSETS = "/docs/assets/"
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         api.register_blueprint(blp)
     register_error_handlers(app)
     install_auth(app, settings.api_keys)
+    require_json_bodies(app)
 
     from swagger_ui_bundle import swagger_ui_path
 

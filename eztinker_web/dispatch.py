@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eztinker_tasks import catalog, names
+import redis
+
+from eztinker_tasks import catalog, messages, names
 from eztinker_tasks.errors import InvalidRequest, ServiceUnavailable, UnknownRun
-from eztinker_tasks.store import FutureRecord, RunRecord, WorkerRecord, body_hash
+from eztinker_tasks.store import FutureRecord, QueuedMessage, RunRecord, WorkerRecord, body_hash
 from eztinker_web.services import services
+from eztinker_web.targets import RunTarget
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,22 @@ def live_run(run_id: str) -> RunRecord:
     if record is None or record.status == "deleted":
         raise UnknownRun(f"unknown run {run_id!r}", errors={"run_id": ["not found"]})
     return record
+
+
+def run_target(run_id: str) -> RunTarget:
+    """The run's target, cached per process once its base model is known.
+
+    A cached target says nothing about whether the run still exists: the submit script checks
+    that, in the same round trip that queues the operation.
+    """
+    svc = services()
+    target = svc.run_targets.get(run_id)
+    if target is None:
+        record = live_run(run_id)
+        target = RunTarget(record.run_id, record.base_model, record.worker)
+        if target.base_model:
+            svc.run_targets.put(run_id, target)
+    return target
 
 
 def model_limits(base_model: str) -> tuple[int, int] | None:
@@ -143,27 +162,28 @@ def create_run(
         "optimizer": optimizer,
     }
     future_id = new_id("fut_")
-    store.put_future(
-        FutureRecord(
-            future_id=future_id,
-            op=names.CREATE_RUN,
-            queue=queue,
-            submitted_at=time.time(),
-            run_id=run_id,
-            seq_id=0,
-            worker=worker.name,
-        )
+    future = FutureRecord(
+        future_id=future_id,
+        op=names.CREATE_RUN,
+        queue=queue,
+        submitted_at=time.time(),
+        run_id=run_id,
+        seq_id=0,
+        worker=worker.name,
     )
-    _send(names.CREATE_RUN, kwargs, future_id, queue)
+    _queue(future, _message(names.CREATE_RUN, kwargs, future_id, queue))
     return record, Submitted(future_id, 0, run_id)
 
 
 def submit_run_op(
-    record: RunRecord, op: str, params: Mapping[str, Any], seq_id: int | None
+    target: RunTarget, op: str, params: Mapping[str, Any], seq_id: int | None
 ) -> Submitted:
-    """Send ``op`` with ``params`` to the run's queue under a (possibly client-given) seq_id."""
-    store = services().store
-    run_id = record.run_id
+    """Queue ``op`` with ``params`` on the run's queue under a (possibly client-given) seq_id.
+
+    One round trip: the store's submit script checks the run, claims the seq_id, records the
+    future and queues the message, or does none of it.
+    """
+    run_id = target.run_id
     queue = names.run_queue(run_id)
     future = FutureRecord(
         future_id=new_id("fut_"),
@@ -172,46 +192,50 @@ def submit_run_op(
         submitted_at=time.time(),
         run_id=run_id,
         seq_id=seq_id,
-        worker=record.worker,
+        worker=target.worker,
     )
-    claim = store.submit_op(run_id, seq_id, body_hash({"op": op, **params}), future)
+    message = _message(op, {"run_id": run_id, **params}, future.future_id, queue, with_seq=True)
+    try:
+        claim = services().store.submit_op(
+            run_id, seq_id, body_hash({"op": op, **params}), future, message
+        )
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(f"could not queue the operation: {exc}") from None
+    except UnknownRun:
+        services().run_targets.drop(run_id)
+        raise
     if not claim.created:
         return Submitted(claim.future_id, claim.seq_id, run_id)
-    _send(op, {"run_id": run_id, "seq_id": claim.seq_id, **params}, future.future_id, queue)
     return Submitted(future.future_id, claim.seq_id, run_id)
 
 
 def submit_shared(op: str, params: Mapping[str, Any], run: RunRecord | None = None) -> Submitted:
-    """Send a read-only operation: to the run's queue when it uses live run weights."""
+    """Queue a read-only operation: on the run's queue when it uses live run weights."""
     store = services().store
     future_id = new_id("fut_")
     queue = names.run_queue(run.run_id) if run else names.SAMPLE_QUEUE
     if run is None and not store.live_workers():
         raise ServiceUnavailable("no live worker: start one with `eztinker worker`")
-    store.put_future(
-        FutureRecord(
-            future_id=future_id,
-            op=op,
-            queue=queue,
-            submitted_at=time.time(),
-            run_id=run.run_id if run else None,
-            worker=run.worker if run else None,
-        )
+    future = FutureRecord(
+        future_id=future_id,
+        op=op,
+        queue=queue,
+        submitted_at=time.time(),
+        run_id=run.run_id if run else None,
+        worker=run.worker if run else None,
     )
-    _send(op, dict(params), future_id, queue)
+    _queue(future, _message(op, params, future_id, queue))
     return Submitted(future_id, None, run.run_id if run else None)
 
 
-def _send(op: str, kwargs: Mapping[str, Any], future_id: str, queue: str) -> None:
+def _message(
+    op: str, kwargs: Mapping[str, Any], future_id: str, queue: str, *, with_seq: bool = False
+) -> QueuedMessage:
+    return messages.task_message(services().celery, op, future_id, kwargs, queue, with_seq=with_seq)
+
+
+def _queue(future: FutureRecord, message: QueuedMessage) -> None:
     try:
-        # argsrepr/kwargsrepr: Celery would otherwise repr the (possibly large) batch per send.
-        services().celery.send_task(
-            op,
-            kwargs=dict(kwargs),
-            task_id=future_id,
-            queue=queue,
-            argsrepr="()",
-            kwargsrepr=f"{{run_id: {kwargs.get('run_id')!r}, seq_id: {kwargs.get('seq_id')!r}}}",
-        )
-    except Exception as exc:
+        services().store.queue_op(future, message)
+    except redis.RedisError as exc:
         raise ServiceUnavailable(f"could not queue the operation: {exc}") from None

@@ -17,7 +17,7 @@ from flask import Flask, jsonify, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 
-from eztinker_tasks.errors import EZTinkerError
+from eztinker_tasks.errors import EZTinkerError, UnsupportedMediaType
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,23 @@ class EZTinkerApi(Api):
         body = envelope(status, _CODES.get(status, "error"), str(message), errors)
         headers = data.get("headers") or {}
         return jsonify(body), status, headers
+
+
+def require_json_bodies(app: Flask) -> None:
+    """Refuse a request body that is not sent as JSON, instead of silently ignoring it."""
+
+    @app.before_request
+    def check_body_type():
+        if request.method not in ("POST", "PUT", "PATCH") or not request.content_length:
+            return None
+        if request.is_json:
+            return None
+        sent = request.mimetype or "no Content-Type"
+        raise UnsupportedMediaType(
+            f"the request body must be JSON sent with Content-Type: application/json "
+            f"(got {sent}); with curl, add -H 'Content-Type: application/json'",
+            errors={"Content-Type": [f"expected application/json, got {sent}"]},
+        )
 
 
 def register_error_handlers(app: Flask) -> None:

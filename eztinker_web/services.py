@@ -21,12 +21,14 @@ from eztinker_tasks.errors import ServiceUnavailable
 from eztinker_tasks.store import Store
 from eztinker_tasks.tokenization import TokenizerCache
 from eztinker_web.futures.watcher import ResultWatcher
+from eztinker_web.targets import TargetCache
 
 
 @dataclass
 class Services:
     settings: Settings
     tokenizers: TokenizerCache
+    run_targets: TargetCache = field(default_factory=TargetCache)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _celery: Celery | None = None
     _store: Store | None = None

@@ -11,6 +11,7 @@ from flask import Response, send_file
 from flask_smorest import Blueprint
 
 from eztinker_tasks import checkpoint_paths
+from eztinker_tasks.errors import UnknownRun
 from eztinker_web.checkpoints.listing import delete_checkpoint, get_checkpoint, list_checkpoints
 from eztinker_web.checkpoints.schemas import CheckpointListSchema, CheckpointSchema
 from eztinker_web.services import services
@@ -28,9 +29,13 @@ def all_checkpoints():
 @blp.route("/runs/<run_id>/checkpoints", methods=["GET"])
 @blp.response(200, CheckpointListSchema)
 def run_checkpoints(run_id: str):
-    """The checkpoints of one run."""
+    """The checkpoints of one run (a deleted run's too); 404 for a run never created."""
     checkpoint_paths.validate_name(run_id, "run_id")
-    return {"checkpoints": [c.to_dict() for c in list_checkpoints(services().settings, run_id)]}
+    svc = services()
+    found = list_checkpoints(svc.settings, run_id)
+    if not found and svc.store.get_run(run_id) is None:
+        raise UnknownRun(f"unknown run {run_id!r}", errors={"run_id": ["not found"]})
+    return {"checkpoints": [c.to_dict() for c in found]}
 
 
 @blp.route("/runs/<run_id>/checkpoints/<name>", methods=["GET"])

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from marshmallow import Schema, fields, validate
+
+MAX_WAIT_S = 30.0
+
+
+class WaitSeconds(fields.Float):
+    """A long-poll time in seconds: negative is an error, more than 30 means 30."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(
+            load_default=0.0,
+            allow_nan=False,
+            validate=validate.Range(min=0.0),
+            metadata={"description": f"{description} (at most {MAX_WAIT_S:.0f}; more is capped)"},
+        )
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> float:
+        return min(float(super()._deserialize(value, attr, data, **kwargs)), MAX_WAIT_S)
 
 
 class WaitSchema(Schema):
-    wait = fields.Float(
-        load_default=0.0,
-        validate=validate.Range(min=0.0, max=30.0),
-        metadata={"description": "Long-poll up to this many seconds (at most 30)"},
-    )
+    wait = WaitSeconds("Long-poll up to this many seconds")
 
 
 class FutureErrorSchema(Schema):
@@ -39,11 +54,7 @@ class BatchRequestSchema(Schema):
         validate=validate.Length(min=1, max=1000),
         metadata={"description": "Up to 1,000 future ids"},
     )
-    wait = fields.Float(
-        load_default=0.0,
-        validate=validate.Range(min=0.0, max=30.0),
-        metadata={"description": "Long-poll up to this many seconds until all are done"},
-    )
+    wait = WaitSeconds("Long-poll up to this many seconds until all are done")
 
 
 class BatchSchema(Schema):

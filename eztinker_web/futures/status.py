@@ -54,14 +54,35 @@ def _stalled(svc: Services, future_id: str) -> dict[str, Any] | None:
 
 
 def _stall_reason(svc: Services, record: FutureRecord) -> dict[str, Any] | None:
+    """Why an unfinished operation can no longer finish, if it cannot.
+
+    - it has run for longer than the operation timeout;
+    - the worker that started it is gone, or restarted since (the operation died with it);
+    - it has not started and the worker holding its run (or every worker) is gone.
+    """
     started = svc.store.started(record.future_id)
     now = time.time()
-    if started and now - float(started["at"]) > svc.settings.op_timeout_s + 60:
-        return _error(
-            "timeout",
-            f"operation {record.op} has run for over {svc.settings.op_timeout_s:.0f} s "
-            f"on worker {started.get('worker')}; it was abandoned",
-        )
+    if started:
+        worker_name = str(started.get("worker"))
+        if now - float(started["at"]) > svc.settings.op_timeout_s + 60:
+            return _error(
+                "timeout",
+                f"operation {record.op} has run for over {svc.settings.op_timeout_s:.0f} s "
+                f"on worker {worker_name}; it was abandoned",
+            )
+        worker = svc.store.worker(worker_name)
+        if worker is None:
+            return _error(
+                "worker_gone",
+                f"worker {worker_name} died while running this operation (no heartbeat for "
+                f"{svc.settings.worker_ttl_s:.0f} s)",
+            )
+        if worker.started_at > float(started["at"]):
+            return _error(
+                "worker_gone",
+                f"worker {worker_name} restarted while running this operation; it was lost",
+            )
+        return None
     if record.worker:
         if svc.store.worker(record.worker) is None:
             return _error(

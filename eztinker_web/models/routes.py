@@ -44,7 +44,7 @@ def list_models():
 
 
 @blp.route("/tokenize", methods=["POST"])
-@blp.arguments(TokenizeSchema)
+@blp.arguments(TokenizeSchema())
 @blp.response(200, TokensSchema)
 def tokenize(args: dict[str, Any]):
     """Text to token ids with the model's tokenizer."""
@@ -54,7 +54,7 @@ def tokenize(args: dict[str, Any]):
 
 
 @blp.route("/detokenize", methods=["POST"])
-@blp.arguments(DetokenizeSchema)
+@blp.arguments(DetokenizeSchema())
 @blp.response(200, TextSchema)
 def detokenize(args: dict[str, Any]):
     """Token ids to text."""

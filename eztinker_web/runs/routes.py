@@ -36,7 +36,7 @@ blp = Blueprint("runs", __name__, url_prefix="/v1/runs", description="Training r
 
 
 @blp.route("", methods=["POST"])
-@blp.arguments(CreateRunSchema)
+@blp.arguments(CreateRunSchema())
 @blp.response(201, RunSchema)
 def create_run(req: CreateRunRequest):
     """Create a LoRA training run on a base model (or from a saved state)."""
@@ -77,12 +77,13 @@ def delete_run(run_id: str):
     record = dispatch.live_run(run_id)
     submitted = dispatch.submit_shared(names.DELETE_RUN, {"run_id": run_id}, record)
     services().store.update_run(run_id, status="deleted")
+    services().run_targets.drop(run_id)
     return submitted.to_dict()
 
 
 def _check_forward(run_id: str, req: ForwardRequest):
     settings = services().settings
-    record = dispatch.live_run(run_id)
+    target = dispatch.run_target(run_id)
     if len(req.data) > settings.max_datums:
         raise InvalidRequest(
             f"{len(req.data)} datums is over the limit of {settings.max_datums}",
@@ -96,10 +97,10 @@ def _check_forward(run_id: str, req: ForwardRequest):
         except InvalidRequest as exc:
             exc.message = f"data[{i}]: {exc.message}"
             raise
-    if record.base_model:
-        dispatch.check_tokens(record.base_model, [d.tokens for d in req.data], "data")
+    if target.base_model:
+        dispatch.check_tokens(target.base_model, [d.tokens for d in req.data], "data")
         dispatch.check_tokens(
-            record.base_model,
+            target.base_model,
             [[int(t) for t in d.loss_fn_inputs["target_tokens"]] for d in req.data],
             "target_tokens",
         )
@@ -108,54 +109,54 @@ def _check_forward(run_id: str, req: ForwardRequest):
         "loss_fn": req.loss_fn,
         "loss_fn_config": config,
     }
-    return record, params
+    return target, params
 
 
 @blp.route("/<run_id>/forward_backward", methods=["POST"])
-@blp.arguments(ForwardBackwardSchema)
+@blp.arguments(ForwardBackwardSchema())
 @blp.response(202, SubmittedSchema)
 def forward_backward(req: ForwardRequest, run_id: str):
     """Forward + backward on a batch; gradients accumulate until optim_step."""
-    record, params = _check_forward(run_id, req)
-    return dispatch.submit_run_op(record, names.FORWARD_BACKWARD, params, req.seq_id).to_dict()
+    target, params = _check_forward(run_id, req)
+    return dispatch.submit_run_op(target, names.FORWARD_BACKWARD, params, req.seq_id).to_dict()
 
 
 @blp.route("/<run_id>/forward", methods=["POST"])
-@blp.arguments(ForwardBackwardSchema)
+@blp.arguments(ForwardBackwardSchema())
 @blp.response(202, SubmittedSchema)
 def forward(req: ForwardRequest, run_id: str):
     """The same outputs as forward_backward, with no gradient and no state change."""
-    record, params = _check_forward(run_id, req)
-    return dispatch.submit_run_op(record, names.FORWARD, params, req.seq_id).to_dict()
+    target, params = _check_forward(run_id, req)
+    return dispatch.submit_run_op(target, names.FORWARD, params, req.seq_id).to_dict()
 
 
 @blp.route("/<run_id>/optim_step", methods=["POST"])
-@blp.arguments(OptimStepSchema)
+@blp.arguments(OptimStepSchema())
 @blp.response(202, SubmittedSchema)
 def optim_step(req: OptimStepRequest, run_id: str):
     """One AdamW step on the accumulated gradients, which are then zeroed."""
-    record = dispatch.live_run(run_id)
+    target = dispatch.run_target(run_id)
     params = {"adam": req.adam.to_dict()}
-    return dispatch.submit_run_op(record, names.OPTIM_STEP, params, req.seq_id).to_dict()
+    return dispatch.submit_run_op(target, names.OPTIM_STEP, params, req.seq_id).to_dict()
 
 
 @blp.route("/<run_id>/save", methods=["POST"])
-@blp.arguments(SaveSchema)
+@blp.arguments(SaveSchema())
 @blp.response(202, SubmittedSchema)
 def save(req: SaveRequest, run_id: str):
     """Save a checkpoint: `state` (adapter + optimizer, to resume) or `sampler` (PEFT)."""
-    record = dispatch.live_run(run_id)
+    target = dispatch.run_target(run_id)
     checkpoint_paths.validate_name(req.name)
     params = {"name": req.name, "kind": req.kind}
-    return dispatch.submit_run_op(record, names.SAVE, params, req.seq_id).to_dict()
+    return dispatch.submit_run_op(target, names.SAVE, params, req.seq_id).to_dict()
 
 
 @blp.route("/<run_id>/load", methods=["POST"])
-@blp.arguments(LoadSchema)
+@blp.arguments(LoadSchema())
 @blp.response(202, SubmittedSchema)
 def load(req: LoadRequest, run_id: str):
     """Load a saved state into this run (with or without its optimizer state)."""
-    record = dispatch.live_run(run_id)
+    target = dispatch.run_target(run_id)
     get_checkpoint(services().settings, req.path)  # 404 now rather than a failed future
     params = {"path": req.path, "optimizer": req.optimizer}
-    return dispatch.submit_run_op(record, names.LOAD, params, req.seq_id).to_dict()
+    return dispatch.submit_run_op(target, names.LOAD, params, req.seq_id).to_dict()

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from flask_smorest import Blueprint
 
-from eztinker_tasks import checkpoint_paths, names
+from eztinker_tasks import names
 from eztinker_tasks.errors import InvalidRequest
 from eztinker_tasks.store import RunRecord
 from eztinker_tasks.types import SampleSource
 from eztinker_web import dispatch
+from eztinker_web.checkpoints.listing import get_checkpoint
 from eztinker_web.runs.schemas import SubmittedSchema
 from eztinker_web.sampling.schemas import (
     ComputeLogprobsSchema,
@@ -31,14 +32,16 @@ def _resolve(source: SampleSource) -> tuple[SampleSource, RunRecord | None, str 
         run = dispatch.live_run(source.run_id)
         return source, run, run.base_model or None
     if source.checkpoint:
-        checkpoint_paths.parse_path(source.checkpoint)
-        return source, None, None
+        # 404 now rather than a failed future; its base model checks the prompt's tokens.
+        info = get_checkpoint(services().settings, source.checkpoint)
+        return source, None, info.base_model or None
     base = source.base_model or services().settings.default_model
+    dispatch.check_model_name(base)
     return SampleSource(base_model=base), None, base
 
 
 @blp.route("/sample", methods=["POST"])
-@blp.arguments(SampleSchema)
+@blp.arguments(SampleSchema())
 @blp.response(202, SubmittedSchema)
 def sample(req: SampleRequest):
     """Sample `num_samples` continuations of a prompt (text or tokens)."""
@@ -68,7 +71,7 @@ def sample(req: SampleRequest):
 
 
 @blp.route("/compute_logprobs", methods=["POST"])
-@blp.arguments(ComputeLogprobsSchema)
+@blp.arguments(ComputeLogprobsSchema())
 @blp.response(202, SubmittedSchema)
 def compute_logprobs(req: LogprobsRequest):
     """One logprob per token of `tokens` (None at position 0)."""

@@ -70,6 +70,8 @@ def test_api_keys_guard_v1_but_not_health(service: Service, tmp_path: Path) -> N
         ({"EZTINKER_DEVICE": "tpu"}, "EZTINKER_DEVICE"),
         ({"EZTINKER_OP_TIMEOUT_S": "-1"}, "EZTINKER_OP_TIMEOUT_S"),
         ({"EZTINKER_BASE_URL": "localhost"}, "EZTINKER_BASE_URL"),
+        ({"EZTINKER_DEFAULT_MODEL": "../../bad model"}, "EZTINKER_DEFAULT_MODEL"),
+        ({"EZTINKER_HOST": "bad host!"}, "EZTINKER_HOST"),
     ],
 )
 def test_invalid_settings_name_the_variable(env: dict[str, str], name: str) -> None:
@@ -85,6 +87,11 @@ def test_settings_defaults_match_the_seed() -> None:
     assert (s.host, s.port) == ("localhost", 8000)
     assert s.default_model == "tiny-gpt2"
     assert Settings.from_env({"CHECKPOINTS_DIR": "/x"}).checkpoints_dir == Path("/x")
+    assert Settings.from_env({"EZTINKER_DEFAULT_MODEL": "Qwen/Qwen2.5-0.5B"}).default_model == (
+        "Qwen/Qwen2.5-0.5B"
+    )
+    for host in ("0.0.0.0", "::", "[::1]", "my-host.local"):
+        assert Settings.from_env({"EZTINKER_HOST": host}).host == host
 
 
 def test_checkpoint_archive_sampler_checkpoint_and_delete(

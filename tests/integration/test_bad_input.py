@@ -123,6 +123,68 @@ def test_unknown_things_are_404(http: httpx.Client) -> None:
     _assert_envelope(http.get("/v1/futures/fut_never_issued"), 404, "fut_never_issued")
     _assert_envelope(http.get("/v1/runs/r/checkpoints/none"), 404, "checkpoint")
     _assert_envelope(http.post("/v1/sample", json={"prompt": "x", "run_id": "run_nope"}), 404)
+    # An unknown checkpoint is a 404 at once, not a future that fails later.
+    _assert_envelope(
+        http.post("/v1/sample", json={"prompt": "x", "checkpoint": "run_nope/ckpt"}),
+        404,
+        "run_nope/ckpt",
+    )
+    _assert_envelope(
+        http.post("/v1/compute_logprobs", json={"tokens": [1, 2], "checkpoint": "run_nope/c"}),
+        404,
+    )
+    # A run that never existed has no checkpoint list.
+    _assert_envelope(http.get("/v1/runs/run_nope/checkpoints"), 404, "run_nope")
+
+
+def test_a_deleted_run_still_lists_its_checkpoints(http: httpx.Client) -> None:
+    created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 4})
+    result_of(http, created)
+    run = created.json()["run_id"]
+    result_of(http, http.post(f"/v1/runs/{run}/save", json={"name": "kept"}))
+    result_of(http, http.delete(f"/v1/runs/{run}"))
+    listed = http.get(f"/v1/runs/{run}/checkpoints")
+    assert listed.status_code == 200
+    assert [c["name"] for c in listed.json()["checkpoints"]] == ["kept"]
+    # ...and operations on it are refused by the submit itself (the run is gone).
+    _assert_envelope(
+        http.post(f"/v1/runs/{run}/forward_backward", json={"data": [_datum(TOKENS)]}), 404, run
+    )
+
+
+def test_unknown_sampling_model_is_refused(http: httpx.Client) -> None:
+    _assert_envelope(
+        http.post("/v1/sample", json={"prompt": "x", "base_model": "no such model!"}),
+        400,
+        "base_model",
+    )
+
+
+def test_body_that_is_not_json_is_refused_not_ignored(http: httpx.Client, run_id: str) -> None:
+    # curl -d '...' without -H 'Content-Type: application/json' sends a form content type: the
+    # body must not be silently dropped (which would create a run with default settings).
+    before = len(http.get("/v1/runs").json()["runs"])
+    r = http.post(
+        "/v1/runs",
+        content=b'{"base_model": "tiny-llama"}',
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    _assert_envelope(r, 415, "content-type: application/json")
+    r = http.post(f"/v1/runs/{run_id}/optim_step", content=b'{"learning_rate": 0.1}')
+    _assert_envelope(r, 415, "application/json")
+    assert len(http.get("/v1/runs").json()["runs"]) == before
+
+
+def test_long_poll_over_30_s_is_capped_not_refused(http: httpx.Client, run_id: str) -> None:
+    fb = http.post(f"/v1/runs/{run_id}/forward", json={"data": [_datum(TOKENS)]})
+    result_of(http, fb)
+    r = http.get(f"/v1/futures/{fb.json()['future_id']}", params={"wait": 600})
+    assert r.status_code == 200 and r.json()["status"] == "succeeded"
+    r = http.post("/v1/futures/batch", json={"future_ids": [fb.json()["future_id"]], "wait": 99})
+    assert r.status_code == 200
+    _assert_envelope(
+        http.get(f"/v1/futures/{fb.json()['future_id']}", params={"wait": -1}), 422, "wait"
+    )
 
 
 def test_sampling_limits(http: httpx.Client) -> None:

@@ -156,3 +156,43 @@ def test_future_of_dead_worker_fails_clearly_and_restart_rebinds(two_workers: Se
         fb = http.post(f"/v1/runs/{run_id}/forward_backward", json=FB)
         assert result_of(http, fb)["metrics"]["loss:sum"] > 0
         assert http.get(f"/v1/runs/{run_id}").json()["status"] == "ready"
+
+
+def _running_on(svc: Service, http: httpx.Client, future_id: str, timeout: float = 60) -> str:
+    """Wait until the operation has started; the worker running it."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = http.get(f"/v1/futures/{future_id}").json()
+        assert body["status"] in ("pending", "running"), body
+        if body["status"] == "running":
+            return _executed_on(svc, future_id)
+        time.sleep(0.02)
+    raise AssertionError(f"{future_id} never started")
+
+
+def test_operation_in_flight_fails_when_its_worker_dies_or_restarts(two_workers: Service) -> None:
+    # A long base-model sample runs on whichever worker took it from the shared queue: when
+    # that worker dies, the future fails (the other worker is alive, so "any worker alive"
+    # is not enough); when it restarts under the same name, the operation is lost too.
+    long_sample = {"prompt": "a", "num_samples": 16, "max_tokens": 900, "temperature": 1.0}
+    with two_workers.http as http:
+        for restart in (False, True):
+            fut = http.post("/v1/sample", json=long_sample).json()["future_id"]
+            worker = _running_on(two_workers, http, fut)
+            name = worker.split("@")[0]
+            proc = two_workers.processes["worker-" + name]
+            proc.kill()
+            proc.wait()
+            if restart:
+                restarted = two_workers.start_worker(name)
+                two_workers.wait_workers(2, pids={restarted.pid})
+            body = wait_future(http, fut, timeout=60)
+            assert body["status"] == "failed", body
+            assert body["error"]["code"] == "worker_gone"
+            assert worker in body["error"]["message"]
+            assert ("restarted" if restart else "died") in body["error"]["message"]
+            if not restart:
+                restarted = two_workers.start_worker(name)
+                two_workers.wait_workers(2, pids={restarted.pid})

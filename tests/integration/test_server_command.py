@@ -112,3 +112,41 @@ def test_invalid_setting_fails_at_start_naming_the_variable(tmp_path: Path) -> N
     assert out.returncode != 0
     assert "EZTINKER_PORT" in out.stdout + out.stderr
     assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_procfile_broker_idles_when_a_redis_is_configured(tmp_path: Path) -> None:
+    # honcho stops every process when one exits: with EZTINKER_REDIS_URL set, the Procfile's
+    # `broker` line must not exit (nor start a private broker), and must stop on SIGTERM.
+    env = {
+        **os.environ,
+        "EZTINKER_REDIS_URL": "redis://127.0.0.1:1/0",
+        "EZTINKER_DATA_DIR": str(tmp_path / "data"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eztinker", "broker"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(3)
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert not (tmp_path / "data" / "broker").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "EZTINKER_REDIS_URL is set" in out
+
+
+def test_workers_go_to_the_visible_gpus(monkeypatch) -> None:
+    from eztinker.server import gpu_ids
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert gpu_ids() == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert gpu_ids() == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_ids() == []
