@@ -14,7 +14,6 @@ import json
 import tempfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from tokenizers import Tokenizer as _RustTokenizer
 
@@ -114,9 +113,10 @@ def download_tokenizer_files(transport: Transport, model: str, directory: Path) 
     """Write the model's tokenizer files into ``directory``; ``tokenizer.json`` is required."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in FILES:
-        path = f"/v1/models/{quote(model, safe='/')}/tokenizer/{name}"
         try:
-            with transport.stream("GET", path) as response:
+            with transport.stream(
+                "GET", f"/v1/tokenizer/{name}", params={"base_model": model}
+            ) as response:
                 (directory / name).write_bytes(response.read())
         except NotFoundError:
             if name == "tokenizer.json":

@@ -124,10 +124,17 @@ class Transport:
 
     @contextmanager
     def stream(
-        self, method: str, path: str, *, timeout: float | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
     ) -> Generator[Response]:
         """A successful streamed response (for downloads); errors are raised as usual."""
-        with self._send(method, path, idempotent=True, timeout=timeout, stream=True) as response:
+        with self._send(
+            method, path, params=params, idempotent=True, timeout=timeout, stream=True
+        ) as response:
             yield response
 
     @contextmanager
@@ -162,7 +169,7 @@ class Transport:
                     attempt += 1
                     continue
                 raise self._connection_error(exc, method, path) from None
-            if response.status_code < 400 or response.status_code in accept:
+            if response.status_code < 300 or response.status_code in accept:
                 try:
                     yield response
                 finally:
@@ -204,8 +211,16 @@ class Transport:
 
     @staticmethod
     def _http_error(response: Response) -> EZTinkerAPIError:
+        if 300 <= response.status_code < 400:
+            where = response.headers.get("Location") or "elsewhere"
+            message = (
+                f"the server answered with a redirect (HTTP {response.status_code}) to {where}; "
+                "is the base URL the EZTinker API's own address?"
+            )
+            body: Any = {"code": "redirect", "category": "user", "message": message}
+            return from_envelope(body, response.status_code)
         try:
-            body: Any = response.json()
+            body = response.json()
         except ValueError:
             body = response.text.strip()[:500] or response.reason_phrase
         return from_envelope(body, response.status_code)

@@ -13,6 +13,7 @@ from eztinker_tasks.errors import InvalidRequest, NotFound
 from eztinker_web.models.schemas import (
     DetokenizeSchema,
     ModelListSchema,
+    ModelQuerySchema,
     TextSchema,
     TokenizeSchema,
     TokensSchema,
@@ -74,6 +75,18 @@ def detokenize(args: dict[str, Any]):
 @blp.response(200, content_type="application/json")
 def tokenizer_file(name: str, filename: str):
     """The model's tokenizer files, so clients can build the same tokenizer offline."""
+    return _tokenizer_file(name, filename)
+
+
+@blp.route("/tokenizer/<filename>", methods=["GET"])
+@blp.arguments(ModelQuerySchema(), location="query")
+@blp.response(200, content_type="application/json")
+def tokenizer_file_of(args: dict[str, Any], filename: str):
+    """The same, with the model named in the query (any name, local paths included)."""
+    return _tokenizer_file(args["base_model"], filename)
+
+
+def _tokenizer_file(name: str, filename: str):
     if filename not in catalog.TOKENIZER_FILES:
         raise NotFound(f"no tokenizer file {filename!r}; one of {list(catalog.TOKENIZER_FILES)}")
     svc = services()

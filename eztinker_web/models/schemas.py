@@ -40,3 +40,11 @@ class DetokenizeSchema(Schema):
 class TextSchema(Schema):
     text = fields.String()
     base_model = fields.String()
+
+
+class ModelQuerySchema(Schema):
+    base_model = fields.String(
+        required=True,
+        validate=validate.Length(min=1, max=1024),
+        metadata={"description": "A built-in model, a Hugging Face id or a local directory"},
+    )

@@ -199,3 +199,22 @@ def test_custom_loss_matches_cross_entropy(sdk: eztinker.ServiceClient) -> None:
     assert out.metrics["tokens"] == len(datum.model_input.to_ints())
     tc.optim_step(types.AdamParams(learning_rate=2e-2)).result()
     assert tc.forward([datum]).result().metrics["loss:sum"] < reference
+
+
+def test_a_local_model_directory_trains_and_serves_its_tokenizer(
+    sdk: eztinker.ServiceClient, service, tmp_path
+) -> None:
+    # A model named by its absolute path (what a user without hub access does): its tokenizer
+    # files are fetched with the name in the query (a path segment cannot start with "/").
+    import shutil
+
+    from eztinker_tasks import catalog
+
+    local = tmp_path / "my-model"
+    shutil.copytree(catalog.model_dir("tiny-llama", service.data_dir), local)
+    training = sdk.create_lora_training_client(str(local), rank=4, seed=0)
+    tok = training.get_tokenizer()
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    assert ids == sdk.tokenize(TEXT, str(local)) and tok.decode(ids) == TEXT
+    fb = training.forward_backward([sentence_datum(ids)], "cross_entropy").result()
+    assert fb.metrics["loss:sum"] > 0

@@ -14,6 +14,7 @@ from eztinker.errors import (
     APIConnectionError,
     AuthenticationError,
     BadRequestError,
+    EZTinkerAPIError,
     InternalServerError,
     NotFoundError,
     ServiceUnavailableError,
@@ -98,6 +99,14 @@ def test_non_json_error_bodies_still_give_a_message(stub: StubServer) -> None:
     stub.on("GET", "/health", Reply(400, raw=b"Bad gateway thing", content_type="text/plain"))
     with pytest.raises(BadRequestError, match="Bad gateway thing"):
         transport(stub).request("GET", "/health")
+
+
+def test_a_redirect_is_an_error_not_a_result(stub: StubServer) -> None:
+    # The SDK follows no redirects: a proxy or a wrong base URL must not pass its redirect
+    # page off as the API's answer.
+    stub.on("GET", "/v1/runs", Reply(308, raw=b"", headers={"Location": "https://elsewhere/"}))
+    with pytest.raises(EZTinkerAPIError, match=r"redirect .*https://elsewhere/"):
+        transport(stub).request("GET", "/v1/runs")
 
 
 def test_unreachable_server_raises_a_connection_error() -> None:
