@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from eztinker_tasks import catalog
+from eztinker_tasks.engine import hub
 from eztinker_tasks.engine.adapters import Targets, discover_targets, tensor_bytes
 from eztinker_tasks.engine.tiny import ensure_tiny_model
 from eztinker_tasks.errors import UnknownModel
@@ -139,6 +140,7 @@ class ModelRegistry:
             return name
         if Path(name).is_absolute() or name.startswith("."):
             raise UnknownModel(f"model directory {name!r} does not exist")
+        hub.ensure_fetchable(name)  # fail now, not after the hub client's retries
         return name  # a hub id
 
     @staticmethod
