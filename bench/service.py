@@ -11,8 +11,8 @@ worker) in a temporary data dir, then measures on tiny-gpt2:
    threads (which then collect the results 100 at a time from ``/v1/futures/batch``), and
    through one SDK ``TrainingClient`` (one long-poll per future).
 
-Each latency is measured in rounds that alternate between the two remote paths, so that slow
-phases of a shared machine hit both alike.
+The three latencies are measured interleaved, in rounds of 20 calls each, so that slow phases
+of a shared machine hit the engine alone and the service alike.
 
     uv run python bench/service.py [--ops 1000] [--latency-samples 200]
 """
@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,20 +45,15 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def in_process(samples: int, data_dir: Path, device: str) -> list[float]:
+def in_process_op(data_dir: Path, device: str) -> Callable[[], object]:
+    """The same op called on an engine in this process (builds the tiny model first)."""
     from eztinker_tasks.engine import Engine, EngineConfig
     from eztinker_tasks.types import Datum, LoraSpec
 
     engine = Engine(EngineConfig(data_dir=data_dir, checkpoints_dir=data_dir / "c", device=device))
     engine.create_run("bench", "tiny-gpt2", LoraSpec(rank=8, seed=0))
     datum = Datum(tuple(TOKENS[:-1]), {"target_tokens": TOKENS[1:], "weights": [1.0] * 16})
-    times = []
-    for i in range(samples + 10):
-        t0 = time.perf_counter()
-        engine.forward("bench", [datum])
-        if i >= 10:
-            times.append(time.perf_counter() - t0)
-    return times
+    return lambda: engine.forward("bench", [datum])
 
 
 def free_port() -> int:
@@ -81,8 +77,7 @@ def main() -> None:
         "OMP_NUM_THREADS": "1",
     }
     os.environ["OMP_NUM_THREADS"] = "1"
-    # This also builds the tiny model.
-    local = in_process(args.latency_samples, tmp / "data", args.device)
+    local_op = in_process_op(tmp / "data", args.device)
     log = open(tmp / "server.log", "wb")  # noqa: SIM115
     server = subprocess.Popen(
         [sys.executable, "-m", "eztinker", "server", "--no-flower", "--port", str(port),
@@ -122,17 +117,20 @@ def main() -> None:
         def sdk_roundtrip() -> None:
             training.forward([datum]).result()
 
-        def timed(fn) -> float:
+        def timed(fn: Callable[[], object]) -> float:
             t0 = time.perf_counter()
             fn()
             return time.perf_counter() - t0
 
         for _ in range(10):
+            local_op()
             http_roundtrip()
             sdk_roundtrip()
+        local: list[float] = []
         remote: list[float] = []
         sdk: list[float] = []
-        for _ in range(0, args.latency_samples, 20):  # alternate in rounds of 20
+        for _ in range(0, args.latency_samples, 20):  # interleaved in rounds of 20
+            local += [timed(local_op) for _ in range(20)]
             remote += [timed(http_roundtrip) for _ in range(20)]
             sdk += [timed(sdk_roundtrip) for _ in range(20)]
 

@@ -109,6 +109,21 @@ def test_a_redirect_is_an_error_not_a_result(stub: StubServer) -> None:
         transport(stub).request("GET", "/v1/runs")
 
 
+def test_proxy_variables_are_honoured(stub: StubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The stub plays a plain-HTTP forward proxy: it gets the absolute URL and answers.
+    stub.on("GET", "/v1/runs", Reply(200, {"runs": []}))
+    monkeypatch.setenv("HTTP_PROXY", stub.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    far = Transport("http://eztinker.invalid:8000", retry=FAST_RETRY)
+    assert far.request("GET", "/v1/runs") == {"runs": []}
+    assert stub.requests[-1].headers.get("Host") == "eztinker.invalid:8000"
+    # NO_PROXY hosts go direct (and this one does not exist).
+    monkeypatch.setenv("NO_PROXY", "eztinker.invalid")
+    with pytest.raises(APIConnectionError):
+        Transport("http://eztinker.invalid:8000", retry=FAST_RETRY).request("GET", "/v1/runs")
+
+
 def test_unreachable_server_raises_a_connection_error() -> None:
     port = free_port()
     t = Transport(f"http://127.0.0.1:{port}", retry=FAST_RETRY)
