@@ -93,6 +93,17 @@ class Settings:
         "Most tokens the calls merged into one pass may add to it.",
     )
     flower_port: int = _setting("EZTINKER_FLOWER_PORT", 5555, "Port of the Flower UI.")
+    web_workers: int = _setting(
+        "EZTINKER_WEB_WORKERS",
+        0,
+        "gunicorn processes of the web API (0 = auto: half the CPU cores, 2 to 4).",
+    )
+
+    def web_processes(self) -> int:
+        """How many web processes to run: the setting, or half the cores (2 to 4)."""
+        if self.web_workers > 0:
+            return self.web_workers
+        return min(4, max(2, (os.cpu_count() or 2) // 2))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -119,6 +130,13 @@ class Settings:
     def describe(cls) -> list[tuple[str, str, str]]:
         """(variable, default, help) for every setting: for docs and ``--help``."""
         return [(f.metadata["env"], repr(f.default), f.metadata["help"]) for f in fields(cls)]
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be 0 or a positive integer")
+    return value
 
 
 def _positive_int(raw: str) -> int:
@@ -219,4 +237,5 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "coalesce_max_ops": _positive_int,
     "coalesce_max_tokens": _positive_int,
     "flower_port": _port,
+    "web_workers": _non_negative_int,
 }

@@ -54,10 +54,10 @@ class Child:
         print(f"[eztinker] started {self.name} (pid {self.process.pid})", flush=True)
 
 
-def web_argv(host: str, port: int, threads: int = 32) -> list[str]:
+def web_argv(host: str, port: int, workers: int, threads: int = 32) -> list[str]:
     return [
         sys.executable, "-m", "gunicorn",
-        "--worker-class", "gthread", "--workers", "2", "--threads", str(threads),
+        "--worker-class", "gthread", "--workers", str(workers), "--threads", str(threads),
         "--bind", f"{host}:{port}", "--timeout", "120", "--graceful-timeout", "10",
         "--access-logfile", "-", "eztinker_web.wsgi:app",
     ]  # fmt: skip
@@ -114,7 +114,7 @@ def serve(
 
     gpus = gpu_ids()
     n_workers = workers if workers is not None else 1
-    children = [Child("web", web_argv(host, port), env)]
+    children = [Child("web", web_argv(host, port, settings.web_processes()), env)]
     for i in range(n_workers):
         worker_env = dict(env)
         if gpus and device is None:
@@ -233,7 +233,7 @@ def run_worker(name: str, device: str | None, loglevel: str, events: bool = Fals
 
 def run_web(host: str | None, port: int | None) -> None:
     settings = load_settings()
-    argv = web_argv(host or settings.host, port or settings.port)
+    argv = web_argv(host or settings.host, port or settings.port, settings.web_processes())
     os.execv(argv[0], argv)
 
 

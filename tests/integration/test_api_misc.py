@@ -72,6 +72,7 @@ def test_api_keys_guard_v1_but_not_health(service: Service, tmp_path: Path) -> N
         ({"EZTINKER_BASE_URL": "localhost"}, "EZTINKER_BASE_URL"),
         ({"EZTINKER_DEFAULT_MODEL": "../../bad model"}, "EZTINKER_DEFAULT_MODEL"),
         ({"EZTINKER_HOST": "bad host!"}, "EZTINKER_HOST"),
+        ({"EZTINKER_WEB_WORKERS": "-1"}, "EZTINKER_WEB_WORKERS"),
     ],
 )
 def test_invalid_settings_name_the_variable(env: dict[str, str], name: str) -> None:
@@ -90,6 +91,8 @@ def test_settings_defaults_match_the_seed() -> None:
     assert Settings.from_env({"EZTINKER_DEFAULT_MODEL": "Qwen/Qwen2.5-0.5B"}).default_model == (
         "Qwen/Qwen2.5-0.5B"
     )
+    assert 2 <= s.web_processes() <= 4
+    assert Settings.from_env({"EZTINKER_WEB_WORKERS": "3"}).web_processes() == 3
     for host in ("0.0.0.0", "::", "[::1]", "my-host.local"):
         assert Settings.from_env({"EZTINKER_HOST": host}).host == host
 
