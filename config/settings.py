@@ -190,7 +190,6 @@ def _keys(raw: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in raw.split(",") if k.strip())
 
 
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
 _HOST = re.compile(
     r"^(\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*|[A-Za-z0-9][A-Za-z0-9.\-]*)$"
 )
@@ -198,12 +197,15 @@ _HOST = re.compile(
 
 def _model(raw: str) -> str:
     """A built-in model name, a Hugging Face model id or an existing local model directory."""
+    from eztinker_tasks import catalog  # the one rule for names (torch-free, stdlib only)
+
     name = raw.strip()
-    if (_MODEL_ID.match(name) and ".." not in name) or Path(name).is_dir():
+    if catalog.is_hub_id(name) or Path(name).is_dir():  # built-in names are hub-id shaped
         return name
+    builtins = ", ".join(sorted(catalog.BUILTIN_MODELS))
     raise ValueError(
-        "must be a built-in model name (tiny-gpt2, tiny-llama), a Hugging Face model id "
-        "(org/name) or an existing model directory"
+        f"must be a built-in model name ({builtins}), a Hugging Face model id (org/name) or "
+        "an existing model directory"
     )
 
 

@@ -71,10 +71,6 @@ class Response:
         self._release(True)
 
     @property
-    def content(self) -> bytes:
-        return self.read()
-
-    @property
     def text(self) -> str:
         return self.read().decode("utf-8", "replace")
 

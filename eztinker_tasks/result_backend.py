@@ -34,13 +34,10 @@ class ResultBackend(RedisBackend):
         self._lock = threading.Lock()
         self._with_result: dict[str, Writes] = {}
 
-    def write_with_result(self, task_id: str, writes: Writes | None) -> None:
-        """Have ``writes`` go with the task's successful result (None: forget any)."""
+    def write_with_result(self, task_id: str, writes: Writes) -> None:
+        """Have ``writes`` go with the task's successful result (dropped with any other)."""
         with self._lock:
-            if writes is None:
-                self._with_result.pop(task_id, None)
-            else:
-                self._with_result[task_id] = writes
+            self._with_result[task_id] = writes
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         return None

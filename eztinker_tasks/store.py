@@ -290,9 +290,6 @@ class Store:
     def future_key(future_id: str) -> str:
         return f"{P}:future:{future_id}"
 
-    def put_future(self, record: FutureRecord) -> None:
-        self.r.set(self.future_key(record.future_id), json.dumps(asdict(record)), ex=self.ttl_s)
-
     def get_future(self, future_id: str) -> FutureRecord | None:
         raw = self.r.get(self.future_key(future_id))
         return FutureRecord.from_json(raw) if raw else None
@@ -336,16 +333,10 @@ class Store:
         run_id: str,
         seq_id: int | None,
         future_id: str,
-        pipe: redis.client.Pipeline | None = None,
+        pipe: redis.client.Pipeline,
         **stats: Any,
     ) -> None:
-        """Record that ``seq_id`` was applied and the run's new counters.
-
-        Into ``pipe`` when given (the caller executes it), else in a round trip of its own.
-        """
-        own = pipe is None
-        if pipe is None:
-            pipe = self.r.pipeline(transaction=False)
+        """Add to ``pipe`` (the caller executes it): ``seq_id`` was applied; the new counters."""
         if seq_id is not None:
             key = self._applied_key(run_id)
             pipe.hset(key, str(seq_id), future_id)
@@ -354,8 +345,6 @@ class Store:
             pipe.hset(
                 f"{P}:run:{run_id}:stats", mapping={k: json.dumps(v) for k, v in stats.items()}
             )
-        if own:
-            pipe.execute()
 
     def answer_many(
         self, run_id: str, answers: list[tuple[int, str, str, str]], expires_s: int

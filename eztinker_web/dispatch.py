@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from eztinker_tasks import catalog, messages, names
 from eztinker_tasks.errors import InvalidRequest, ServiceUnavailable, UnknownRun
 from eztinker_tasks.store import FutureRecord, QueuedMessage, RunRecord, WorkerRecord, body_hash
@@ -171,7 +169,7 @@ def create_run(
         seq_id=0,
         worker=worker.name,
     )
-    _queue(future, _message(names.CREATE_RUN, kwargs, future_id, queue))
+    store.queue_op(future, _message(names.CREATE_RUN, kwargs, future_id, queue))
     return record, Submitted(future_id, 0, run_id)
 
 
@@ -199,14 +197,10 @@ def submit_run_op(
         claim = services().store.submit_op(
             run_id, seq_id, body_hash({"op": op, **params}), future, message
         )
-    except redis.RedisError as exc:
-        raise ServiceUnavailable(f"could not queue the operation: {exc}") from None
     except UnknownRun:
         services().run_targets.drop(run_id)
         raise
-    if not claim.created:
-        return Submitted(claim.future_id, claim.seq_id, run_id)
-    return Submitted(future.future_id, claim.seq_id, run_id)
+    return Submitted(claim.future_id, claim.seq_id, run_id)
 
 
 def submit_shared(op: str, params: Mapping[str, Any], run: RunRecord | None = None) -> Submitted:
@@ -224,7 +218,7 @@ def submit_shared(op: str, params: Mapping[str, Any], run: RunRecord | None = No
         run_id=run.run_id if run else None,
         worker=run.worker if run else None,
     )
-    _queue(future, _message(op, params, future_id, queue))
+    store.queue_op(future, _message(op, params, future_id, queue))
     return Submitted(future_id, None, run.run_id if run else None)
 
 
@@ -232,10 +226,3 @@ def _message(
     op: str, kwargs: Mapping[str, Any], future_id: str, queue: str, *, with_seq: bool = False
 ) -> QueuedMessage:
     return messages.task_message(services().celery, op, future_id, kwargs, queue, with_seq=with_seq)
-
-
-def _queue(future: FutureRecord, message: QueuedMessage) -> None:
-    try:
-        services().store.queue_op(future, message)
-    except redis.RedisError as exc:
-        raise ServiceUnavailable(f"could not queue the operation: {exc}") from None

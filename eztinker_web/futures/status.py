@@ -50,17 +50,18 @@ def _stalled(svc: Services, future_id: str) -> dict[str, Any] | None:
     record = svc.store.get_future(future_id)
     if record is None:
         return None
-    return _stall_reason(svc, record)
+    return _stall_reason(svc, record, svc.store.started(future_id))
 
 
-def _stall_reason(svc: Services, record: FutureRecord) -> dict[str, Any] | None:
+def _stall_reason(
+    svc: Services, record: FutureRecord, started: dict[str, Any] | None
+) -> dict[str, Any] | None:
     """Why an unfinished operation can no longer finish, if it cannot.
 
     - it has run for longer than the operation timeout;
     - the worker that started it is gone, or restarted since (the operation died with it);
     - it has not started and the worker holding its run (or every worker) is gone.
     """
-    started = svc.store.started(record.future_id)
     now = time.time()
     if started:
         worker_name = str(started.get("worker"))
@@ -148,12 +149,13 @@ def future_status(svc: Services, future_id: str, wait_s: float = 0.0) -> dict[st
         body["status"] = "failed"
         body["error"] = _failure(meta)
     else:
-        stall = _stall_reason(svc, record)
+        started = svc.store.started(future_id)
+        stall = _stall_reason(svc, record, started)
         if stall is not None:
             body["status"] = "failed"
             body["error"] = stall
         else:
-            running = state in ("STARTED", "RETRY") or svc.store.started(future_id) is not None
+            running = state in ("STARTED", "RETRY") or started is not None
             body["status"] = "running" if running else "pending"
     return body
 
