@@ -54,12 +54,14 @@ class Child:
         print(f"[eztinker] started {self.name} (pid {self.process.pid})", flush=True)
 
 
-def web_argv(host: str, port: int, workers: int, threads: int = 32) -> list[str]:
+def web_argv(
+    host: str, port: int, workers: int, threads: int = 32, access_log: bool = False
+) -> list[str]:
     return [
         sys.executable, "-m", "gunicorn",
         "--worker-class", "gthread", "--workers", str(workers), "--threads", str(threads),
         "--bind", f"{host}:{port}", "--timeout", "120", "--graceful-timeout", "10",
-        "--access-logfile", "-", "eztinker_web.wsgi:app",
+        *(["--access-logfile", "-"] if access_log else []), "eztinker_web.wsgi:app",
     ]  # fmt: skip
 
 
@@ -114,7 +116,8 @@ def serve(
 
     gpus = gpu_ids()
     n_workers = workers if workers is not None else 1
-    children = [Child("web", web_argv(host, port, settings.web_processes()), env)]
+    web = web_argv(host, port, settings.web_processes(), access_log=settings.access_log)
+    children = [Child("web", web, env)]
     for i in range(n_workers):
         worker_env = dict(env)
         if gpus and device is None:
@@ -233,7 +236,12 @@ def run_worker(name: str, device: str | None, loglevel: str, events: bool = Fals
 
 def run_web(host: str | None, port: int | None) -> None:
     settings = load_settings()
-    argv = web_argv(host or settings.host, port or settings.port, settings.web_processes())
+    argv = web_argv(
+        host or settings.host,
+        port or settings.port,
+        settings.web_processes(),
+        access_log=settings.access_log,
+    )
     os.execv(argv[0], argv)
 
 

@@ -28,6 +28,7 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
     """Build the Celery app for ``redis_url`` (broker and result backend)."""
     backend = f"eztinker_tasks.result_backend:ResultBackend+{redis_url}"
     app = Celery("eztinker", broker=redis_url, backend=backend, set_as_current=False)
+    app.conf.broker_transport = "eztinker_tasks.transport:Transport"
     visibility = int(settings.op_timeout_s * 2 + 300)
     app.conf.update(
         task_serializer="json",

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import redis
 
 from config import Settings
+from eztinker_tasks.deferred import DeferredReplies
+from eztinker_tasks.prefetch import BeginPrefetch
 from eztinker_tasks.store import Store
 from eztinker_tasks.tokenization import TokenizerCache
 
@@ -30,6 +32,7 @@ class WorkerRuntime:
     engine: Backend  # the interface; Engine (PEFT) is today's implementation
     tokenizers: TokenizerCache
     worker_name: str
+    prefetch: BeginPrefetch
 
 
 _lock = threading.Lock()
@@ -69,12 +72,14 @@ def get_runtime(app: Celery) -> WorkerRuntime:
                     dtype=settings.dtype,
                 )
             )
+            store = Store(client, settings.result_ttl_s)
             _runtime = WorkerRuntime(
                 settings=settings,
-                store=Store(client, settings.result_ttl_s),
+                store=store,
                 engine=engine,
                 tokenizers=TokenizerCache(settings.data_dir),
                 worker_name=_worker_name,
+                prefetch=BeginPrefetch(store, DeferredReplies(client.connection_pool)),
             )
         return _runtime
 

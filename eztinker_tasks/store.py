@@ -299,6 +299,41 @@ class Store:
         return json.loads(raw) if raw else None
 
     # -- idempotent application on the worker ----------------------------------------------
+    def begin_commands(
+        self,
+        future_id: str,
+        worker: str,
+        run_id: str | None,
+        seq_id: int | None,
+        peek: tuple[str, int] | None = None,
+    ) -> list[tuple[Any, ...]]:
+        """The commands of ``begin_op``: its replies go to ``begun``."""
+        started = json.dumps({"at": time.time(), "worker": worker})
+        commands: list[tuple[Any, ...]] = [
+            ("SET", self.future_key(future_id) + ":started", started, "EX", self.ttl_s)
+        ]
+        if run_id is not None and seq_id is not None:
+            commands.append(("HGET", self._applied_key(run_id), str(seq_id)))
+        if peek is not None and peek[1] > 0:
+            commands.append(("LRANGE", peek[0], -peek[1], -1))
+        return commands
+
+    @staticmethod
+    def begun(
+        commands: list[tuple[Any, ...]], replies: list[Any]
+    ) -> tuple[str | None, list[bytes]]:
+        """(the future that already applied the seq_id, the queue's head) from the replies."""
+        prior: str | None = None
+        queued: list[bytes] = []
+        for command, reply in zip(commands, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise reply
+            if command[0] == "HGET" and reply:
+                prior = _text(reply)
+            elif command[0] == "LRANGE":
+                queued = list(reply)
+        return prior, queued
+
     def begin_op(
         self,
         future_id: str,
@@ -312,21 +347,11 @@ class Store:
         Returns the future that already applied ``seq_id`` (None if none did) and, with
         ``peek=(queue, n)``, the oldest ``n`` messages waiting in ``queue`` (oldest last).
         """
+        commands = self.begin_commands(future_id, worker, run_id, seq_id, peek)
         pipe = self.r.pipeline(transaction=False)
-        pipe.set(
-            self.future_key(future_id) + ":started",
-            json.dumps({"at": time.time(), "worker": worker}),
-            ex=self.ttl_s,
-        )
-        check = run_id is not None and seq_id is not None
-        if check:
-            pipe.hget(self._applied_key(run_id), str(seq_id))
-        if peek is not None and peek[1] > 0:
-            pipe.lrange(peek[0], -peek[1], -1)
-        out = pipe.execute()
-        prior = _text(out[1]) if check and out[1] else None
-        queued = list(out[-1]) if peek is not None and peek[1] > 0 else []
-        return prior, queued
+        for command in commands:
+            pipe.execute_command(*command)
+        return self.begun(commands, pipe.execute(raise_on_error=False))
 
     def finish_op(
         self,

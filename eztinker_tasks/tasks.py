@@ -9,12 +9,13 @@ message) is not applied again; its stored result is returned instead.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Task, shared_task
 
+from config import Settings
 from eztinker_tasks import names
 from eztinker_tasks.coalesce import QueuedOp, peek_followers, remove_answered
 from eztinker_tasks.errors import (
@@ -24,6 +25,7 @@ from eztinker_tasks.errors import (
     RunStateLost,
     UnknownRun,
 )
+from eztinker_tasks.prefetch import BeginSpec
 from eztinker_tasks.result_backend import ResultBackend
 from eztinker_tasks.runtime import WorkerRuntime, get_runtime, report_now
 from eztinker_tasks.types import (
@@ -45,6 +47,25 @@ class Begun:
     queued: list[bytes]  # the head of the run's queue, when asked for (oldest last)
 
 
+COALESCED = frozenset({names.FORWARD, names.FORWARD_BACKWARD})
+
+
+def coalesce_peek(settings: Settings, seq_id: int | None) -> int:
+    """How many queued calls a forward(_backward) looks at to run in the same pass."""
+    return settings.coalesce_max_ops - 1 if seq_id is not None else 0
+
+
+def expected_begin(
+    name: str, task_id: str, kwargs: Mapping[str, Any], settings: Settings
+) -> BeginSpec:
+    """The ``BeginSpec`` a task will ask, as its message tells it (for the prefetch)."""
+    run_id, seq_id = kwargs.get("run_id"), kwargs.get("seq_id")
+    if not isinstance(run_id, str) or not isinstance(seq_id, int):
+        return BeginSpec(task_id)
+    peek = coalesce_peek(settings, seq_id) if name in COALESCED else 0
+    return BeginSpec.of(task_id, run_id, seq_id, peek)
+
+
 def _call(
     task: Task,
     op: Callable[[WorkerRuntime, Begun], dict[str, Any]],
@@ -54,8 +75,8 @@ def _call(
 ) -> dict[str, Any]:
     """Run ``op`` with the worker runtime, turning every failure into OperationFailed."""
     rt = get_runtime(task.app)
-    queue = (names.run_queue(run_id), peek) if run_id is not None and peek > 0 else None
-    prior, queued = rt.store.begin_op(str(task.request.id), rt.worker_name, run_id, seq_id, queue)
+    spec = BeginSpec.of(str(task.request.id), run_id, seq_id, peek)
+    prior, queued = rt.prefetch.begin(spec, rt.worker_name)
     try:
         return op(rt, Begun(prior, queued))
     except EZTinkerError as exc:
@@ -207,8 +228,7 @@ def _loss_op(
             log.info("ran %d queued calls of run %s in the same pass", len(followers), run_id)
         return outs[0].to_dict()
 
-    settings = get_runtime(task.app).settings
-    peek = settings.coalesce_max_ops - 1 if seq_id is not None else 0
+    peek = coalesce_peek(get_runtime(task.app).settings, seq_id)
     return _run_op(task, run_id, seq_id, op, peek=peek)
 
 

@@ -35,14 +35,31 @@ def _read_both(svc: Services, future_id: str) -> tuple[FutureRecord | None, dict
     return record, (json.loads(raw_meta) if raw_meta else {"status": "PENDING"})
 
 
-def _wait(svc: Services, future_id: str, wait_s: float) -> dict[str, Any]:
-    return svc.watcher.wait(
+def _read_waiting(
+    svc: Services, future_id: str, wait_s: float
+) -> tuple[FutureRecord | None, dict[str, Any]]:
+    """``_read_both``, then long-poll the result until it is done or ``wait_s`` passes.
+
+    The first read happens once the watcher listens for the result, so it is the only read
+    when the result is published later (the usual case).
+    """
+    records: list[FutureRecord | None] = []
+
+    def read() -> dict[str, Any]:
+        if records:
+            return _read_meta(svc, future_id)
+        record, meta = _read_both(svc, future_id)
+        records.append(record)
+        return meta
+
+    meta = svc.watcher.wait(
         future_id,
-        read=lambda: _read_meta(svc, future_id),
-        done=lambda meta: meta.get("status") in TERMINAL,
+        read=read,
+        done=lambda meta: records[0] is None or meta.get("status") in TERMINAL,
         timeout_s=wait_s,
         stalled=lambda: _stalled(svc, future_id) is not None,
     )
+    return records[0], meta
 
 
 def _stalled(svc: Services, future_id: str) -> dict[str, Any] | None:
@@ -126,11 +143,12 @@ def _failure(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def future_status(svc: Services, future_id: str, wait_s: float = 0.0) -> dict[str, Any]:
-    record, meta = _read_both(svc, future_id)
+    if wait_s > 0:
+        record, meta = _read_waiting(svc, future_id, wait_s)
+    else:
+        record, meta = _read_both(svc, future_id)
     if record is None:
         raise NotFound(f"unknown future {future_id!r}", errors={"future_id": ["not found"]})
-    if wait_s > 0 and meta.get("status") not in TERMINAL:
-        meta = _wait(svc, future_id, wait_s)
     state = meta.get("status", "PENDING")
     body: dict[str, Any] = {
         "future_id": record.future_id,
