@@ -24,6 +24,7 @@ _CODE_STATUS = {
     "checkpoint_not_found": 404,
     "conflict": 409,
     "run_state_lost": 409,
+    "stale_operation": 409,
     "payload_too_large": 413,
     "too_many_requests": 429,
     "internal": 500,

@@ -92,6 +92,18 @@ class ServiceUnavailable(EZTinkerError):
     category = "server"
 
 
+class StaleOperation(EZTinkerError):
+    """An operation that reached its worker after a later one of the same run was applied.
+
+    Only a message the broker redelivers late can do that (its worker died while running it, so
+    it came back after the visibility timeout): it is refused, never applied out of order.
+    """
+
+    code = "stale_operation"
+    status = 409
+    category = "user"
+
+
 class RunStateLost(EZTinkerError):
     """The worker holding the run restarted and the run's in-memory state is gone."""
 
@@ -124,6 +136,7 @@ ERROR_TYPES: dict[str, type[EZTinkerError]] = {
         Conflict,
         PayloadTooLarge,
         ServiceUnavailable,
+        StaleOperation,
         RunStateLost,
         OperationTimeout,
         InternalError,

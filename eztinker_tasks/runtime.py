@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import redis
@@ -33,6 +33,13 @@ class WorkerRuntime:
     tokenizers: TokenizerCache
     worker_name: str
     prefetch: BeginPrefetch
+    # The highest seq_id applied to each run by this process: a run applies its operations in
+    # seq_id order, so an operation below it can only be a late redelivery (see tasks._run_op).
+    applied_seq: dict[str, int] = field(default_factory=dict)
+
+    def applied(self, run_id: str, seq_id: int | None) -> None:
+        if seq_id is not None and seq_id > self.applied_seq.get(run_id, 0):
+            self.applied_seq[run_id] = seq_id
 
 
 _lock = threading.Lock()

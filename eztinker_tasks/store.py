@@ -122,9 +122,12 @@ if seq == '' then
 end
 local existing = redis.call('HGET', KEYS[3], seq)
 if existing then return {'dup', seq, existing} end
+if ARGV[1] ~= '' then
+  local latest = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if tonumber(seq) <= latest then return {'behind', seq, tostring(latest)} end
+  redis.call('SET', KEYS[4], seq)
+end
 redis.call('HSET', KEYS[3], seq, ARGV[2])
-local current = tonumber(redis.call('GET', KEYS[4]) or '0')
-if tonumber(seq) > current then redis.call('SET', KEYS[4], seq) end
 local future = cjson.decode(ARGV[3])
 future['seq_id'] = tonumber(seq)
 redis.call('SET', KEYS[5], cjson.encode(future), 'EX', ARGV[4])
@@ -244,7 +247,8 @@ class Store:
         """Claim ``seq_id`` (or the next one) for ``future`` and queue its message, atomically.
 
         A seq_id claimed before with the same body returns the earlier future
-        (``created=False``, nothing queued); with another body it raises Conflict. A run that
+        (``created=False``, nothing queued); with another body it raises Conflict, and so does
+        a new seq_id that is not above the run's latest (it would run out of order). A run that
         does not exist or was deleted raises UnknownRun.
         """
         value = json.dumps({"future_id": future.future_id, "digest": digest})
@@ -271,6 +275,14 @@ class Store:
         seq = int(reply[1])
         if outcome == "ok":
             return OpClaim(seq, future.future_id, created=True)
+        if outcome == "behind":
+            latest = int(reply[2])
+            raise Conflict(
+                f"seq_id {seq} is not after seq_id {latest}, the latest of run {run_id}: a run "
+                "applies its operations in seq_id order, so a new one needs a higher seq_id "
+                f"(or send none: the server assigns {latest + 1})",
+                errors={"seq_id": [f"must be greater than {latest}"]},
+            )
         prior = json.loads(reply[2])
         if prior["digest"] != digest:
             raise Conflict(

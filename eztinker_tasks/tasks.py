@@ -23,6 +23,7 @@ from eztinker_tasks.errors import (
     InternalError,
     OperationFailed,
     RunStateLost,
+    StaleOperation,
     UnknownRun,
 )
 from eztinker_tasks.prefetch import BeginSpec
@@ -106,6 +107,13 @@ def _run_op(
             if meta.get("status") == "SUCCESS":
                 return meta["result"]
             return {"duplicate": True, "seq_id": seq_id}
+        latest = rt.applied_seq.get(run_id, 0)
+        if seq_id is not None and seq_id < latest:
+            raise StaleOperation(
+                f"operation {seq_id} of run {run_id} arrived after operation {latest} was "
+                "applied (it was redelivered late: its worker died while running it); it was "
+                "not applied, so the run's operations stay in seq_id order"
+            )
         if needs_live_run and not rt.engine.has_run(run_id):
             record = rt.store.get_run(run_id)
             if record is None or record.status == "deleted":
@@ -120,6 +128,7 @@ def _run_op(
                 + hint
             )
         result = op(rt, begun)
+        rt.applied(run_id, seq_id)
         stats: dict[str, Any] = {}
         if rt.engine.has_run(run_id):
             info = rt.engine.run_info(run_id)
@@ -224,6 +233,8 @@ def _loss_op(
         ]
         rt.store.answer_many(run_id, answers, int(rt.settings.result_ttl_s))
         remove_answered(rt.store.r, names.run_queue(run_id), followers)
+        for f in followers:
+            rt.applied(run_id, f.seq_id)
         if followers:
             log.info("ran %d queued calls of run %s in the same pass", len(followers), run_id)
         return outs[0].to_dict()
@@ -370,6 +381,7 @@ def delete_run(self: Task, run_id: str) -> dict[str, Any]:
         held = rt.engine.has_run(run_id)
         if held:
             rt.engine.delete_run(run_id)
+        rt.applied_seq.pop(run_id, None)
         rt.store.update_run(run_id, status="deleted")
         self.app.control.cancel_consumer(
             names.run_queue(run_id), destination=[rt.worker_name], reply=False

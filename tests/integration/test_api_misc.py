@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from config import Settings, SettingsError
+from eztinker.server import web_argv
 from eztinker_web import create_app
 from tests.conftest import Service, free_port, result_of, start_service
 
@@ -73,6 +74,7 @@ def test_api_keys_guard_v1_but_not_health(service: Service, tmp_path: Path) -> N
         ({"EZTINKER_DEFAULT_MODEL": "../../bad model"}, "EZTINKER_DEFAULT_MODEL"),
         ({"EZTINKER_HOST": "bad host!"}, "EZTINKER_HOST"),
         ({"EZTINKER_WEB_WORKERS": "-1"}, "EZTINKER_WEB_WORKERS"),
+        ({"EZTINKER_ACCESS_LOG": "sometimes"}, "EZTINKER_ACCESS_LOG"),
     ],
 )
 def test_invalid_settings_name_the_variable(env: dict[str, str], name: str) -> None:
@@ -95,6 +97,10 @@ def test_settings_defaults_match_the_seed() -> None:
     assert Settings.from_env({"EZTINKER_WEB_WORKERS": "3"}).web_processes() == 3
     for host in ("0.0.0.0", "::", "[::1]", "my-host.local"):
         assert Settings.from_env({"EZTINKER_HOST": host}).host == host
+    assert s.access_log is False
+    assert "--access-logfile" not in web_argv("localhost", 8000, 2)
+    assert Settings.from_env({"EZTINKER_ACCESS_LOG": "1"}).access_log is True
+    assert "--access-logfile" in web_argv("localhost", 8000, 2, access_log=True)
 
 
 def test_checkpoint_archive_sampler_checkpoint_and_delete(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 
 from config import Settings
@@ -81,5 +83,49 @@ def test_redelivered_message_is_not_applied_twice(service: Service, http: httpx.
     assert copy.get(timeout=60) == original
     assert http.get(f"/v1/runs/{run_id}").json()["step"] == 1
     # ...and the run keeps going normally.
+    nxt = result_of(http, http.post(f"/v1/runs/{run_id}/optim_step", json={"learning_rate": 0}))
+    assert nxt["metrics"]["step"] == 2
+
+
+def test_a_new_seq_id_below_the_latest_is_refused(http: httpx.Client) -> None:
+    run_id = _create(http)
+    ahead = http.post(f"/v1/runs/{run_id}/forward_backward", json={**FB, "seq_id": 10})
+    assert ahead.status_code == 202
+    behind = http.post(f"/v1/runs/{run_id}/forward_backward", json={**FB, "seq_id": 5})
+    assert behind.status_code == 409
+    body = behind.json()
+    assert body["code"] == "conflict"
+    assert "seq_id 5 is not after seq_id 10" in body["message"]
+    assert body["errors"] == {"seq_id": ["must be greater than 10"]}
+    # Nothing was queued for it; the run goes on, numbering after 10.
+    result_of(http, ahead)
+    nxt = http.post(f"/v1/runs/{run_id}/optim_step", json={"learning_rate": 1e-3})
+    assert nxt.json()["seq_id"] == 11
+    assert result_of(http, nxt)["metrics"]["step"] == 1
+
+
+def test_a_late_redelivery_is_refused_not_applied_out_of_order(
+    service: Service, http: httpx.Client
+) -> None:
+    run_id = _create(http)
+    result_of(http, http.post(f"/v1/runs/{run_id}/forward_backward", json={**FB, "seq_id": 5}))
+    step = http.post(f"/v1/runs/{run_id}/optim_step", json={"learning_rate": 1e-2, "seq_id": 6})
+    assert result_of(http, step)["metrics"]["step"] == 1
+
+    # The message of an optim_step with seq_id 3 comes back now, as one does when its worker
+    # died while running it and the broker restores it after the visibility timeout.
+    app = make_celery(Settings.from_env({}), service.redis_url)
+    late = app.send_task(
+        names.OPTIM_STEP,
+        kwargs={"run_id": run_id, "seq_id": 3, "adam": {"learning_rate": 1.0}},
+        queue=names.run_queue(run_id),
+    )
+    late.get(timeout=60, propagate=False)
+    assert late.failed()
+    envelope = json.loads(late.result.args[0])
+    assert envelope["code"] == "stale_operation"
+    assert envelope["category"] == "user"
+    assert "arrived after operation 6" in envelope["message"]
+    assert http.get(f"/v1/runs/{run_id}").json()["step"] == 1  # not applied
     nxt = result_of(http, http.post(f"/v1/runs/{run_id}/optim_step", json={"learning_rate": 0}))
     assert nxt["metrics"]["step"] == 2
