@@ -61,6 +61,7 @@ def web_argv(
         sys.executable, "-m", "gunicorn",
         "--worker-class", "gthread", "--workers", str(workers), "--threads", str(threads),
         "--bind", f"{host}:{port}", "--timeout", "120", "--graceful-timeout", "10",
+        "--config", "python:eztinker_web.gunicorn_hooks",
         *(["--access-logfile", "-"] if access_log else []), "eztinker_web.wsgi:app",
     ]  # fmt: skip
 

@@ -63,6 +63,13 @@ class Services:
         assert self._watcher is not None
         return self._watcher
 
+    def close_long_polls(self) -> None:
+        """The process is stopping: long-polls answer now (see ``gunicorn_hooks``)."""
+        with self._lock:
+            watcher = self._watcher
+        if watcher is not None:
+            watcher.close()
+
     @property
     def redis_client(self) -> redis.Redis:
         self._connect()

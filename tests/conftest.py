@@ -22,6 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
+from eztinker.server import web_argv
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -172,10 +174,7 @@ def start_service(
     )
     web_log = open(logs / "web.log", "ab")  # noqa: SIM115
     svc.processes["web"] = subprocess.Popen(
-        [
-            sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", "1",
-            "--threads", "16", "--bind", f"127.0.0.1:{port}", "eztinker_web.wsgi:app",
-        ],
+        web_argv("127.0.0.1", port, workers=1, threads=16),
         env=env, stdout=web_log, stderr=subprocess.STDOUT, cwd=REPO,
     )  # fmt: skip
     for i in range(workers):

@@ -37,6 +37,13 @@ class ResultWatcher:
         self._payloads: dict[str, bytes | str] = {}  # the last result published, per waited id
         self._listening = threading.Event()
         self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def close(self) -> None:
+        """The process is stopping: every long-poll answers now with what it has."""
+        with self._lock:
+            self._closed = True
+        self._wake_all()
 
     def _ensure_started(self) -> None:
         with self._lock:
@@ -101,7 +108,7 @@ class ResultWatcher:
         try:
             meta = read()  # read after registering: a result landing now still wakes us
             deadline = time.monotonic() + timeout_s
-            while not done(meta):
+            while not done(meta) and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -110,6 +117,8 @@ class ResultWatcher:
                 with self._lock:
                     payload = self._payloads.pop(future_id, None)
                 meta = _parse(payload) if payload is not None else read()
+                if self._closed:
+                    break
                 if not woke and not done(meta) and stalled():
                     break
             return meta
