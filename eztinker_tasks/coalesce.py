@@ -53,13 +53,10 @@ def _decode(raw: bytes | str) -> tuple[str, str, dict[str, Any]] | None:
     return str(headers.get("task")), str(headers.get("id")), kwargs
 
 
-def remove_answered(client: redis.Redis, queue: str, ops: list[QueuedOp]) -> None:
-    """Drop messages whose results are stored; one that is already gone is simply skipped."""
-    if ops:
-        pipe = client.pipeline(transaction=False)
-        for op in ops:
-            pipe.lrem(queue, -1, op.raw)  # ty: ignore[no-matching-overload] - bytes work
-        pipe.execute()
+def remove_answered(pipe: redis.client.Pipeline, queue: str, ops: list[QueuedOp]) -> None:
+    """Add to ``pipe``: drop the answered messages (one already gone is simply skipped)."""
+    for op in ops:
+        pipe.lrem(queue, -1, op.raw)  # ty: ignore[no-matching-overload] - bytes work
 
 
 def peek_followers(

@@ -32,12 +32,12 @@ class ResultBackend(RedisBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._lock = threading.Lock()
-        self._with_result: dict[str, Writes] = {}
+        self._with_result: dict[str, list[Writes]] = {}
 
     def write_with_result(self, task_id: str, writes: Writes) -> None:
         """Have ``writes`` go with the task's successful result (dropped with any other)."""
         with self._lock:
-            self._with_result[task_id] = writes
+            self._with_result.setdefault(task_id, []).append(writes)
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         return None
@@ -82,9 +82,10 @@ class ResultBackend(RedisBackend):
             raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
         return result
 
-    def _set_with(self, key: str, value: str, writes: Writes) -> None:
+    def _set_with(self, key: str, value: str, writes: list[Writes]) -> None:
         with self.client.pipeline(transaction=True) as pipe:
-            writes(pipe)
+            for write in writes:
+                write(pipe)
             if self.expires:
                 pipe.setex(key, self.expires, value)
             else:

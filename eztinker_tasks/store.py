@@ -384,33 +384,30 @@ class Store:
             )
 
     def answer_many(
-        self, run_id: str, answers: list[tuple[int, str, str, str]], expires_s: int
+        self,
+        run_id: str,
+        answers: list[tuple[int, str, str, str]],
+        expires_s: int,
+        pipe: redis.client.Pipeline,
     ) -> None:
-        """Store results of coalesced ops and mark them applied, in one round trip.
+        """Add to ``pipe``: store the results of coalesced ops and mark them applied.
 
         ``answers``: (seq_id, future_id, result key, encoded result record) each; the record is
         published on its key's channel too, as the result backend does.
         """
         if not answers:
             return
-        pipe = self.r.pipeline(transaction=False)
         applied = self._applied_key(run_id)
         for seq_id, future_id, key, value in answers:
             pipe.set(key, value, ex=expires_s)
             pipe.publish(key, value)
             pipe.hset(applied, str(seq_id), future_id)
         pipe.expire(applied, self.ttl_s)
-        pipe.execute()
 
     @staticmethod
     def _applied_key(run_id: str) -> str:
         """Hash of seq_id -> the future under which that op of the run was applied."""
         return f"{P}:run:{run_id}:applied"
-
-    def applied_future(self, run_id: str, seq_id: int) -> str | None:
-        """The future id under which ``seq_id`` was applied to the run, if it was."""
-        raw = self.r.hget(self._applied_key(run_id), str(seq_id))
-        return _text(raw) if raw else None
 
     # -- models ----------------------------------------------------------------------------
     def put_model(self, info: Mapping[str, Any]) -> None:

@@ -210,7 +210,9 @@ def _loss_op(
                 max_tokens=max(
                     0, rt.settings.coalesce_max_tokens - sum(map(len, (d.tokens for d in datums)))
                 ),
-                already_applied=lambda seq: rt.store.applied_future(run_id, seq) is not None,
+                # Ops of a run reach it in seq_id order (seq_ids only grow): a queued one at or
+                # below this one or the last applied is a late redelivery, not a follower.
+                already_applied=lambda seq: seq <= max(seq_id, rt.applied_seq.get(run_id, 0)),
             )
         groups = [datums] + [[Datum.from_dict(d) for d in f.data] for f in followers]
         try:
@@ -226,17 +228,24 @@ def _loss_op(
             outs = rt.engine.forward_backward_many(
                 run_id, [datums], loss_fn, loss_fn_config, backward=backward
             )
+        if not followers:
+            return outs[0].to_dict()
+        for f in followers:
+            rt.applied(run_id, f.seq_id)
         backend: ResultBackend = task.app.backend
         answers = [
             (f.seq_id, f.task_id, *backend.result_record(f.task_id, out.to_dict()))
             for f, out in zip(followers, outs[1:], strict=True)
         ]
-        rt.store.answer_many(run_id, answers, int(rt.settings.result_ttl_s))
-        remove_answered(rt.store.r, names.run_queue(run_id), followers)
-        for f in followers:
-            rt.applied(run_id, f.seq_id)
-        if followers:
-            log.info("ran %d queued calls of run %s in the same pass", len(followers), run_id)
+
+        def answer(pipe: Any) -> None:
+            # In the MULTI/EXEC that stores this call's own result: the followers' results,
+            # their seq_ids as applied and their messages off the queue, all or nothing.
+            rt.store.answer_many(run_id, answers, int(rt.settings.result_ttl_s), pipe)
+            remove_answered(pipe, names.run_queue(run_id), followers)
+
+        backend.write_with_result(str(task.request.id), answer)
+        log.info("ran %d queued calls of run %s in the same pass", len(followers), run_id)
         return outs[0].to_dict()
 
     peek = coalesce_peek(get_runtime(task.app).settings, seq_id)
