@@ -54,7 +54,7 @@ class ResultWatcher:
                 self._thread.start()
 
     def _run(self) -> None:
-        while True:
+        while not self._closed:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.psubscribe(META_PREFIX + "*")
@@ -67,7 +67,8 @@ class ResultWatcher:
                         channel = channel.decode()
                     self._wake(channel[len(META_PREFIX) :], message.get("data"))
             except redis.RedisError as exc:
-                log.warning("result watcher lost its connection (%s); reconnecting", exc)
+                if not self._closed:  # else the process is stopping: nothing to reconnect for
+                    log.warning("result watcher lost its connection (%s); reconnecting", exc)
             finally:
                 self._listening.clear()
                 self._wake_all()  # waiters fall back to reading the result themselves
