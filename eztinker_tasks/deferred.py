@@ -61,7 +61,10 @@ class DeferredReplies:
             batch = Batch(self, len(commands))
             try:
                 self._read_arrived()
-                self._conn.send_packed_command(self._conn.pack_commands(commands))
+                # No health check: its PING would read a reply still owed to a batch.
+                self._conn.send_packed_command(
+                    self._conn.pack_commands(commands), check_health=False
+                )
             except (redis.RedisError, OSError) as exc:
                 self._fail(exc)
                 raise

@@ -118,13 +118,13 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 if redis.call('HGET', KEYS[2], 'status') == '"deleted"' then return {'gone'} end
 local seq = ARGV[1]
 if seq == '' then
-  seq = tostring(redis.call('INCR', KEYS[4]))
+  seq = string.format('%.0f', redis.call('INCR', KEYS[4]))
 end
 local existing = redis.call('HGET', KEYS[3], seq)
 if existing then return {'dup', seq, existing} end
 if ARGV[1] ~= '' then
-  local latest = tonumber(redis.call('GET', KEYS[4]) or '0')
-  if tonumber(seq) <= latest then return {'behind', seq, tostring(latest)} end
+  local latest = redis.call('GET', KEYS[4]) or '0'
+  if tonumber(seq) <= tonumber(latest) then return {'behind', seq, latest} end
   redis.call('SET', KEYS[4], seq)
 end
 redis.call('HSET', KEYS[3], seq, ARGV[2])
@@ -408,6 +408,11 @@ class Store:
     def _applied_key(run_id: str) -> str:
         """Hash of seq_id -> the future under which that op of the run was applied."""
         return f"{P}:run:{run_id}:applied"
+
+    def applied_future(self, run_id: str, seq_id: int) -> str | None:
+        """The future under which ``seq_id`` was applied to the run, if it was."""
+        raw = self.r.hget(self._applied_key(run_id), str(seq_id))
+        return _text(raw) if raw else None
 
     # -- models ----------------------------------------------------------------------------
     def put_model(self, info: Mapping[str, Any]) -> None:

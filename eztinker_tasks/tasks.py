@@ -101,18 +101,29 @@ def _run_op(
 
     def body(rt: WorkerRuntime, begun: Begun) -> dict[str, Any]:
         prior = begun.prior
+        latest = rt.applied_seq.get(run_id, 0)
+        if prior is None and seq_id is not None and seq_id <= latest:
+            # Not applied when the message arrived; an op committed since may have applied
+            # it (a message fetched again after a broker reconnect): ask now.
+            prior = rt.store.applied_future(run_id, seq_id)
         if prior is not None:
             # Redelivered or resent: never apply twice; answer with the first result.
             meta = task.app.backend.get_task_meta(prior)
             if meta.get("status") == "SUCCESS":
                 return meta["result"]
             return {"duplicate": True, "seq_id": seq_id}
-        latest = rt.applied_seq.get(run_id, 0)
-        if seq_id is not None and seq_id < latest:
+        if seq_id is not None and seq_id <= latest:
+            # Applied ops answered above; this one comes after a later one ran (or its own
+            # application's record was lost): never apply it out of order, or twice.
+            why = (
+                f"it arrived after operation {latest} was applied (it was redelivered late: "
+                "its worker died while running it)"
+                if seq_id < latest
+                else "it was applied already, but the record of that was lost"
+            )
             raise StaleOperation(
-                f"operation {seq_id} of run {run_id} arrived after operation {latest} was "
-                "applied (it was redelivered late: its worker died while running it); it was "
-                "not applied, so the run's operations stay in seq_id order"
+                f"operation {seq_id} of run {run_id} was not applied: {why}; a run applies "
+                "its operations once each, in seq_id order"
             )
         if needs_live_run and not rt.engine.has_run(run_id):
             record = rt.store.get_run(run_id)

@@ -34,6 +34,7 @@ class Services:
     _store: Store | None = None
     _redis: redis.Redis | None = None
     _watcher: ResultWatcher | None = None
+    _closing: bool = False
 
     def _connect(self) -> None:
         with self._lock:
@@ -44,6 +45,8 @@ class Services:
             self._celery = make_celery(self.settings, url)
             self._store = Store(self._redis, self.settings.result_ttl_s)
             self._watcher = ResultWatcher(self._redis)
+            if self._closing:
+                self._watcher.close()
 
     @property
     def store(self) -> Store:
@@ -66,6 +69,7 @@ class Services:
     def close_long_polls(self) -> None:
         """The process is stopping: long-polls answer now (see ``gunicorn_hooks``)."""
         with self._lock:
+            self._closing = True
             watcher = self._watcher
         if watcher is not None:
             watcher.close()

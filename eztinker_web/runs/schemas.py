@@ -14,11 +14,16 @@ from marshmallow import Schema, ValidationError, fields, post_load, validate, va
 from eztinker_tasks.types import AdamParams, Datum, LoraSpec
 from eztinker_web.fields import FiniteFloat, IntList, TensorField
 
+MAX_SEQ_ID = 10**12  # Redis' Lua and cjson keep integers exact well beyond this
+
 SEQ_ID = fields.Integer(
     strict=True,
-    validate=validate.Range(min=1),
+    validate=validate.Range(min=1, max=MAX_SEQ_ID),
     load_default=None,
-    metadata={"description": "Per-run operation number; resubmitting it returns the same future"},
+    metadata={
+        "description": "Per-run operation number (above the run's latest); resubmitting it "
+        "returns the same future"
+    },
 )
 
 

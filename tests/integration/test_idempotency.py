@@ -102,6 +102,15 @@ def test_a_new_seq_id_below_the_latest_is_refused(http: httpx.Client) -> None:
     nxt = http.post(f"/v1/runs/{run_id}/optim_step", json={"learning_rate": 1e-3})
     assert nxt.json()["seq_id"] == 11
     assert result_of(http, nxt)["metrics"]["step"] == 1
+    # Big numbers stay exact (up to the 10**12 cap); above it the body is invalid.
+    big = http.post(f"/v1/runs/{run_id}/forward_backward", json={**FB, "seq_id": 10**12})
+    assert big.status_code == 202 and big.json()["seq_id"] == 10**12
+    below = http.post(f"/v1/runs/{run_id}/forward_backward", json={**FB, "seq_id": 10**12 - 1})
+    assert below.status_code == 409
+    assert below.json()["errors"] == {"seq_id": [f"must be greater than {10**12}"]}
+    over = http.post(f"/v1/runs/{run_id}/forward_backward", json={**FB, "seq_id": 10**12 + 1})
+    assert over.status_code == 422 and "seq_id" in over.json()["errors"]
+    result_of(http, big)
 
 
 def test_a_late_redelivery_is_refused_not_applied_out_of_order(
@@ -125,7 +134,7 @@ def test_a_late_redelivery_is_refused_not_applied_out_of_order(
     envelope = json.loads(late.result.args[0])
     assert envelope["code"] == "stale_operation"
     assert envelope["category"] == "user"
-    assert "arrived after operation 6" in envelope["message"]
+    assert "arrived after operation 6 was applied" in envelope["message"]
     assert http.get(f"/v1/runs/{run_id}").json()["step"] == 1  # not applied
     nxt = result_of(http, http.post(f"/v1/runs/{run_id}/optim_step", json={"learning_rate": 0}))
     assert nxt["metrics"]["step"] == 2

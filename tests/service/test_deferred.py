@@ -92,6 +92,21 @@ def test_a_dropped_connection_fails_what_waits_and_the_next_send_reconnects(
     replies.close()
 
 
+def test_replies_owed_survive_the_pools_health_check(service: Service) -> None:
+    # kombu's pool checks a connection's health (PING) when it has been idle a while; that
+    # PING must not be sent (and its answer read) while a reply is still owed to a batch.
+    pool = redis.ConnectionPool.from_url(service.redis_url, health_check_interval=1)
+    replies = DeferredReplies(pool)
+    empty, key = _key(), _key()
+    first = replies.send([("BLPOP", empty, 2)])  # answers in 2 s
+    time.sleep(1.5)  # past the health-check interval, the reply still owed
+    second = replies.send([("SET", key, "1")])
+    assert first.replies() == [None]
+    assert second.replies() == [b"OK"]
+    redis.Redis(connection_pool=pool).delete(key)
+    replies.close()
+
+
 def _kombu(service: Service) -> Connection:
     return Connection(service.redis_url, transport=Transport)
 
