@@ -20,12 +20,11 @@ import sys
 import tarfile
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service import DATUM, free_port, in_process_op, pct
+from service import free_port, http_roundtrip, in_process_op, pct, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,34 +79,14 @@ def main() -> None:
         bases.append(f"http://127.0.0.1:{port}")
     try:
         for base in bases:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    with urllib.request.urlopen(base + "/health", timeout=5) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"a server did not start; see {tmp}/server*.log")
-                time.sleep(0.3)
+            wait_healthy(base, 180, f"{tmp}/server*.log")
         from eztinker import ServiceClient
         from eztinker.transport import Transport
 
         def roundtrip(base: str) -> Callable[[], None]:
             transport = Transport(base)
             run = ServiceClient(base_url=base).create_lora_training_client("tiny-gpt2", rank=8)
-
-            def call() -> None:
-                fut = transport.request(
-                    "POST", f"/v1/runs/{run.run_id}/forward", json={"data": [DATUM]}
-                )
-                body = transport.request(
-                    "GET", f"/v1/futures/{fut['future_id']}", params={"wait": 30}
-                )
-                assert body["status"] == "succeeded", body
-
-            return call
+            return lambda: http_roundtrip(transport, run.run_id)
 
         calls = [local_op, *(roundtrip(base) for base in bases)]
         times: list[list[float]] = [[] for _ in calls]

@@ -32,6 +32,10 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from eztinker.transport import Transport
 
 TOKENS = list(range(10, 27))
 DATUM = {
@@ -62,6 +66,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_healthy(base: str, timeout_s: float, log_hint: str) -> None:
+    """Wait until ``base``/health answers 200 (the stack is up), else exit naming the log."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"server did not start; see {log_hint}")
+        time.sleep(0.3)
+
+
+def http_roundtrip(transport: Transport, run_id: str) -> None:
+    """One small ``forward`` over HTTP: POST it, then long-poll its future."""
+    fut = transport.request("POST", f"/v1/runs/{run_id}/forward", json={"data": [DATUM]})
+    body = transport.request("GET", f"/v1/futures/{fut['future_id']}", params={"wait": 30})
+    assert body["status"] == "succeeded", body
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ops", type=int, default=1000)
@@ -86,17 +112,7 @@ def main() -> None:
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"server did not start; see {tmp / 'server.log'}")
-            time.sleep(0.3)
+        wait_healthy(base, 120, str(tmp / "server.log"))
         from eztinker import ServiceClient, types
         from eztinker.transport import Transport
 
@@ -109,10 +125,8 @@ def main() -> None:
             loss_fn_inputs={"target_tokens": TOKENS[1:], "weights": [1.0] * 16},
         )
 
-        def http_roundtrip() -> None:
-            fut = transport.request("POST", f"/v1/runs/{run_id}/forward", json={"data": [DATUM]})
-            body = transport.request("GET", f"/v1/futures/{fut['future_id']}", params={"wait": 30})
-            assert body["status"] == "succeeded", body
+        def remote_roundtrip() -> None:
+            http_roundtrip(transport, run_id)
 
         def sdk_roundtrip() -> None:
             training.forward([datum]).result()
@@ -124,14 +138,14 @@ def main() -> None:
 
         for _ in range(10):
             local_op()
-            http_roundtrip()
+            remote_roundtrip()
             sdk_roundtrip()
         local: list[float] = []
         remote: list[float] = []
         sdk: list[float] = []
         for _ in range(0, args.latency_samples, 20):  # interleaved in rounds of 20
             local += [timed(local_op) for _ in range(20)]
-            remote += [timed(http_roundtrip) for _ in range(20)]
+            remote += [timed(remote_roundtrip) for _ in range(20)]
             sdk += [timed(sdk_roundtrip) for _ in range(20)]
 
         # Pipelined: submit every op first (4 client threads), then wait for all of them.
