@@ -42,6 +42,17 @@ class InvalidRequest(EZTinkerError):
     category = "user"
 
 
+class NonFiniteValue(InvalidRequest):
+    """An operation would have produced NaN or inf (a loss, a gradient): nothing was applied.
+
+    The inputs were finite but the arithmetic they lead to overflows (an importance ratio
+    exp(lp - logprobs) with an absurd sampler logprob at a weighted position, huge weights,
+    ...). The run's weights and accumulated gradient are left exactly as they were.
+    """
+
+    code = "non_finite"
+
+
 class NotFound(EZTinkerError):
     """A run, model, checkpoint or future that does not exist."""
 
@@ -129,6 +140,7 @@ ERROR_TYPES: dict[str, type[EZTinkerError]] = {
     for cls in (
         EZTinkerError,
         InvalidRequest,
+        NonFiniteValue,
         NotFound,
         UnknownRun,
         UnknownModel,

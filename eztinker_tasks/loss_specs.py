@@ -6,7 +6,7 @@ The loss functions themselves live in ``eztinker_tasks.engine.losses``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,43 @@ LOSS_SPECS: dict[str, LossSpec] = {
         ),
     )
 }
+
+
+# float32's largest finite value: loss inputs are float32 on the worker, so a larger number
+# (finite in JSON's float64) would arrive as inf.
+FLOAT32_MAX = 3.4028234663852886e38
+# A log-probability is <= 0; a little above 0 is accepted as rounding in the sampler.
+MAX_LOGPROB = 1e-3
+
+
+def input_bounds(key: str) -> tuple[float, float]:
+    """The closed range [lo, hi] every value of loss input ``key`` must lie in.
+
+    NaN and inf lie in none. ``logprobs`` (the sampler's) must be <= ``MAX_LOGPROB``; any very
+    negative placeholder (-100, -1e9) is fine at positions whose weight is 0, which never enter
+    the arithmetic.
+    """
+    if key == "logprobs":
+        return -FLOAT32_MAX, MAX_LOGPROB
+    return -FLOAT32_MAX, FLOAT32_MAX
+
+
+def first_out_of_bounds(key: str, values: Sequence[float]) -> int | None:
+    """Index of the first value of input ``key`` outside ``input_bounds(key)`` (NaN too)."""
+    lo, hi = input_bounds(key)
+    for i, x in enumerate(values):
+        if not lo <= x <= hi:  # False for NaN
+            return i
+    return None
+
+
+def bounds_message(key: str, index: int, value: float) -> str:
+    hi = input_bounds(key)[1]
+    if value != value or value in (float("inf"), float("-inf")):
+        return f"{key}[{index}] is {value}: NaN and inf are not allowed"
+    if key == "logprobs" and value > hi:
+        return f"{key}[{index}] = {value!r} is a log-probability above 0"
+    return f"{key}[{index}] = {value!r} is outside float32's range"
 
 
 def get_loss_spec(name: str) -> LossSpec:

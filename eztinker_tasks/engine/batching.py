@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from eztinker_tasks.errors import InvalidRequest
-from eztinker_tasks.loss_specs import LossSpec, check_loss_inputs
+from eztinker_tasks.loss_specs import LossSpec, bounds_message, check_loss_inputs, input_bounds
 from eztinker_tasks.types import Datum
 
 TARGET_KEY = "target_tokens"
@@ -62,17 +62,24 @@ def token_array(values: Any, vocab_size: int, where: str) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def float_array(values: Any, where: str) -> np.ndarray:
-    """Validate a flat sequence of finite floats as float32."""
+def float_array(values: Any, where: str, key: str = "") -> np.ndarray:
+    """Validate a flat sequence of numbers as float32 within ``input_bounds(key)``.
+
+    NaN, inf, values beyond float32's range and (for ``logprobs``) log-probabilities above 0
+    are refused with an ``InvalidRequest`` naming the index.
+    """
     try:
         array = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError, OverflowError):
         raise _invalid(f"{where} must be a flat list of numbers", where) from None
     if array.ndim != 1:
         raise _invalid(f"{where} must be a flat list of numbers", where)
-    if not np.all(np.isfinite(array)):
-        index = int(np.argmax(~np.isfinite(array)))
-        raise _invalid(f"{where}[{index}] is {array[index]}: NaN and inf are not allowed", where)
+    lo, hi = input_bounds(key)
+    bad = ~((array >= lo) & (array <= hi))
+    if np.any(bad):
+        index = int(np.argmax(bad))
+        message = bounds_message(key or "values", index, float(array[index]))
+        raise _invalid(f"{where}: {message}", where)
     return array.astype(np.float32)
 
 
@@ -110,7 +117,7 @@ def build_batch(
                 targets = token_array(values, vocab_size, where)
                 array = targets
             else:
-                array = floats[key] = float_array(values, where)
+                array = floats[key] = float_array(values, where, key)
             if len(array) != len(tokens):
                 raise _invalid(
                     f"{where} has length {len(array)} but tokens has length {len(tokens)}", where

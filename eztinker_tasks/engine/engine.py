@@ -30,6 +30,7 @@ from eztinker_tasks.engine.config import EngineConfig, resolve_device, resolve_d
 from eztinker_tasks.engine.models import LoadedBase, ModelRegistry
 from eztinker_tasks.engine.runs import RunState, checked_lora_spec, make_optimizer
 from eztinker_tasks.errors import Conflict, InvalidRequest, UnknownRun
+from eztinker_tasks.limits import check_adam_params
 from eztinker_tasks.loss_specs import get_loss_spec, resolve_loss_config
 from eztinker_tasks.types import (
     AdamParams,
@@ -187,7 +188,7 @@ class Engine:
 
     def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput:
         run = self._run(run_id)
-        training.check_adam_params(params)
+        check_adam_params(params)
         return training.optim_step(run, params)
 
     def _loss_pass(
@@ -220,7 +221,9 @@ class Engine:
                 config,
                 backward=backward,
                 chunk_elements=self.config.logprob_chunk_elements,
+                params=list(run.params.values()),
                 group_sizes=[len(g) for g in groups],
+                op="forward_backward" if backward else "forward",
             )
         if backward:
             run.tokens_trained += batch.num_tokens

@@ -31,8 +31,13 @@ LossFn = Callable[
 def cross_entropy(lp, mask, inputs, config) -> LossResult:
     """sum(-weights * logprob(target)); weights default to 1."""
     w = inputs.get("weights")
-    w = torch.ones_like(lp) if w is None else w
-    elementwise = torch.where(mask.to(torch.bool), -w * lp, 0.0)  # padding can't leak NaN
+    active = mask.to(torch.bool)
+    if w is None:
+        w = torch.ones_like(lp)
+    else:
+        active = active & (w != 0)
+    # Selected, not multiplied: a -inf logprob at a masked position can't make 0 * inf = NaN.
+    elementwise = torch.where(active, -w * torch.where(active, lp, 0.0), 0.0)
     return LossResult(elementwise.sum(), elementwise)
 
 
@@ -41,22 +46,24 @@ def cross_entropy(lp, mask, inputs, config) -> LossResult:
 # Shared conventions: q = ``inputs["logprobs"]`` (the sampler's logprobs),
 # A = ``inputs["advantages"]``, w = ``inputs["weights"]`` (default 1) multiplies each token's loss,
 # r = exp(lp - q).
-# Padding is replaced by neutral values (lp = q = A = w = 0) *before* any arithmetic and the result
-# is selected with ``torch.where`` again at the end: multiplying by a 0/1 mask would not be enough,
-# since 0 * inf = NaN in the forward pass and, in backward, a zero upstream gradient times an
-# infinite local derivative is NaN too.
+# A token takes part only where it is real AND its weight is non-zero ("active"). Every other
+# position (padding, and masked positions such as a prompt given weight 0, whose sampler logprob
+# is often a placeholder like -100) is replaced by neutral values (lp = q = A = w = 0) *before*
+# any arithmetic, and the result is selected with ``torch.where`` again at the end: multiplying
+# by a 0/1 mask would not be enough, since exp(lp - (-100)) overflows float32 and 0 * inf = NaN
+# in the forward pass; in backward, a zero upstream gradient times an infinite local derivative
+# is NaN too.
 
 
 @dataclass(frozen=True)
 class _Tokens:
     """Per-token inputs of an RL loss, with padding already neutralised."""
 
-    lp: torch.Tensor  # learner logprobs (grad flows only at valid positions)
-    q: torch.Tensor  # sampler logprobs
-    adv: torch.Tensor  # advantages
-    w: torch.Tensor  # per-token weights, 0 at padding
-    mask: torch.Tensor  # [B, T] bool, True at real positions
-    counted: torch.Tensor  # mask & (w != 0): the tokens the metrics average over
+    lp: torch.Tensor  # learner logprobs (grad flows only at active positions)
+    q: torch.Tensor  # sampler logprobs, 0 where inactive
+    adv: torch.Tensor  # advantages, 0 where inactive
+    w: torch.Tensor  # per-token weights, 0 where inactive
+    active: torch.Tensor  # [B, T] bool: real position with weight != 0
 
     @property
     def log_ratio(self) -> torch.Tensor:
@@ -65,32 +72,35 @@ class _Tokens:
 
 def _rl_tokens(lp: torch.Tensor, mask: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> _Tokens:
     mask = mask.to(device=lp.device, dtype=torch.bool)
+    w = inputs.get("weights")
+    if w is None:
+        active = mask
+    else:
+        w = w.to(device=lp.device, dtype=lp.dtype)
+        active = mask & (w != 0)
 
     def clean(x: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask, x.to(device=lp.device, dtype=lp.dtype), 0.0)
+        return torch.where(active, x.to(device=lp.device, dtype=lp.dtype), 0.0)
 
-    w = inputs.get("weights")
-    w = clean(w) if w is not None else mask.to(lp.dtype)
     return _Tokens(
-        lp=torch.where(mask, lp, 0.0),
+        lp=torch.where(active, lp, 0.0),
         q=clean(inputs["logprobs"]),
         adv=clean(inputs["advantages"]),
-        w=w,
-        mask=mask,
-        counted=mask & (w != 0),
+        w=active.to(lp.dtype) if w is None else clean(w),
+        active=active,
     )
 
 
 def _result(
     t: _Tokens, objective: torch.Tensor, extra: Mapping[str, torch.Tensor] | None = None
 ) -> LossResult:
-    """Per-token loss -w * objective (exactly 0 at padding), its sum, and the sampler metrics."""
-    elementwise = torch.where(t.mask, -t.w * objective, 0.0)
+    """Per-token loss -w * objective (exactly 0 where inactive), its sum, the sampler metrics."""
+    elementwise = torch.where(t.active, -t.w * objective, 0.0)
     return LossResult(elementwise.sum(), elementwise, _metrics(t, extra or {}))
 
 
 def _metrics(t: _Tokens, extra: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Means over the counted tokens (valid and weight != 0); 0.0 when there are none.
+    """Means over the active tokens (real and weight != 0); 0.0 when there are none.
 
     ``kl_sampler_learner:mean`` is the k3 estimator of KL(sampler || learner) from tokens drawn
     by the sampler (Schulman, "Approximating KL divergence", 2020): (r - 1) - log r per token,
@@ -105,9 +115,9 @@ def _metrics(t: _Tokens, extra: Mapping[str, torch.Tensor]) -> dict[str, float]:
             **extra,
         }
         sums = torch.stack(
-            [torch.where(t.counted, v.to(log_r.dtype), 0.0).sum() for v in per_token.values()]
+            [torch.where(t.active, v.to(log_r.dtype), 0.0).sum() for v in per_token.values()]
         )
-        means = sums / t.counted.sum().clamp(min=1)
+        means = sums / t.active.sum().clamp(min=1)
         return dict(zip(per_token, means.tolist(), strict=True))
 
 

@@ -7,7 +7,6 @@ an AdamW optimizer over that adapter's parameters, a ``torch.Generator`` and its
 
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import dataclass, replace
 
@@ -17,9 +16,8 @@ from torch import nn
 from eztinker_tasks.engine.adapters import DEFAULT_ALPHA, tensor_bytes
 from eztinker_tasks.engine.models import LoadedBase
 from eztinker_tasks.errors import InvalidRequest
+from eztinker_tasks.limits import check_lora_spec
 from eztinker_tasks.types import LoraSpec, RunInfo
-
-MAX_RANK = 1024
 
 
 def make_optimizer(params: list[nn.Parameter], device: torch.device) -> torch.optim.AdamW:
@@ -77,20 +75,7 @@ def checked_lora_spec(lora: LoraSpec) -> LoraSpec:
     """Validate a LoRA spec; fill alpha (32) and the seed (random) so the run records them."""
     if not isinstance(lora, LoraSpec):
         raise InvalidRequest("lora must be a LoraSpec", errors={"lora": ["wrong type"]})
-    if isinstance(lora.rank, bool) or not isinstance(lora.rank, int):
-        raise InvalidRequest("lora.rank must be an integer", errors={"rank": ["not an integer"]})
-    if not 1 <= lora.rank <= MAX_RANK:
-        raise InvalidRequest(f"lora.rank must be in [1, {MAX_RANK}]", errors={"rank": ["range"]})
+    check_lora_spec(lora)
     alpha = DEFAULT_ALPHA if lora.alpha is None else lora.alpha
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise InvalidRequest("lora.alpha must be a positive number", errors={"alpha": ["range"]})
-    if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
-        raise InvalidRequest(
-            "lora must train at least one of attn, mlp, unembed", errors={"lora": ["empty"]}
-        )
-    seed = lora.seed
-    if seed is None:
-        seed = secrets.randbits(31)
-    elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InvalidRequest("lora.seed must be a non-negative integer", errors={"seed": ["range"]})
+    seed = secrets.randbits(31) if lora.seed is None else lora.seed
     return replace(lora, alpha=float(alpha), seed=seed)

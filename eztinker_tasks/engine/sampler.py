@@ -9,7 +9,6 @@ ids and strings (checked on a decoded window of the newest tokens), EOS unless `
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from torch import nn
 from eztinker_tasks.engine.batching import check_length, token_array
 from eztinker_tasks.engine.logprobs import target_logprobs
 from eztinker_tasks.errors import InvalidRequest, OperationTimeout
+from eztinker_tasks.limits import check_sampling_params
 from eztinker_tasks.types import ModelInfo, SampledSequence, SampleOutput, SamplingParams
 
 MAX_NUM_SAMPLES = 1024
@@ -48,22 +48,13 @@ def check_request(
     check_length(len(tokens), info.max_context, "prompt_tokens")
     if not isinstance(num_samples, int) or not 1 <= num_samples <= MAX_NUM_SAMPLES:
         raise _invalid(f"num_samples must be an integer in [1, {MAX_NUM_SAMPLES}]", "num_samples")
-    if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
-        raise _invalid("max_tokens must be a positive integer", "max_tokens")
+    check_sampling_params(params)
     if len(tokens) + params.max_tokens > info.max_context:
         raise _invalid(
             f"prompt ({len(tokens)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
             f"model's context of {info.max_context}",
             "max_tokens",
         )
-    if not math.isfinite(params.temperature) or params.temperature < 0:
-        raise _invalid("temperature must be a finite number >= 0", "temperature")
-    if not math.isfinite(params.top_p) or not 0 < params.top_p <= 1:
-        raise _invalid("top_p must be in (0, 1]", "top_p")
-    if not isinstance(params.top_k, int) or (params.top_k != -1 and params.top_k < 1):
-        raise _invalid("top_k must be -1 (off) or a positive integer", "top_k")
-    if params.seed is not None and not isinstance(params.seed, int):
-        raise _invalid("seed must be an integer or null", "seed")
     return tokens, stop_rule(params.stop, info, can_decode)
 
 
@@ -97,7 +88,8 @@ def _filter(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Mask logits outside the top-k and then the top-p nucleus with -inf.
 
     A stable sort ranks tied logits by token id, so ``top_k=1`` keeps exactly the token that
-    greedy decoding (``argmax``: the first maximum) picks.
+    greedy decoding (``argmax``: the first maximum) picks. The most likely token is always
+    kept, however small ``top_p`` is (even one that rounds to 0 in float32).
     """
     use_k = 0 < top_k < scaled.shape[-1]
     if not use_k and top_p >= 1.0:
@@ -109,7 +101,22 @@ def _filter(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_p < 1.0:
         probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), dim=-1)
         drop |= (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop[..., 0] = False
     return scaled.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature``, shifted so that each row's maximum is 0.
+
+    Shifting first keeps every finite temperature > 0 safe: the maximum stays exactly 0 and
+    the others go to -inf at worst, never NaN (0 / tiny is 0, x / tiny is -inf), so a
+    temperature too small to divide by behaves as greedy (ties shared evenly). The softmax of
+    the result is the same as that of ``logits / temperature``.
+    """
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    scaled = shifted / temperature
+    # A temperature that rounds to 0 in float32 gives 0 / 0 = NaN at the maximum: it is 0.
+    return torch.nan_to_num(scaled, nan=0.0, posinf=0.0, neginf=float("-inf"))
 
 
 def pick(
@@ -120,7 +127,7 @@ def pick(
         token = logits.argmax(dim=-1)
         logprobs = torch.log_softmax(logits, dim=-1)
     else:
-        scaled = logits / params.temperature
+        scaled = scale(logits, params.temperature)
         logprobs = torch.log_softmax(scaled, dim=-1)
         probs = torch.softmax(_filter(scaled, params.top_k, params.top_p), dim=-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -12,6 +12,7 @@ from flask_smorest import Blueprint
 
 from eztinker_tasks import checkpoint_paths, names
 from eztinker_tasks.errors import InvalidRequest
+from eztinker_tasks.limits import check_adam_params, check_lora_spec
 from eztinker_tasks.loss_specs import check_loss_inputs, get_loss_spec, resolve_loss_config
 from eztinker_web import dispatch
 from eztinker_web.checkpoints.listing import get_checkpoint, list_checkpoints
@@ -41,6 +42,7 @@ blp = Blueprint("runs", __name__, url_prefix="/v1/runs", description="Training r
 def create_run(req: CreateRunRequest):
     """Create a LoRA training run on a base model (or from a saved state)."""
     settings = services().settings
+    check_lora_spec(req.lora)
     if req.from_state:
         base = get_checkpoint(settings, req.from_state).base_model
     else:
@@ -135,6 +137,7 @@ def forward(req: ForwardRequest, run_id: str):
 @blp.response(202, SubmittedSchema)
 def optim_step(req: OptimStepRequest, run_id: str):
     """One AdamW step on the accumulated gradients, which are then zeroed."""
+    check_adam_params(req.adam)
     target = dispatch.run_target(run_id)
     params = {"adam": req.adam.to_dict()}
     return dispatch.submit_run_op(target, names.OPTIM_STEP, params, req.seq_id).to_dict()

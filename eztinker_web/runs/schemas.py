@@ -11,6 +11,7 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
+from eztinker_tasks.loss_specs import bounds_message, first_out_of_bounds
 from eztinker_tasks.types import AdamParams, Datum, LoraSpec
 from eztinker_web.fields import FiniteFloat, IntList, TensorField
 
@@ -162,6 +163,11 @@ class DatumSchema(Schema):
                         ]
                     }
                 )
+            if key != "target_tokens":
+                bad = first_out_of_bounds(key, values)
+                if bad is not None:
+                    message = bounds_message(key, bad, values[bad])
+                    raise ValidationError({"loss_fn_inputs": {key: [message]}})
         inputs = dict(inputs)
         inputs["target_tokens"] = [int(t) for t in targets]
         return Datum(tuple(tokens), inputs)

@@ -10,6 +10,7 @@ from flask_smorest import Blueprint
 
 from eztinker_tasks import names
 from eztinker_tasks.errors import InvalidRequest
+from eztinker_tasks.limits import check_sampling_params
 from eztinker_tasks.store import RunRecord
 from eztinker_tasks.types import SampleSource
 from eztinker_web import dispatch
@@ -46,6 +47,7 @@ def _resolve(source: SampleSource) -> tuple[SampleSource, RunRecord | None, str 
 def sample(req: SampleRequest):
     """Sample `num_samples` continuations of a prompt (text or tokens)."""
     settings = services().settings
+    check_sampling_params(req.params)
     if req.num_samples > settings.max_samples:
         raise InvalidRequest(
             f"num_samples {req.num_samples} is over the limit of {settings.max_samples}",
@@ -59,6 +61,9 @@ def sample(req: SampleRequest):
     source, run, base = _resolve(req.source)
     if base and req.prompt_tokens is not None:
         dispatch.check_tokens(base, [req.prompt_tokens], "prompt_tokens", req.params.max_tokens)
+    stop_ids = [t for t in req.params.stop or () if isinstance(t, int)]
+    if base and stop_ids:
+        dispatch.check_tokens(base, [stop_ids], "stop")
     params = {
         "source": source.to_dict(),
         "num_samples": req.num_samples,
