@@ -146,5 +146,22 @@ def adapter_parameters(peft: PeftModel, name: str) -> dict[str, nn.Parameter]:
     return dict(sorted(params.items()))
 
 
+def tied_unembedding(model: nn.Module) -> nn.Module | None:
+    """The output embedding (``lm_head``) if it shares its weight with the input embedding.
+
+    On such a base an ``lm_head`` LoRA delta is NOT an embedding delta: the run's model applies
+    it to the logits only, and the input embedding stays the base's.
+    """
+    if not isinstance(model, PreTrainedModel):
+        return None
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or inputs is None:
+        return None
+    weight = getattr(output, "weight", None)
+    if weight is None or weight is not getattr(inputs, "weight", None):
+        return None
+    return output
+
+
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)

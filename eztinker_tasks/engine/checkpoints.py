@@ -9,6 +9,11 @@ checkpoint adds ``eztinker_sampler.json``. The metadata file is written last, an
 directory is built in a temp dir and renamed into place (swapped atomically with an existing
 checkpoint of the same name), so a crash never leaves a half checkpoint that looks valid.
 Only safetensors and JSON are written or read: never pickle.
+
+``adapter_config.json`` names the base by what a user can resolve: a hub id, or the absolute
+path of a local (or built-in) model directory. On a base whose unembedding is tied to the input
+embedding, a trained unembedding is exported as PEFT ``modules_to_save`` (see
+``_export_tied_unembedding``) so that PEFT's load AND merge both give the run's model.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from eztinker_tasks.types import CheckpointInfo, CheckpointKind, LoraSpec
 FORMAT_VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# On a tied-embedding base: the unembedding's LoRA factors (the PEFT files hold it merged).
+UNEMBED_LORA = "eztinker_unembed_lora.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 META_FILES: dict[CheckpointKind, str] = {
@@ -113,9 +120,41 @@ def _adapter_files(run: RunState, peft: PeftModel, directory: Path) -> None:
     config = copy.deepcopy(peft.peft_config[run.adapter])
     config.base_model_name_or_path = run.base.source
     config.inference_mode = True
-    config.save_pretrained(str(directory))
     tensors = {k: p.detach().to("cpu", copy=True).contiguous() for k, p in run.params.items()}
+    unembed = run.base.targets.unembed
+    if run.base.tied_unembedding and unembed is not None and unembed in config.target_modules:
+        _export_tied_unembedding(run, config, unembed, tensors, directory)
+    config.save_pretrained(str(directory))
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def _export_tied_unembedding(
+    run: RunState,
+    config: Any,
+    unembed: str,
+    tensors: dict[str, torch.Tensor],
+    directory: Path,
+) -> None:
+    """On a tied base, export the trained unembedding as a full ``modules_to_save`` matrix.
+
+    The run applies its ``lm_head`` LoRA delta to the logits only; its input embedding stays
+    the base's. PEFT's ``merge_and_unload`` would write an ``lm_head`` LoRA delta into the ONE
+    matrix both share, changing the input embedding too. So the PEFT files carry the unembedding
+    as ``modules_to_save`` (``W + (alpha / r) * B @ A`` in the base's dtype): PEFT then keeps a
+    separate copy, loading is exact, and merging unties the two (PEFT sets
+    ``tie_word_embeddings=False``). The LoRA factors themselves go to ``UNEMBED_LORA`` for
+    EZTinker's own loading (resume, sampling).
+    """
+    prefix = f"base_model.model.{unembed}"
+    factors = {key: tensors.pop(key) for key in list(tensors) if key.startswith(f"{prefix}.lora_")}
+    save_file(factors, str(directory / UNEMBED_LORA), metadata={"format": "pt"})
+    a, b = factors[f"{prefix}.lora_A.weight"], factors[f"{prefix}.lora_B.weight"]
+    scaling = float(config.lora_alpha) / float(config.r)
+    embedding = run.base.model.get_input_embeddings().weight.detach()
+    merged = embedding.to("cpu", torch.float32) + scaling * (b.float() @ a.float())
+    tensors[f"{prefix}.weight"] = merged.to(embedding.dtype).contiguous()
+    config.target_modules = sorted(set(config.target_modules) - {unembed})
+    config.modules_to_save = [unembed]
 
 
 def _meta(run: RunState, kind: CheckpointKind, name: str) -> dict[str, Any]:
@@ -129,6 +168,7 @@ def _meta(run: RunState, kind: CheckpointKind, name: str) -> dict[str, Any]:
         "base_model": run.base.name,
         "base_model_source": run.base.source,
         "lora": run.lora.to_dict(),
+        "tied_unembedding": run.base.tied_unembedding,
         "created_at": time.time(),
     }
 
@@ -222,6 +262,9 @@ def lora_spec(meta: dict[str, Any]) -> LoraSpec:
 def load_adapter_tensors(directory: Path, expected: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Adapter tensors from ``directory``, checked against the names and shapes expected."""
     tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+    if (directory / UNEMBED_LORA).is_file():  # a tied unembedding: its factors live apart
+        tensors = {k: v for k, v in tensors.items() if ".lora_" in k}
+        tensors.update(load_file(str(directory / UNEMBED_LORA)))
     if set(tensors) != set(expected):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         raise InvalidRequest(

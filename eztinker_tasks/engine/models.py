@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from eztinker_tasks import catalog
 from eztinker_tasks.engine import hub
-from eztinker_tasks.engine.adapters import Targets, discover_targets, tensor_bytes
+from eztinker_tasks.engine.adapters import Targets, discover_targets, tensor_bytes, tied_unembedding
 from eztinker_tasks.engine.tiny import ensure_tiny_model
 from eztinker_tasks.errors import UnknownModel
 from eztinker_tasks.types import ModelInfo
@@ -42,6 +42,7 @@ class LoadedBase:
     targets: Targets
     param_bytes: int
     cache_kwarg: str  # "cache" (transformers >= 5.2x) or "past_key_values"
+    tied_unembedding: bool = False  # lm_head shares its weight with the input embedding
     peft: PeftModel | None = None
     adapters: set[str] = field(default_factory=set)
     active: str | None = None  # the adapter last activated (None: unknown, activate again)
@@ -134,10 +135,12 @@ class ModelRegistry:
         if not isinstance(name, str) or not name:
             raise UnknownModel("base_model must be a non-empty string")
         spec = catalog.get_builtin(name)
+        # Local directories are recorded absolute: checkpoints name their base by this path
+        # (adapter_config.json's base_model_name_or_path), which must resolve anywhere.
         if spec is not None:
-            return str(ensure_tiny_model(spec, self.data_dir))
+            return str(ensure_tiny_model(spec, self.data_dir).resolve())
         if Path(name).is_dir():
-            return name
+            return str(Path(name).resolve())
         if Path(name).is_absolute() or name.startswith("."):
             raise UnknownModel(f"model directory {name!r} does not exist")
         hub.ensure_fetchable(name)  # fail now, not after the hub client's retries
@@ -205,4 +208,5 @@ class ModelRegistry:
             targets=discover_targets(model),
             param_bytes=tensor_bytes(model.parameters()),
             cache_kwarg="cache" if "cache" in params else "past_key_values",
+            tied_unembedding=tied_unembedding(model) is not None,
         )

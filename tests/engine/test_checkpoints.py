@@ -108,14 +108,17 @@ def test_sampler_checkpoint_is_plain_peft(engine: Engine, base_model: str) -> No
     train(engine, "r", [sequence_datum(ids)], steps=5, lr=1e-2)
     info = engine.save_weights_for_sampler("r", "final")
     directory = Path(info.directory)
+    tied = engine.models.get(base_model).tied_unembedding
     assert sorted(p.name for p in directory.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
         "eztinker_sampler.json",
+        *(["eztinker_unembed_lora.safetensors"] if tied else []),
     ]
     base_dir = engine.models.get(base_model).source
     config = json.loads((directory / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == base_dir
+    assert Path(base_dir).is_absolute() and (Path(base_dir) / "config.json").is_file()
     assert config["r"] == 8 and config["lora_alpha"] == 32
     meta = json.loads((directory / "eztinker_sampler.json").read_text())
     assert (meta["kind"], meta["step"], meta["base_model"]) == ("sampler", 5, base_model)
@@ -133,6 +136,37 @@ def test_sampler_checkpoint_is_plain_peft(engine: Engine, base_model: str) -> No
     assert max(abs(a - b) for a, b in zip(_floats(expected), _floats(base_lp), strict=True)) > 0.1
 
 
+@pytest.mark.parametrize("kind", ["sampler", "state"])
+def test_exported_adapter_merges_into_the_trained_model(
+    engine: Engine, base_model: str, kind: str
+) -> None:
+    """Plain PEFT load AND merge_and_unload give the run's logprobs; on a tied base (tiny-gpt2)
+    the input embedding stays the base's (the lm_head delta is not an embedding delta)."""
+    ids = encode(engine, base_model, SENTENCE)
+    new_run(engine, "r", base_model)  # trains attention, MLP and the unembedding
+    train(engine, "r", [sequence_datum(ids)], steps=5, lr=1e-2)
+    save = engine.save_weights_for_sampler if kind == "sampler" else engine.save_state
+    directory = save("r", "export").directory
+    expected = torch.tensor(_floats(engine.compute_logprobs(SampleSource(run_id="r"), ids)[1:]))
+    config = json.loads((Path(directory) / "adapter_config.json").read_text())
+    plain = AutoModelForCausalLM.from_pretrained(
+        config["base_model_name_or_path"], dtype=engine.dtype
+    )
+    embedding = plain.get_input_embeddings().weight.detach().clone()
+
+    def logprobs(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids], device=engine.device)).logits[0].float()
+        targets = torch.tensor(ids[1:], device=logits.device)[:, None]
+        return torch.log_softmax(logits[:-1], -1).gather(1, targets).squeeze(1).cpu()
+
+    peft = PeftModel.from_pretrained(plain, directory).to(engine.device).eval()
+    assert logprobs(peft).tolist() == pytest.approx(expected.tolist(), abs=logprob_atol(engine))
+    merged = peft.merge_and_unload()
+    assert logprobs(merged).tolist() == pytest.approx(expected.tolist(), abs=logprob_atol(engine))
+    assert torch.equal(merged.get_input_embeddings().weight.detach().cpu(), embedding.cpu())
+
+
 def test_checkpoint_files_and_listing(engine: Engine, base_model: str) -> None:
     new_run(engine, "r", base_model)
     new_run(engine, "q", base_model)
@@ -140,10 +174,12 @@ def test_checkpoint_files_and_listing(engine: Engine, base_model: str) -> None:
     engine.save_weights_for_sampler("r", "w1")
     engine.save_state("q", "s1")
     names = sorted(p.name for p in Path(state.directory).iterdir())
+    tied = engine.models.get(base_model).tied_unembedding
     assert names == [
         "adapter_config.json",
         "adapter_model.safetensors",
         "eztinker_state.json",
+        *(["eztinker_unembed_lora.safetensors"] if tied else []),
         "optimizer.json",
         "optimizer.safetensors",
     ]
