@@ -163,5 +163,14 @@ def tied_unembedding(model: nn.Module) -> nn.Module | None:
     return output
 
 
+def input_embedding_weight(model: nn.Module) -> torch.Tensor:
+    """The base's input embedding matrix [vocab, hidden] (detached, on its device)."""
+    embedding = model.get_input_embeddings() if isinstance(model, PreTrainedModel) else None
+    weight = getattr(embedding, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(model).__name__} has no input embedding matrix")
+    return weight.detach()
+
+
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)

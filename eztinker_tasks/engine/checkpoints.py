@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from eztinker_tasks import checkpoint_paths
 from eztinker_tasks.catalog import file_lock
+from eztinker_tasks.engine.adapters import input_embedding_weight
 from eztinker_tasks.engine.runs import RunState, checked_lora_spec
 from eztinker_tasks.errors import CheckpointNotFound, InvalidRequest
 from eztinker_tasks.types import CheckpointInfo, CheckpointKind, LoraSpec
@@ -122,7 +123,8 @@ def _adapter_files(run: RunState, peft: PeftModel, directory: Path) -> None:
     config.inference_mode = True
     tensors = {k: p.detach().to("cpu", copy=True).contiguous() for k, p in run.params.items()}
     unembed = run.base.targets.unembed
-    if run.base.tied_unembedding and unembed is not None and unembed in config.target_modules:
+    targets = getattr(config, "target_modules", None) or ()
+    if run.base.tied_unembedding and unembed is not None and unembed in targets:
         _export_tied_unembedding(run, config, unembed, tensors, directory)
     config.save_pretrained(str(directory))
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -150,7 +152,7 @@ def _export_tied_unembedding(
     save_file(factors, str(directory / UNEMBED_LORA), metadata={"format": "pt"})
     a, b = factors[f"{prefix}.lora_A.weight"], factors[f"{prefix}.lora_B.weight"]
     scaling = float(config.lora_alpha) / float(config.r)
-    embedding = run.base.model.get_input_embeddings().weight.detach()
+    embedding = input_embedding_weight(run.base.model)
     merged = embedding.to("cpu", torch.float32) + scaling * (b.float() @ a.float())
     tensors[f"{prefix}.weight"] = merged.to(embedding.dtype).contiguous()
     config.target_modules = sorted(set(config.target_modules) - {unembed})

@@ -23,6 +23,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from eztinker_tasks.engine import Engine, checkpoints
+from eztinker_tasks.engine.adapters import input_embedding_weight
 from eztinker_tasks.errors import CheckpointNotFound, Conflict, InvalidRequest
 from eztinker_tasks.types import AdamParams, SampleSource, SamplingParams
 
@@ -152,7 +153,7 @@ def test_exported_adapter_merges_into_the_trained_model(
     plain = AutoModelForCausalLM.from_pretrained(
         config["base_model_name_or_path"], dtype=engine.dtype
     )
-    embedding = plain.get_input_embeddings().weight.detach().clone()
+    embedding = input_embedding_weight(plain).clone()
 
     def logprobs(model: torch.nn.Module) -> torch.Tensor:
         with torch.no_grad():
@@ -164,7 +165,7 @@ def test_exported_adapter_merges_into_the_trained_model(
     assert logprobs(peft).tolist() == pytest.approx(expected.tolist(), abs=logprob_atol(engine))
     merged = peft.merge_and_unload()
     assert logprobs(merged).tolist() == pytest.approx(expected.tolist(), abs=logprob_atol(engine))
-    assert torch.equal(merged.get_input_embeddings().weight.detach().cpu(), embedding.cpu())
+    assert torch.equal(input_embedding_weight(merged).cpu(), embedding.cpu())
 
 
 def test_checkpoint_files_and_listing(engine: Engine, base_model: str) -> None:
