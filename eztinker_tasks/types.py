@@ -79,6 +79,17 @@ class AdamParams:
 
 
 @dataclass(frozen=True)
+class CallSpec:
+    """One ``forward_backward`` (``backward``) or ``forward`` call of a run, for ``run_calls``."""
+
+    run_id: str
+    data: Sequence[Datum]
+    loss_fn: str = "cross_entropy"
+    loss_fn_config: Mapping[str, Any] | None = None
+    backward: bool = True
+
+
+@dataclass(frozen=True)
 class ForwardBackwardOutput:
     """Per-datum outputs (``logprobs`` and ``elementwise_loss`` lists) and summed metrics.
 
@@ -87,9 +98,14 @@ class ForwardBackwardOutput:
 
     loss_fn_outputs: list[dict[str, list[float]]]
     metrics: dict[str, float]
+    # The pass it ran in: runs, calls, tokens, sequences (runs > 1: shared with other runs).
+    batch: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"loss_fn_outputs": self.loss_fn_outputs, "metrics": self.metrics}
+        out: dict[str, Any] = {"loss_fn_outputs": self.loss_fn_outputs, "metrics": self.metrics}
+        if self.batch is not None:
+            out["batch"] = self.batch
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ForwardBackwardOutput:

@@ -1,27 +1,20 @@
-"""LoRA adapters on a shared base: target discovery, configs, add/delete, parameter names.
-
-Every base has at most one ``PeftModel`` that holds many named adapters (one per run, plus
-saved sampler checkpoints that are loaded for sampling). This module owns that PEFT plumbing:
+"""LoRA targets and PEFT interchange: which modules an adapter covers, and its PEFT config.
 
 - ``discover_targets`` finds the attention and MLP ``Linear``/``Conv1D`` modules by path and the
   unembedding (``lm_head``), so Qwen2, Llama and GPT-2 style models all work;
-- ``lora_config`` turns a ``LoraSpec`` into a ``peft.LoraConfig``;
-- ``add_adapter`` / ``remove_adapter`` create the PeftModel on first use and unwrap the base
-  again when its last adapter goes, so a deleted run leaves nothing behind;
-- ``adapter_parameters`` maps an adapter's parameters to their canonical PEFT state-dict names
-  (``...q_proj.lora_A.weight``), the names used in checkpoints.
+- ``target_modules`` is the subset a ``LoraSpec`` trains;
+- ``lora_config`` is the ``peft.LoraConfig`` that describes such an adapter in a checkpoint
+  (PEFT is the file format; the compute path is ``multilora``);
+- ``tied_unembedding`` / ``input_embedding_weight`` tell how the unembedding relates to the
+  input embedding (see ``checkpoints._export_tied_unembedding``).
 """
 
 from __future__ import annotations
 
-import re
-import warnings
-from collections.abc import Generator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
@@ -40,6 +33,10 @@ class Targets:
     attn: tuple[str, ...]
     mlp: tuple[str, ...]
     unembed: str | None
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (*self.attn, *self.mlp, *((self.unembed,) if self.unembed else ()))
 
 
 def discover_targets(model: nn.Module) -> Targets:
@@ -85,65 +82,6 @@ def lora_config(targets: Targets, spec: LoraSpec, base_name_or_path: str) -> Lor
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_name_or_path,
     )
-
-
-@contextmanager
-def _quiet_peft() -> Generator[None, None, None]:
-    """Silence PEFT's notices that do not apply here (we never merge adapters)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
-        yield
-
-
-def add_adapter(
-    model: nn.Module, peft: PeftModel | None, name: str, config: LoraConfig, seed: int
-) -> PeftModel:
-    """Add adapter ``name`` (LoRA init seeded by ``seed``, global RNG untouched).
-
-    Wraps ``model`` in a new PeftModel when ``peft`` is None; returns the PeftModel.
-    """
-    devices = [p.device.index for p in model.parameters() if p.device.type == "cuda"][:1]
-    with torch.random.fork_rng(devices=devices), _quiet_peft():
-        torch.manual_seed(seed)
-        if peft is None:
-            peft = get_peft_model(model, config, adapter_name=name)
-        else:
-            peft.add_adapter(name, config)
-    assert peft is not None
-    for param in adapter_parameters(peft, name).values():
-        param.requires_grad_(False)
-    return peft
-
-
-def remove_adapter(peft: PeftModel, name: str) -> nn.Module | None:
-    """Delete adapter ``name``. Returns the unwrapped base model if it was the last one."""
-    if set(peft.peft_config) == {name}:
-        with _quiet_peft():
-            base = peft.unload()
-        return base
-    with _quiet_peft():
-        peft.delete_adapter(name)
-    return None
-
-
-def activate(peft: PeftModel, name: str) -> None:
-    """Make ``name`` the only active adapter (its parameters trainable, all others frozen)."""
-    with _quiet_peft():
-        peft.set_adapter(name)
-
-
-def adapter_parameters(peft: PeftModel, name: str) -> dict[str, nn.Parameter]:
-    """Canonical PEFT state-dict name -> parameter, for adapter ``name``, sorted by name."""
-    pattern = re.compile(rf"\.(lora_[A-Za-z_]+)\.{re.escape(name)}(\.|$)")
-    params: dict[str, nn.Parameter] = {}
-    for full, param in peft.named_parameters():
-        canonical, hits = pattern.subn(r".\1\2", full)
-        if hits:
-            params[canonical] = param
-    return dict(sorted(params.items()))
 
 
 def tied_unembedding(model: nn.Module) -> nn.Module | None:

@@ -1,4 +1,4 @@
-"""Datum validation and right-padding into one batch of tensors.
+"""Datum validation, and packing of validated datums into one row without padding.
 
 Everything a request can get wrong is checked here, before any model state is touched: empty
 batch, missing or unknown loss inputs, length mismatches, token ids outside the vocabulary,
@@ -20,22 +20,6 @@ from eztinker_tasks.loss_specs import LossSpec, bounds_message, check_loss_input
 from eztinker_tasks.types import Datum
 
 TARGET_KEY = "target_tokens"
-
-
-@dataclass
-class Batch:
-    """A right-padded batch. ``attention_mask`` is None when every row has the same length."""
-
-    input_ids: torch.Tensor  # [B, T] int64
-    attention_mask: torch.Tensor | None  # [B, T] int64 or None
-    targets: torch.Tensor  # [B, T] int64, 0 at padding
-    mask: torch.Tensor  # [B, T] bool, True at real positions
-    inputs: dict[str, torch.Tensor]  # every loss input but the targets, [B, T] float32
-    lengths: list[int]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.lengths)
 
 
 def _invalid(message: str, where: str) -> InvalidRequest:
@@ -92,17 +76,22 @@ def check_length(length: int, max_context: int, where: str) -> None:
         )
 
 
-def build_batch(
-    data: Sequence[Datum],
-    spec: LossSpec,
-    vocab_size: int,
-    max_context: int,
-    device: torch.device,
-) -> Batch:
-    """Validate ``data`` for loss ``spec`` and pad it into tensors on ``device``."""
+@dataclass(frozen=True)
+class Row:
+    """One validated datum: input tokens, targets and float loss inputs (same length)."""
+
+    tokens: np.ndarray  # int64
+    targets: np.ndarray  # int64
+    floats: dict[str, np.ndarray]  # float32 each
+
+
+def validate_rows(
+    data: Sequence[Datum], spec: LossSpec, vocab_size: int, max_context: int
+) -> list[Row]:
+    """Validate ``data`` for loss ``spec``; raise ``InvalidRequest`` naming datum and field."""
     if not isinstance(data, Sequence) or isinstance(data, (str, bytes)) or len(data) == 0:
         raise _invalid("data must be a non-empty list of datums", "data")
-    rows: list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]] = []
+    rows: list[Row] = []
     for i, datum in enumerate(data):
         if not isinstance(datum, Datum):
             raise _invalid(f"data[{i}] is not a Datum", f"data[{i}]")
@@ -122,38 +111,65 @@ def build_batch(
                 raise _invalid(
                     f"{where} has length {len(array)} but tokens has length {len(tokens)}", where
                 )
-        rows.append((tokens, targets, floats))
+        rows.append(Row(tokens, targets, floats))
+    return rows
 
-    lengths = [len(tokens) for tokens, _, _ in rows]
-    batch, width = len(rows), max(lengths)
-    input_ids = np.zeros((batch, width), dtype=np.int64)
-    targets = np.zeros((batch, width), dtype=np.int64)
-    mask = np.zeros((batch, width), dtype=np.bool_)
-    keys = sorted({key for _, _, floats in rows for key in floats})
-    inputs = {key: np.zeros((batch, width), dtype=np.float32) for key in keys}
-    for b, (tok, tgt, floats) in enumerate(rows):
-        n = len(tok)
-        input_ids[b, :n] = tok
-        targets[b, :n] = tgt
-        mask[b, :n] = True
-        for key, values in floats.items():
-            inputs[key][b, :n] = values
-    # Optional inputs absent from some datums keep their neutral default there.
+
+# The value an input takes where a datum does not give it: the loss then behaves as without it.
+NEUTRAL = {"weights": 1.0}
+
+
+@dataclass
+class PackedBatch:
+    """Sequences concatenated without padding into one row of ``num_tokens`` positions.
+
+    Positions restart at 0 for every sequence; ``cu_seqlens`` ([S + 1] int32 on the device)
+    are the cumulative sequence lengths that packed attention uses to keep sequences apart.
+    """
+
+    input_ids: torch.Tensor  # [1, N] int64
+    position_ids: torch.Tensor  # [1, N] int64
+    targets: torch.Tensor  # [N] int64
+    cu_seqlens: torch.Tensor  # [S + 1] int32
+    inputs: dict[str, torch.Tensor]  # every float loss input, [N] float32 (neutral where absent)
+    lengths: list[int]
+    starts: list[int]  # first position of each sequence
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.lengths)
+
+
+def pack(rows: Sequence[Row], device: torch.device) -> PackedBatch:
+    """Concatenate validated rows (in order) into one packed batch on ``device``."""
+    lengths = [len(r.tokens) for r in rows]
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    keys = sorted({key for r in rows for key in r.floats})
+    inputs = {}
     for key in keys:
-        if key == "weights":
-            for b, (_, _, floats) in enumerate(rows):
-                if key not in floats:
-                    inputs[key][b, : lengths[b]] = 1.0
+        inputs[key] = np.concatenate(
+            [
+                r.floats[key]
+                if key in r.floats
+                else np.full(len(r.tokens), NEUTRAL.get(key, 0.0), dtype=np.float32)
+                for r in rows
+            ]
+        )
+    positions = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
 
     def to_device(array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(device, non_blocking=True)
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
 
-    uniform = all(n == width for n in lengths)
-    return Batch(
-        input_ids=to_device(input_ids),
-        attention_mask=None if uniform else to_device(mask.astype(np.int64)),
-        targets=to_device(targets),
-        mask=to_device(mask),
+    return PackedBatch(
+        input_ids=to_device(np.concatenate([r.tokens for r in rows]))[None],
+        position_ids=to_device(positions)[None],
+        targets=to_device(np.concatenate([r.targets for r in rows])),
+        cu_seqlens=to_device(starts.astype(np.int32)),
         inputs={key: to_device(value) for key, value in inputs.items()},
         lengths=lengths,
+        starts=starts[:-1].tolist(),
     )

@@ -32,12 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from eztinker_tasks import checkpoint_paths
 from eztinker_tasks.catalog import file_lock
-from eztinker_tasks.engine.adapters import input_embedding_weight
+from eztinker_tasks.engine.adapters import input_embedding_weight, lora_config
 from eztinker_tasks.engine.runs import RunState, checked_lora_spec
 from eztinker_tasks.errors import CheckpointNotFound, InvalidRequest
 from eztinker_tasks.types import CheckpointInfo, CheckpointKind, LoraSpec
@@ -117,9 +116,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- writing
 
 
-def _adapter_files(run: RunState, peft: PeftModel, directory: Path) -> None:
-    config = copy.deepcopy(peft.peft_config[run.adapter])
-    config.base_model_name_or_path = run.base.source
+def _adapter_files(run: RunState, directory: Path) -> None:
+    config = lora_config(run.base.targets, run.lora, run.base.source)
     config.inference_mode = True
     tensors = {k: p.detach().to("cpu", copy=True).contiguous() for k, p in run.params.items()}
     unembed = run.base.targets.unembed
@@ -175,9 +173,7 @@ def _meta(run: RunState, kind: CheckpointKind, name: str) -> dict[str, Any]:
     }
 
 
-def save(
-    checkpoints_dir: Path, run: RunState, peft: PeftModel, name: str, kind: CheckpointKind
-) -> CheckpointInfo:
+def save(checkpoints_dir: Path, run: RunState, name: str, kind: CheckpointKind) -> CheckpointInfo:
     """Write a "state" or "sampler" checkpoint of ``run`` named ``name``."""
     checkpoint_paths.validate_name(name)
     final = checkpoint_paths.resolve(
@@ -186,7 +182,7 @@ def save(
     meta = _meta(run, kind, name)
 
     def fill(directory: Path) -> None:
-        _adapter_files(run, peft, directory)
+        _adapter_files(run, directory)
         if kind == "state":
             _optimizer_files(run, directory)
             state = run.generator.get_state()

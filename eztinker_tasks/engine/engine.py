@@ -1,10 +1,12 @@
 """The ``Engine`` facade: the one object the tasks layer drives (see docs/ENGINE_SPEC.md).
 
-It owns all GPU state of a worker: the loaded bases (``ModelRegistry``), the live runs
-(``RunState``: adapter + optimizer + RNG) and an LRU of saved checkpoints loaded as extra
-adapters for sampling. Each operation validates its whole request first (typed errors from
-``eztinker_tasks.errors``), then switches the base's active adapter explicitly, then runs.
-One operation at a time; nothing is shared across Engine instances.
+It owns all GPU state of a worker: the loaded bases (``ModelRegistry``, each with the
+multi-adapter LoRA layers injected once), the live runs (``RunState``: adapter + optimizer +
+RNG) and an LRU of saved checkpoints loaded as extra adapters for sampling. Training and
+``forward`` calls of one run or of MANY runs on one base run in one packed pass
+(``passes.run_pass``): ``run_calls`` is the clock cycle. Each operation validates its whole
+request first (typed errors from ``eztinker_tasks.errors``); one operation at a time; nothing
+is shared across Engine instances.
 """
 
 from __future__ import annotations
@@ -25,15 +27,20 @@ from torch import nn
 
 from eztinker_tasks import checkpoint_paths
 from eztinker_tasks.engine import adapters, checkpoints, losses, sampler, training
-from eztinker_tasks.engine.batching import build_batch, check_length, token_array
+from eztinker_tasks.engine.batching import check_length, token_array, validate_rows
 from eztinker_tasks.engine.config import EngineConfig, resolve_device, resolve_dtype
+from eztinker_tasks.engine.finite import GradientStash
+from eztinker_tasks.engine.memory import needs_checkpointing
 from eztinker_tasks.engine.models import LoadedBase, ModelRegistry
+from eztinker_tasks.engine.multilora import Adapter, LoraRoute, new_adapter
+from eztinker_tasks.engine.passes import LossCall, run_pass
 from eztinker_tasks.engine.runs import RunState, checked_lora_spec, make_optimizer
-from eztinker_tasks.errors import Conflict, InvalidRequest, UnknownRun
+from eztinker_tasks.errors import Conflict, EZTinkerError, InvalidRequest, UnknownRun
 from eztinker_tasks.limits import check_adam_params
 from eztinker_tasks.loss_specs import get_loss_spec, resolve_loss_config
 from eztinker_tasks.types import (
     AdamParams,
+    CallSpec,
     CheckpointInfo,
     Datum,
     ForwardBackwardOutput,
@@ -52,7 +59,7 @@ class _SamplerAdapter:
     """A saved checkpoint loaded as an extra adapter of its base, for sampling only."""
 
     base: LoadedBase
-    adapter: str
+    adapter: Adapter
     version: float  # the checkpoint's created_at: a re-saved checkpoint is reloaded
 
 
@@ -101,9 +108,8 @@ class Engine:
                 errors={"lora": ["no target modules"]},
             )
         assert spec.seed is not None
-        adapter = self._add_adapter(base, "r", spec, spec.seed)
-        assert base.peft is not None
-        params = adapters.adapter_parameters(base.peft, adapter)
+        adapter = self._new_adapter(base, "r", spec, spec.seed)
+        params = adapter.params
         generator = torch.Generator(self._device)
         generator.manual_seed(spec.seed)
         self._runs[run_id] = RunState(
@@ -146,7 +152,7 @@ class Engine:
         for param in run.params.values():
             param.grad = None
         run.params.clear()
-        self._remove_adapter(run.base, run.adapter)
+        run.adapter.layers.clear()
 
     # ------------------------------------------------------------------ training
 
@@ -157,8 +163,8 @@ class Engine:
         loss_fn: str = "cross_entropy",
         loss_fn_config: Mapping[str, Any] | None = None,
     ) -> ForwardBackwardOutput:
-        """One batched forward+backward; gradients accumulate until ``optim_step``."""
-        return self._loss_pass(run_id, [data], loss_fn, loss_fn_config, backward=True)[0]
+        """One packed forward+backward; gradients accumulate until ``optim_step``."""
+        return self._calls_of_one_run(run_id, [data], loss_fn, loss_fn_config, backward=True)[0]
 
     def forward(
         self,
@@ -168,7 +174,7 @@ class Engine:
         loss_fn_config: Mapping[str, Any] | None = None,
     ) -> ForwardBackwardOutput:
         """Same outputs as ``forward_backward``; no gradient, no state change."""
-        return self._loss_pass(run_id, [data], loss_fn, loss_fn_config, backward=False)[0]
+        return self._calls_of_one_run(run_id, [data], loss_fn, loss_fn_config, backward=False)[0]
 
     def forward_backward_many(
         self,
@@ -184,14 +190,60 @@ class Engine:
         Each group's outputs and metrics are those its own call would return, and the
         accumulated gradient is that of all of them; used to coalesce queued operations.
         """
-        return self._loss_pass(run_id, groups, loss_fn, loss_fn_config, backward=backward)
+        return self._calls_of_one_run(run_id, groups, loss_fn, loss_fn_config, backward=backward)
+
+    def run_calls(self, calls: Sequence[CallSpec]) -> list[ForwardBackwardOutput | EZTinkerError]:
+        """The clock cycle: the calls of MANY runs, in as few packed passes as possible.
+
+        Calls on the same base with the same direction (``backward`` or not) share one pass;
+        a run's calls keep their order. Each call gets exactly what it would get alone: its
+        outputs and metrics, and (``backward``) its gradient added to its run's. A call whose
+        request is invalid, or whose loss or gradient is not finite, gets its error in its
+        place and changes nothing; the others stand.
+        """
+        results: list[ForwardBackwardOutput | EZTinkerError | None] = [None] * len(calls)
+        passes: dict[tuple[int, bool], list[tuple[int, LossCall]]] = {}
+        for i, spec in enumerate(calls):
+            try:
+                call = self._loss_call(spec)
+            except EZTinkerError as exc:
+                results[i] = exc
+                continue
+            passes.setdefault((id(call.run.base), spec.backward), []).append((i, call))
+        for (_, backward), members in passes.items():
+            base = members[0][1].run.base
+            with self._matmul_precision():
+                outcome = run_pass(
+                    base,
+                    [call for _, call in members],
+                    backward=backward,
+                    chunk_elements=self.config.logprob_chunk_elements,
+                    checkpoint=self._checkpoint_pass(base, members, backward),
+                )
+            for (i, _), value in zip(members, outcome, strict=True):
+                results[i] = value
+        return [r for r in results if r is not None]
 
     def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput:
         run = self._run(run_id)
         check_adam_params(params)
         return training.optim_step(run, params)
 
-    def _loss_pass(
+    def _loss_call(self, spec: CallSpec) -> LossCall:
+        run = self._run(spec.run_id)
+        loss = get_loss_spec(spec.loss_fn)
+        config = resolve_loss_config(loss, spec.loss_fn_config)
+        if spec.loss_fn not in losses.LOSS_FNS:
+            raise InvalidRequest(
+                f"loss_fn {spec.loss_fn!r} is not implemented by this engine yet",
+                errors={"loss_fn": [f"not implemented: {spec.loss_fn}"]},
+            )
+        info = run.base.info
+        rows = validate_rows(spec.data, loss, info.vocab_size, info.max_context)
+        op = "forward_backward" if spec.backward else "forward"
+        return LossCall(run, rows, spec.loss_fn, config, op)
+
+    def _calls_of_one_run(
         self,
         run_id: str,
         groups: Sequence[Sequence[Datum]],
@@ -200,35 +252,46 @@ class Engine:
         *,
         backward: bool,
     ) -> list[ForwardBackwardOutput]:
-        run = self._run(run_id)
-        spec = get_loss_spec(loss_fn)
-        config = resolve_loss_config(spec, loss_fn_config)
-        info = run.base.info
+        """Consecutive calls of one run in one pass; the first error raised, nothing applied."""
+        self._run(run_id)
         if not groups or any(len(g) == 0 for g in groups):
             raise InvalidRequest("data must be a non-empty list of datums", errors={"data": []})
-        data = [datum for group in groups for datum in group]
-        batch = build_batch(data, spec, info.vocab_size, info.max_context, self._device)
-        if loss_fn not in losses.LOSS_FNS:
-            raise InvalidRequest(
-                f"loss_fn {loss_fn!r} is not implemented by this engine yet",
-                errors={"loss_fn": [f"not implemented: {loss_fn}"]},
-            )
-        with self._weights(run.base, run.adapter) as model:
-            outputs = training.run_loss(
-                model,
-                batch,
-                loss_fn,
-                config,
-                backward=backward,
-                chunk_elements=self.config.logprob_chunk_elements,
-                params=list(run.params.values()),
-                group_sizes=[len(g) for g in groups],
-                op="forward_backward" if backward else "forward",
-            )
-        if backward:
-            run.tokens_trained += batch.num_tokens
-            run.last_loss = outputs[-1].metrics["loss:sum"]
-        return outputs
+        specs = [CallSpec(run_id, g, loss_fn, loss_fn_config, backward) for g in groups]
+        calls = [self._loss_call(spec) for spec in specs]  # validate all before running any
+        run = calls[0].run
+        # All or nothing: the pass may apply some calls and refuse others; set the earlier
+        # gradient and counters aside, and put back exactly them if any call fails.
+        outer = GradientStash(list(run.params.values()))
+        counters = (run.tokens_trained, run.last_loss)
+        try:
+            with self._matmul_precision():
+                outcome = run_pass(
+                    run.base,
+                    calls,
+                    backward=backward,
+                    chunk_elements=self.config.logprob_chunk_elements,
+                    checkpoint=self._checkpoint_pass(run.base, list(enumerate(calls)), backward),
+                )
+        except BaseException:
+            outer.rollback()
+            run.tokens_trained, run.last_loss = counters
+            raise
+        errors = [o for o in outcome if isinstance(o, EZTinkerError)]
+        if errors:
+            outer.rollback()
+            run.tokens_trained, run.last_loss = counters
+            raise errors[0]
+        outer.commit()
+        return [o for o in outcome if isinstance(o, ForwardBackwardOutput)]
+
+    def _checkpoint_pass(
+        self, base: LoadedBase, members: Sequence[tuple[int, LossCall]], backward: bool
+    ) -> bool:
+        """Whether this pass recomputes activations in the backward (see ``memory``)."""
+        if not backward:
+            return False
+        tokens = sum(len(r.tokens) for _, call in members for r in call.rows)
+        return needs_checkpointing(self.config.activation_checkpointing, base, tokens)
 
     # ------------------------------------------------------------------ sampling
 
@@ -279,14 +342,10 @@ class Engine:
     # ------------------------------------------------------------------ checkpoints
 
     def save_state(self, run_id: str, name: str) -> CheckpointInfo:
-        run = self._run(run_id)
-        assert run.base.peft is not None
-        return checkpoints.save(self._ckpt_dir, run, run.base.peft, name, "state")
+        return checkpoints.save(self._ckpt_dir, self._run(run_id), name, "state")
 
     def save_weights_for_sampler(self, run_id: str, name: str) -> CheckpointInfo:
-        run = self._run(run_id)
-        assert run.base.peft is not None
-        return checkpoints.save(self._ckpt_dir, run, run.base.peft, name, "sampler")
+        return checkpoints.save(self._ckpt_dir, self._run(run_id), name, "sampler")
 
     def load_state(self, run_id: str, path: str, optimizer: bool = True) -> RunInfo:
         """Load adapter weights (and optimizer state, step, RNG) from a checkpoint."""
@@ -317,9 +376,7 @@ class Engine:
 
     def delete_checkpoint(self, path: str) -> None:
         directory = checkpoints.delete(self._ckpt_dir, path)
-        cached = self._samplers.pop(str(directory), None)
-        if cached is not None:
-            self._remove_adapter(cached.base, cached.adapter)
+        self._samplers.pop(str(directory), None)
 
     # ------------------------------------------------------------------ memory
 
@@ -352,25 +409,16 @@ class Engine:
         except (KeyError, TypeError):
             raise UnknownRun(f"unknown run {run_id!r}", errors={"run_id": [str(run_id)]}) from None
 
-    def _add_adapter(self, base: LoadedBase, prefix: str, spec: LoraSpec, seed: int) -> str:
+    def _new_adapter(self, base: LoadedBase, prefix: str, spec: LoraSpec, seed: int) -> Adapter:
+        paths = adapters.target_modules(base.targets, spec)
+        alpha = adapters.DEFAULT_ALPHA if spec.alpha is None else float(spec.alpha)
         name = f"{prefix}{next(self._names)}"
-        config = adapters.lora_config(base.targets, spec, base.source)
-        base.peft = adapters.add_adapter(base.model, base.peft, name, config, seed)
-        base.adapters.add(name)
-        base.active = None
-        return name
-
-    def _remove_adapter(self, base: LoadedBase, name: str) -> None:
-        base.adapters.discard(name)
-        base.active = None
-        if base.peft is None:
-            return
-        unwrapped = adapters.remove_adapter(base.peft, name)
-        if unwrapped is not None:
-            base.model, base.peft = unwrapped, None
+        return new_adapter(base.model, name, paths, spec.rank, alpha, seed, self._device)
 
     @contextmanager
-    def _weights(self, base: LoadedBase, adapter: str | None) -> Generator[nn.Module, None, None]:
+    def _weights(
+        self, base: LoadedBase, adapter: Adapter | None
+    ) -> Generator[nn.Module, None, None]:
         """The module to call with exactly ``adapter`` active (None: the plain base)."""
         with self._matmul_precision(), self._active(base, adapter) as model:
             yield model
@@ -394,20 +442,16 @@ class Engine:
             torch.set_float32_matmul_precision(previous)
 
     @contextmanager
-    def _active(self, base: LoadedBase, adapter: str | None) -> Generator[nn.Module, None, None]:
-        if adapter is not None:
-            assert base.peft is not None
-            if base.active != adapter:
-                adapters.activate(base.peft, adapter)
-                base.active = adapter
-            yield base.peft
-        elif base.peft is None:
+    def _active(
+        self, base: LoadedBase, adapter: Adapter | None
+    ) -> Generator[nn.Module, None, None]:
+        base.context.route = None if adapter is None else LoraRoute.single(adapter)
+        try:
             yield base.model
-        else:
-            with base.peft.disable_adapter():
-                yield base.peft
+        finally:
+            base.context.route = None
 
-    def _source(self, source: SampleSource) -> tuple[LoadedBase, str | None, torch.Generator]:
+    def _source(self, source: SampleSource) -> tuple[LoadedBase, Adapter | None, torch.Generator]:
         given = [v for v in (source.base_model, source.run_id, source.checkpoint) if v is not None]
         if len(given) != 1:
             raise InvalidRequest(
@@ -433,22 +477,13 @@ class Engine:
             return cached
         if cached is not None:
             del self._samplers[key]
-            self._remove_adapter(cached.base, cached.adapter)
         base = self.models.get(str(meta["base_model"]))
-        name = self._add_adapter(base, "s", checkpoints.lora_spec(meta), seed=0)
-        try:
-            assert base.peft is not None
-            params = adapters.adapter_parameters(base.peft, name)
-            tensors = checkpoints.load_adapter_tensors(directory, dict(params))
-            with torch.no_grad():
-                for key_name, param in params.items():
-                    param.copy_(tensors[key_name])
-                    param.requires_grad_(False)
-        except BaseException:
-            self._remove_adapter(base, name)
-            raise
-        self._samplers[key] = _SamplerAdapter(base, name, version)
+        adapter = self._new_adapter(base, "s", checkpoints.lora_spec(meta), seed=0)
+        tensors = checkpoints.load_adapter_tensors(directory, dict(adapter.params))
+        with torch.no_grad():
+            for key_name, param in adapter.params.items():
+                param.copy_(tensors[key_name])
+        self._samplers[key] = _SamplerAdapter(base, adapter, version)
         while len(self._samplers) > max(1, self.config.max_sampler_adapters):
-            _, evicted = self._samplers.popitem(last=False)
-            self._remove_adapter(evicted.base, evicted.adapter)
+            self._samplers.popitem(last=False)
         return self._samplers[key]

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from eztinker_tasks import catalog
 from eztinker_tasks.engine import hub
 from eztinker_tasks.engine.adapters import Targets, discover_targets, tensor_bytes, tied_unembedding
+from eztinker_tasks.engine.multilora import LoraContext, inject
 from eztinker_tasks.engine.tiny import ensure_tiny_model
 from eztinker_tasks.errors import UnknownModel
 from eztinker_tasks.types import ModelInfo
@@ -32,25 +32,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedBase:
-    """One loaded base model and the PeftModel (if any) that carries its adapters."""
+    """One loaded, frozen base model with the multi-adapter LoRA layers injected once.
+
+    Every module LoRA can target (attention, MLP, unembedding: ``targets``) is a
+    ``MultiLoraLinear``; which adapter serves which rows of a forward is ``context.route``
+    (None: the bare base).
+    """
 
     name: str  # as requested: built-in name, hub id or local path
     source: str  # what from_pretrained read: a local directory or a hub id
-    model: nn.Module  # the frozen base (LoRA layers are injected into it while peft exists)
+    model: nn.Module  # the frozen base, its target modules wrapped by MultiLoraLinear
     tokenizer: Any | None  # a transformers tokenizer, or None if the model ships none
     info: ModelInfo
     targets: Targets
     param_bytes: int
     cache_kwarg: str  # "cache" (transformers >= 5.2x) or "past_key_values"
+    context: LoraContext
     tied_unembedding: bool = False  # lm_head shares its weight with the input embedding
-    peft: PeftModel | None = None
-    adapters: set[str] = field(default_factory=set)
-    active: str | None = None  # the adapter last activated (None: unknown, activate again)
-
-    @property
-    def module(self) -> nn.Module:
-        """What to call for a forward pass: the PeftModel once adapters exist."""
-        return self.peft if self.peft is not None else self.model
 
     @property
     def device(self) -> torch.device:
@@ -199,14 +197,17 @@ class ModelRegistry:
             builtin=spec is not None,
         )
         params = inspect.signature(model.forward).parameters
+        tied = tied_unembedding(model) is not None
+        targets = discover_targets(model)
         return LoadedBase(
             name=name,
             source=source,
             model=model,
             tokenizer=tokenizer,
             info=info,
-            targets=discover_targets(model),
+            targets=targets,
             param_bytes=tensor_bytes(model.parameters()),
             cache_kwarg="cache" if "cache" in params else "past_key_values",
-            tied_unembedding=tied_unembedding(model) is not None,
+            context=inject(model, targets.all),
+            tied_unembedding=tied,
         )

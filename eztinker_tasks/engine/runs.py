@@ -1,7 +1,8 @@
 """Per-run state: the run's adapter parameters, optimizer, RNG and counters.
 
-A run owns nothing of the base model: only its adapter (by name, inside the base's PeftModel),
-an AdamW optimizer over that adapter's parameters, a ``torch.Generator`` and its counters.
+A run owns nothing of the base model: only its adapter (its own LoRA factors, served by the
+base's multi-adapter layers), an AdamW optimizer over those factors, a ``torch.Generator`` and
+its counters.
 ``checked_lora_spec`` validates a requested ``LoraSpec`` and records its defaults.
 """
 
@@ -11,16 +12,16 @@ import secrets
 from dataclasses import dataclass, replace
 
 import torch
-from torch import nn
 
 from eztinker_tasks.engine.adapters import DEFAULT_ALPHA, tensor_bytes
 from eztinker_tasks.engine.models import LoadedBase
+from eztinker_tasks.engine.multilora import Adapter
 from eztinker_tasks.errors import InvalidRequest
 from eztinker_tasks.limits import check_lora_spec
 from eztinker_tasks.types import LoraSpec, RunInfo
 
 
-def make_optimizer(params: list[nn.Parameter], device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(params: list[torch.Tensor], device: torch.device) -> torch.optim.AdamW:
     """AdamW over ``params``; hyper-parameters are set on the group at every step."""
     return torch.optim.AdamW(params, lr=0.0, fused=device.type == "cuda")
 
@@ -29,9 +30,9 @@ def make_optimizer(params: list[nn.Parameter], device: torch.device) -> torch.op
 class RunState:
     run_id: str
     base: LoadedBase
-    adapter: str  # the adapter's name inside base.peft (never the run id: ids may hold dots)
+    adapter: Adapter  # the run's LoRA factors on the base's multi-adapter layers
     lora: LoraSpec  # with the seed that was actually used
-    params: dict[str, nn.Parameter]  # canonical PEFT name -> parameter, sorted by name
+    params: dict[str, torch.Tensor]  # canonical PEFT name -> leaf tensor, sorted by name
     optimizer: torch.optim.AdamW
     generator: torch.Generator  # the run's own RNG (sampling from the run without a seed)
     step: int = 0
@@ -64,7 +65,7 @@ class RunState:
             adapter_bytes=self.adapter_bytes(),
             optimizer_bytes=self.optimizer_bytes(),
             extra={
-                "adapter_name": self.adapter,
+                "adapter_name": self.adapter.name,
                 "lora_modules": len(self.params) // 2,
                 "has_accumulated_grad": self.has_grad(),
             },

@@ -81,6 +81,28 @@ def new_run(
     engine.create_run(run_id, base_model, LoraSpec(rank=rank, seed=seed, **lora))
 
 
+def peft_reference(engine: Engine, run_id: str) -> torch.nn.Module:
+    """An independent reference of a run's model: a fresh copy of its base wrapped by PLAIN
+    PEFT (its own LoRA layers, one adapter), with the run's adapter weights copied in."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from eztinker_tasks.engine.adapters import lora_config
+
+    run = run_state(engine, run_id)
+    plain = AutoModelForCausalLM.from_pretrained(
+        run.base.source, dtype=engine.dtype, attn_implementation="eager"
+    ).to(engine.device)
+    peft = get_peft_model(plain, lora_config(run.base.targets, run.lora, run.base.source))
+    named = dict(peft.named_parameters())
+    with torch.no_grad():
+        for canonical, value in run.params.items():
+            module, _, rest = canonical.removeprefix("base_model.model.").rpartition(".lora_")
+            factor = rest.split(".")[0]
+            named[f"base_model.model.{module}.lora_{factor}.default.weight"].copy_(value)
+    return peft.eval()
+
+
 def is_fp32(engine: Engine) -> bool:
     return engine.dtype == torch.float32
 

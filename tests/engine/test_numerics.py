@@ -16,6 +16,7 @@ from engine_helpers import (
     logprob_atol,
     new_run,
     params_copy,
+    peft_reference,
     rel_err,
     rel_tol,
     run_state,
@@ -23,7 +24,7 @@ from engine_helpers import (
 )
 
 from eztinker_tasks.engine import Engine, losses
-from eztinker_tasks.engine.batching import build_batch
+from eztinker_tasks.engine.batching import pack, validate_rows
 from eztinker_tasks.engine.logprobs import target_logprobs
 from eztinker_tasks.loss_specs import get_loss_spec
 from eztinker_tasks.types import AdamParams, Datum, SampleSource, SamplingParams
@@ -51,10 +52,10 @@ def _warm_up(engine: Engine, run_id: str, base_model: str) -> None:
 def _reference(engine: Engine, run_id: str, data: list[Datum]):
     """Plain PyTorch: one unpadded forward per datum, manual float32 log-softmax, autograd."""
     run = run_state(engine, run_id)
-    peft = run.base.peft
-    assert peft is not None
-    peft.set_adapter(run.adapter)
-    params = list(run.params.values())
+    peft = peft_reference(engine, run_id)
+    names = sorted(n for n, p in peft.named_parameters() if p.requires_grad)
+    named = dict(peft.named_parameters())
+    params = [named[n] for n in names]
     logprobs, total = [], torch.zeros((), dtype=torch.float64, device=params[0].device)
     for d in data:
         ids = torch.tensor([d.tokens], device=params[0].device)
@@ -65,7 +66,8 @@ def _reference(engine: Engine, run_id: str, data: list[Datum]):
         total = total + (-weights * lp).sum()
         logprobs.append(lp.detach().cpu())
     grads = torch.autograd.grad(total, params)
-    return logprobs, float(total.detach()), dict(zip(run.params, grads, strict=True))
+    by_name = {n.replace(".default.", "."): g for n, g in zip(names, grads, strict=True)}
+    return logprobs, float(total.detach()), {k: by_name[k] for k in run.params}
 
 
 def test_logprobs_loss_and_grads_match_reference(engine: Engine, base_model: str) -> None:
@@ -196,10 +198,10 @@ def test_optim_step_without_gradient(engine: Engine, base_model: str) -> None:
         assert torch.equal(value, before[key])
 
 
-def test_loss_inputs_reach_the_loss_as_padded_float32(
+def test_loss_inputs_reach_the_loss_as_packed_float32(
     engine: Engine, base_model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """RL losses get every input but the targets as float32 [B, T], zero at padding."""
+    """Losses get every input but the targets as float32, packed [1, tokens] (no padding)."""
     seen = {}
 
     def spy(lp, mask, inputs, config):
@@ -214,12 +216,12 @@ def test_loss_inputs_reach_the_loss_as_padded_float32(
     ]
     out = engine.forward_backward("r", data, "ppo", {"clip_low_threshold": 0.5})
     assert seen["config"] == {"clip_low_threshold": 0.5, "clip_high_threshold": 1.2}
-    assert seen["mask"].tolist() == [[True, True, True], [True, True, False]]
+    assert seen["mask"].tolist() == [[True] * 5]
     assert sorted(seen["inputs"]) == ["advantages", "logprobs", "weights"]
     for tensor in seen["inputs"].values():
-        assert tensor.dtype == torch.float32 and tensor.shape == (2, 3)
-    assert seen["inputs"]["advantages"].tolist() == [[0.5, -0.5, 1.0], [2.0, 3.0, 0.0]]
-    assert seen["inputs"]["weights"].tolist() == [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
+        assert tensor.dtype == torch.float32 and tensor.shape == (1, 5)
+    assert seen["inputs"]["advantages"].tolist() == [[0.5, -0.5, 1.0, 2.0, 3.0]]
+    assert seen["inputs"]["weights"].tolist() == [[1.0, 1.0, 1.0, 1.0, 0.0]]
     assert seen["lp"].dtype == torch.float32
     assert [len(o["logprobs"]) for o in out.loss_fn_outputs] == [3, 2]
 
@@ -252,18 +254,17 @@ def test_engine_uses_configured_dtype(engine: Engine) -> None:
         assert is_fp32(engine)
 
 
-def test_batches_are_right_padded_and_unmasked_when_uniform() -> None:
+def test_batches_are_packed_without_padding() -> None:
     spec = get_loss_spec("cross_entropy")
     cpu = torch.device("cpu")
-    uniform = build_batch([datum([1, 2, 3]), datum([4, 5, 6])], spec, 10, 8, cpu)
-    assert uniform.attention_mask is None
-    ragged = build_batch([datum([1, 2, 3]), datum([4], weights=[-2.0])], spec, 10, 8, cpu)
-    assert ragged.input_ids.tolist() == [[1, 2, 3], [4, 0, 0]]
-    assert ragged.targets.tolist() == [[2, 3, 0], [0, 0, 0]]
-    assert ragged.attention_mask is not None
-    assert ragged.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert ragged.inputs["weights"].tolist() == [[1.0, 1.0, 1.0], [-2.0, 0.0, 0.0]]
-    assert ragged.num_tokens == 4
+    rows = validate_rows([datum([1, 2, 3]), datum([4], weights=[-2.0])], spec, 10, 8)
+    packed = pack(rows, cpu)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 0]]
+    assert packed.targets.tolist() == [2, 3, 0, 0]
+    assert packed.cu_seqlens.tolist() == [0, 3, 4]
+    assert packed.inputs["weights"].tolist() == [1.0, 1.0, 1.0, -2.0]
+    assert packed.num_tokens == 4 and packed.max_seqlen == 3
 
 
 def test_ops_leave_the_matmul_precision_setting_alone(engine: Engine) -> None:

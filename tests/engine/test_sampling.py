@@ -14,7 +14,7 @@ from engine_helpers import (
     encode,
     logprob_atol,
     new_run,
-    run_state,
+    peft_reference,
     sequence_datum,
     train,
 )
@@ -140,16 +140,13 @@ def test_sampled_logprobs_match_the_learner(trained) -> None:
 
 
 def test_temperature_scales_the_reported_logprobs(trained) -> None:
-    engine, base_model, ids = trained
+    engine, _base_model, ids = trained
     prompt = ids[:4]
     seq = engine.sample(RUN, prompt, 1, SamplingParams(max_tokens=6, temperature=0.7, seed=3))
     seq = seq.sequences[0]
     full = torch.tensor([prompt + seq.tokens], device=engine.device)
-    base = engine.models.get(base_model)
-    assert base.peft is not None
     with torch.no_grad():
-        base.peft.set_adapter(run_state(engine, "r").adapter)
-        logits = base.peft(input_ids=full).logits[0].float()
+        logits = peft_reference(engine, "r")(input_ids=full).logits[0].float()
     lp = torch.log_softmax(logits / 0.7, -1)[len(prompt) - 1 : -1]
     expected = lp.gather(1, full[0, len(prompt) :, None]).squeeze(1).tolist()
     assert seq.logprobs == pytest.approx(expected[: len(seq.tokens)], abs=logprob_atol(engine))
@@ -202,8 +199,7 @@ def test_sample_from_saved_checkpoints(trained, make_engine) -> None:
     for path in (sampler_ckpt.path, state_ckpt.path, sampler_ckpt.path):
         got = other.sample(SampleSource(checkpoint=path), ids[:2], 2, params)
         assert [s.tokens for s in got.sequences] == [s.tokens for s in from_run.sequences]
-        base = other.models.get(base_model)
-        assert base.peft is not None and len(base.peft.peft_config) == 1
+        assert len(other._samplers) == 1  # the LRU keeps max_sampler_adapters
     assert other.sample(SampleSource(base_model=base_model), ids[:2], 2, params) == base_out
     engine.delete_checkpoint(sampler_ckpt.path)
     with pytest.raises(CheckpointNotFound):

@@ -1,0 +1,402 @@
+"""ONE packed forward (and backward) pass over the calls of any number of runs on one base.
+
+A ``LossCall`` is one operation's work: a run, its validated datums, its loss. ``run_pass``
+packs the datums of all calls into one row without padding (each run's rows contiguous), routes
+each run's rows through its own adapter (``multilora``), keeps sequences apart with packed
+attention (``attention``), computes the target logprobs from the hidden states without full
+logits (``fused_logprobs``), then each call's loss (``losses``) on its own rows. With
+``backward`` the sum of the calls' losses is back-propagated once: as the losses of different
+runs share no parameter, each run's gradient is exactly that of its own loss.
+
+Every call gets what a pass of its own would give (its outputs, metrics and gradient). A run
+whose loss or gradient is not finite has its fresh gradient dropped (``finite``) and its calls
+fail with ``NonFiniteValue``; the other runs' results stand. A run's calls that are not to
+blame are run again without the guilty ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from eztinker_tasks.engine import losses
+from eztinker_tasks.engine.attention import packed, packed_kwargs
+from eztinker_tasks.engine.batching import PackedBatch, Row, pack
+from eztinker_tasks.engine.checkpointing import activation_checkpointing
+from eztinker_tasks.engine.finite import GradientStash, describe_non_finite
+from eztinker_tasks.engine.fused_logprobs import UnembedSegment, unembed_logprobs
+from eztinker_tasks.engine.logprobs import target_logprobs
+from eztinker_tasks.engine.models import LoadedBase
+from eztinker_tasks.engine.multilora import LoraRoute, MultiLoraLinear, Segment
+from eztinker_tasks.engine.runs import RunState
+from eztinker_tasks.errors import EZTinkerError, NonFiniteValue
+from eztinker_tasks.types import ForwardBackwardOutput
+
+# Configs that post-process logits (soft-capping, scaling): such models get full logits.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+@dataclass
+class LossCall:
+    """One operation's part of a pass."""
+
+    run: RunState
+    rows: list[Row]
+    loss_fn: str
+    config: dict[str, float]
+    op: str = "forward_backward"  # for error messages
+
+
+@dataclass
+class PassStats:
+    """What a pass held: shown with each result (``batch``) so sharing is visible."""
+
+    runs: int
+    calls: int
+    tokens: int
+    sequences: int
+    checkpointed: bool = False
+
+    def to_dict(self) -> dict[str, int | bool]:
+        return {
+            "runs": self.runs,
+            "calls": self.calls,
+            "tokens": self.tokens,
+            "sequences": self.sequences,
+            "activation_checkpointing": self.checkpointed,
+        }
+
+
+@dataclass
+class _Layout:
+    """Where each call's rows and tokens sit in the packed batch."""
+
+    order: list[int]  # call indices in packed order (grouped by run, stable)
+    row_start: dict[int, int] = field(default_factory=dict)  # call -> first row (datum)
+    token_span: dict[int, tuple[int, int]] = field(default_factory=dict)  # call -> [a, b)
+
+
+def _layout(calls: Sequence[LossCall]) -> _Layout:
+    first_seen: dict[str, int] = {}
+    for i, call in enumerate(calls):
+        first_seen.setdefault(call.run.run_id, i)
+    order = sorted(range(len(calls)), key=lambda i: (first_seen[calls[i].run.run_id], i))
+    layout = _Layout(order)
+    row = token = 0
+    for i in order:
+        n_tokens = sum(len(r.tokens) for r in calls[i].rows)
+        layout.row_start[i] = row
+        layout.token_span[i] = (token, token + n_tokens)
+        row += len(calls[i].rows)
+        token += n_tokens
+    return layout
+
+
+def run_pass(
+    base: LoadedBase,
+    calls: Sequence[LossCall],
+    *,
+    backward: bool,
+    chunk_elements: int,
+    checkpoint: bool = False,
+) -> list[ForwardBackwardOutput | EZTinkerError]:
+    """Run ``calls`` (all on ``base``) in one packed pass; one result or error per call."""
+    results: list[ForwardBackwardOutput | EZTinkerError | None] = [None] * len(calls)
+    pending = list(range(len(calls)))
+    while pending:
+        sub = [calls[i] for i in pending]
+        outcome, blamed = _one_pass(
+            base, sub, backward=backward, chunk_elements=chunk_elements, checkpoint=checkpoint
+        )
+        retry = []
+        for local, i in enumerate(pending):
+            value = outcome[local]
+            if isinstance(value, _Innocent):
+                retry.append(i)  # its run's gradient was dropped for another call's fault
+            else:
+                results[i] = value
+        if not blamed:  # nothing left to learn: no guilty call was removed
+            for i in retry:
+                results[i] = NonFiniteValue(
+                    "the pass was not finite and no single call could be blamed"
+                )
+            retry = []
+        pending = retry
+    return [r for r in results if r is not None]
+
+
+@dataclass
+class _Innocent:
+    """A call whose run failed the finiteness check because of another call of that run."""
+
+
+def _one_pass(
+    base: LoadedBase,
+    calls: Sequence[LossCall],
+    *,
+    backward: bool,
+    chunk_elements: int,
+    checkpoint: bool,
+) -> tuple[list[ForwardBackwardOutput | EZTinkerError | _Innocent], bool]:
+    layout = _layout(calls)
+    rows = [row for i in layout.order for row in calls[i].rows]
+    batch = pack(rows, base.device)
+    runs: dict[str, RunState] = {}
+    for i in layout.order:
+        runs.setdefault(calls[i].run.run_id, calls[i].run)
+    spans = _run_spans(calls, layout)
+    route = LoraRoute([Segment(runs[run_id].adapter, a, b) for run_id, (a, b) in spans.items()])
+    stashes = {run_id: GradientStash(list(run.params.values())) for run_id, run in runs.items()}
+    if backward:
+        for run in runs.values():
+            run.adapter.requires_grad_(True)
+    try:
+        with torch.set_grad_enabled(backward):
+            lp = _target_logprobs(base, batch, route, chunk_elements, checkpoint)
+            call_results: dict[int, losses.LossResult] = {}
+            for i in layout.order:
+                a, b = layout.token_span[i]
+                inputs = {key: value[a:b].view(1, -1) for key, value in batch.inputs.items()}
+                mask = torch.ones((1, b - a), dtype=torch.bool, device=lp.device)
+                call = calls[i]
+                call_results[i] = losses.compute_loss(
+                    call.loss_fn, lp[a:b].view(1, -1), mask, inputs, call.config
+                )
+            total = None
+            for result in call_results.values():
+                total = result.loss if total is None else total + result.loss
+            assert total is not None
+            run_flags = {}
+            if backward:
+                if lp.requires_grad:
+                    lp.retain_grad()
+                if total.requires_grad:
+                    total.backward()
+                for run_id, stash in stashes.items():
+                    flag = stash.finite_flag()
+                    run_flags[run_id] = (
+                        flag if flag is not None else torch.ones((), dtype=torch.bool)
+                    )
+    except BaseException:
+        for stash in stashes.values():  # nothing of a failed pass stays
+            stash.rollback()
+        raise
+    finally:
+        for run in runs.values():
+            run.adapter.requires_grad_(False)
+    # One device-to-host copy for everything (outputs and verdicts).
+    ordered = [call_results[i] for i in layout.order]
+    host = torch.cat(
+        [
+            lp.detach().float(),
+            *(r.elementwise.detach().float().flatten() for r in ordered),
+            torch.stack([r.loss.detach().float() for r in ordered]),
+            torch.stack([f.to(lp.device).float() for f in run_flags.values()])
+            if run_flags
+            else lp.new_zeros(0),
+        ]
+    ).cpu()
+    n = lp.shape[0]
+    lp_host = host[:n].numpy()
+    loss_rows = host[n : 2 * n].numpy()
+    call_losses = dict(zip(layout.order, host[2 * n : 2 * n + len(ordered)].tolist(), strict=True))
+    grads_ok = dict(zip(run_flags, (bool(x) for x in host[2 * n + len(ordered) :]), strict=True))
+    grad_lp = None
+    if lp.grad is not None and not all(grads_ok.values()):
+        grad_lp = lp.grad.detach().float().cpu().numpy()
+    stats = PassStats(
+        runs=len(runs),
+        calls=len(calls),
+        tokens=batch.num_tokens,
+        sequences=len(batch.lengths),
+        checkpointed=checkpoint,
+    )
+
+    guilty: dict[int, NonFiniteValue] = {}
+    for i in layout.order:
+        a, b = layout.token_span[i]
+        bad_loss = not math.isfinite(call_losses[i]) or not np.isfinite(loss_rows[a:b]).all()
+        bad_grad = grad_lp is not None and not np.isfinite(grad_lp[a:b]).all()
+        run_ok = grads_ok.get(calls[i].run.run_id, True)
+        if bad_loss or bad_grad or not run_ok:
+            error = _describe(calls[i], batch, layout, i, loss_rows, lp_host, grad_lp, call_losses)
+            if bad_loss or bad_grad:
+                guilty[i] = error
+    failed_runs = {calls[i].run.run_id for i in guilty}
+    # A run whose gradient is not finite although none of its calls shows it: all are guilty.
+    for run_id, ok in grads_ok.items():
+        if not ok and run_id not in failed_runs:
+            failed_runs.add(run_id)
+            for i in layout.order:
+                if calls[i].run.run_id == run_id:
+                    guilty[i] = _describe(
+                        calls[i], batch, layout, i, loss_rows, lp_host, grad_lp, call_losses
+                    )
+    if not backward:  # nothing to roll back: only the guilty calls fail
+        failed_runs = set()
+    for run_id, stash in stashes.items():
+        if run_id in failed_runs:
+            stash.rollback()
+        else:
+            stash.commit()
+
+    outputs: list[ForwardBackwardOutput | EZTinkerError | _Innocent] = []
+    for i, call in enumerate(calls):
+        if i in guilty:
+            outputs.append(guilty[i])
+        elif call.run.run_id in failed_runs:
+            outputs.append(_Innocent())
+        else:
+            outputs.append(
+                _output(
+                    call,
+                    batch,
+                    layout,
+                    i,
+                    lp_host,
+                    loss_rows,
+                    call_losses,
+                    stats,
+                    call_results[i].metrics,
+                )
+            )
+            if backward:
+                call.run.tokens_trained += sum(len(r.tokens) for r in call.rows)
+                call.run.last_loss = call_losses[i]
+    return outputs, bool(guilty)
+
+
+def _run_spans(calls: Sequence[LossCall], layout: _Layout) -> dict[str, tuple[int, int]]:
+    spans: dict[str, tuple[int, int]] = {}
+    for i in layout.order:
+        run_id = calls[i].run.run_id
+        a, b = layout.token_span[i]
+        spans[run_id] = (spans[run_id][0], b) if run_id in spans else (a, b)
+    return spans
+
+
+def _describe(
+    call: LossCall,
+    batch: PackedBatch,
+    layout: _Layout,
+    i: int,
+    loss_rows: np.ndarray,
+    lp_host: np.ndarray,
+    grad_lp: np.ndarray | None,
+    call_losses: dict[int, float],
+) -> NonFiniteValue:
+    first = layout.row_start[i]
+    lengths = batch.lengths[first : first + len(call.rows)]
+    a = layout.token_span[i][0]
+    width = max(lengths)
+
+    def rows_of(flat: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(lengths), width), dtype=np.float32)
+        for r, start in enumerate(itertools.accumulate([0, *lengths[:-1]])):
+            out[r, : lengths[r]] = flat[a + start : a + start + lengths[r]]
+        return out
+
+    inputs = {
+        key: rows_of(value.detach().float().cpu().numpy())
+        for key, value in batch.inputs.items()
+        if any(key in row.floats for row in call.rows)
+    }
+    return describe_non_finite(
+        call.op,
+        call.loss_fn,
+        lengths,
+        [0],
+        rows_of(loss_rows),
+        rows_of(lp_host),
+        rows_of(grad_lp) if grad_lp is not None else None,
+        inputs,
+        loss_finite=math.isfinite(call_losses[i]),
+    )
+
+
+def _output(
+    call: LossCall,
+    batch: PackedBatch,
+    layout: _Layout,
+    i: int,
+    lp_host: np.ndarray,
+    loss_rows: np.ndarray,
+    call_losses: dict[int, float],
+    stats: PassStats,
+    extra: dict[str, float],
+) -> ForwardBackwardOutput:
+    first = layout.row_start[i]
+    outputs = []
+    for r in range(first, first + len(call.rows)):
+        start, n = batch.starts[r], batch.lengths[r]
+        outputs.append(
+            {
+                "logprobs": lp_host[start : start + n].tolist(),
+                "elementwise_loss": loss_rows[start : start + n].tolist(),
+            }
+        )
+    metrics = {
+        "loss:sum": float(call_losses[i]),
+        "num_tokens:sum": float(sum(len(r.tokens) for r in call.rows)),
+        "num_sequences:sum": float(len(call.rows)),
+        **{key: float(value) for key, value in extra.items()},
+    }
+    return ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=metrics, batch=stats.to_dict())
+
+
+# --------------------------------------------------------------------------- logprobs
+
+
+def _target_logprobs(
+    base: LoadedBase,
+    batch: PackedBatch,
+    route: LoraRoute,
+    chunk_elements: int,
+    checkpoint: bool,
+) -> torch.Tensor:
+    """float32 logprob of every packed target: [N]."""
+    model = base.model
+    kwargs = packed_kwargs(batch.cu_seqlens, batch.max_seqlen)
+    base.context.route = route
+    try:
+        with packed(model), activation_checkpointing(model, checkpoint):
+            unembed = getattr(model, "get_output_embeddings")()  # noqa: B009
+            if not _plain_unembedding(model) or not isinstance(unembed, MultiLoraLinear):
+                logits = model(
+                    input_ids=batch.input_ids,
+                    position_ids=batch.position_ids,
+                    use_cache=False,
+                    **kwargs,
+                ).logits[0]
+                return target_logprobs(logits, batch.targets, chunk_elements)
+            body = getattr(model, str(getattr(model, "base_model_prefix")))  # noqa: B009
+            hidden = body(
+                input_ids=batch.input_ids,
+                position_ids=batch.position_ids,
+                use_cache=False,
+                **kwargs,
+            ).last_hidden_state[0]
+        segments = []
+        for seg in route.segments:
+            layer = seg.adapter.layers.get(unembed.path) if seg.adapter is not None else None
+            lora = None
+            if layer is not None:
+                assert seg.adapter is not None
+                lora = (layer[0], layer[1], seg.adapter.scale)
+            segments.append(UnembedSegment(seg.start, seg.stop, lora))
+        return unembed_logprobs(
+            hidden, unembed.weight, unembed.bias, batch.targets, segments, chunk_elements
+        )
+    finally:
+        base.context.route = None
+
+
+def _plain_unembedding(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return not any(getattr(config, key, None) for key in _LOGIT_POSTPROCESSING)
