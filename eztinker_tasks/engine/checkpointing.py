@@ -17,6 +17,8 @@ from typing import Any
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from eztinker_tasks.engine.multilora import LoraContext
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     """The base's stack of decoder layers: its largest ``ModuleList``."""
@@ -24,19 +26,40 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     return max(lists, key=len, default=None)
 
 
-def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+def _checkpointed(
+    forward: Any, context: LoraContext, config: Any, *args: Any, **kwargs: Any
+) -> Any:
+    # The recomputation in the backward must see what the forward saw: the same adapters
+    # (LoRA route) and the same attention implementation (packed).
+    route, attention = context.route, config._attn_implementation
+
+    def run(*a: Any, **k: Any) -> Any:
+        previous = context.route, config._attn_implementation
+        context.route, config._attn_implementation = route, attention
+        try:
+            return forward(*a, **k)
+        finally:
+            context.route, config._attn_implementation = previous
+
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 @contextmanager
-def activation_checkpointing(model: nn.Module, enabled: bool) -> Generator[None, None, None]:
+def activation_checkpointing(
+    model: nn.Module, context: LoraContext, enabled: bool
+) -> Generator[None, None, None]:
+    """Checkpoint every decoder layer of ``model`` inside the block (if ``enabled``).
+
+    The forward's LoRA route and attention implementation are replayed in the recomputation.
+    """
     layers = decoder_layers(model) if enabled else None
     if layers is None:
         yield
         return
+    config = getattr(model, "config")  # noqa: B009
     own = [layer.__dict__.get("forward") for layer in layers]  # instance-level, if any
     for layer in layers:
-        layer.forward = partial(_checkpointed, layer.forward)  # type: ignore[method-assign]
+        layer.forward = partial(_checkpointed, layer.forward, context, config)  # type: ignore[method-assign]
     try:
         yield
     finally:

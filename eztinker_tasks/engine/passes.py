@@ -365,7 +365,7 @@ def _target_logprobs(
     kwargs = packed_kwargs(batch.cu_seqlens, batch.max_seqlen)
     base.context.route = route
     try:
-        with packed(model), activation_checkpointing(model, checkpoint):
+        with packed(model), activation_checkpointing(model, base.context, checkpoint):
             unembed = getattr(model, "get_output_embeddings")()  # noqa: B009
             if not _plain_unembedding(model) or not isinstance(unembed, MultiLoraLinear):
                 logits = model(
