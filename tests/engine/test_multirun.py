@@ -17,7 +17,7 @@ from engine_helpers import datum, encode, grads_copy, new_run, rel_err, run_stat
 from eztinker_tasks.engine import Engine
 from eztinker_tasks.engine.fused_logprobs import UnembedSegment, unembed_logprobs
 from eztinker_tasks.engine.multilora import Adapter, LoraRoute, Segment, _grouped_delta
-from eztinker_tasks.errors import InvalidRequest, NonFiniteValue
+from eztinker_tasks.errors import EZTinkerError, InvalidRequest, NonFiniteValue
 from eztinker_tasks.types import CallSpec, ForwardBackwardOutput
 
 RANKS = {"r4": 4, "r16": 16, "r64": 64}
@@ -121,7 +121,7 @@ def test_calls_on_two_bases_and_a_bad_call_each_get_their_own_answer(
     assert isinstance(out[0], ForwardBackwardOutput) and isinstance(out[1], ForwardBackwardOutput)
     assert out[0].batch is not None and out[0].batch["runs"] == 1  # other base: its own pass
     assert isinstance(out[2], InvalidRequest) and "vocabulary" in out[2].message
-    assert out[3].code == "unknown_run"  # type: ignore[union-attr]
+    assert isinstance(out[3], EZTinkerError) and out[3].code == "unknown_run"
 
 
 def test_a_non_finite_run_fails_alone_and_the_others_train(twins) -> None:
