@@ -92,6 +92,16 @@ class Settings:
         16384,
         "Most tokens the calls merged into one pass may add to it.",
     )
+    cross_run_batching: bool = _setting(
+        "EZTINKER_CROSS_RUN_BATCHING",
+        True,
+        "Queued calls of a worker's other runs on the same base join a starting pass (1/0).",
+    )
+    activation_checkpointing: str = _setting(
+        "EZTINKER_ACTIVATION_CHECKPOINTING",
+        "auto",
+        "Recompute activations in the backward: auto (when a pass would not fit), always, never.",
+    )
     flower_port: int = _setting("EZTINKER_FLOWER_PORT", 5555, "Port of the Flower UI.")
     web_workers: int = _setting(
         "EZTINKER_WEB_WORKERS",
@@ -191,6 +201,12 @@ def _dtype(raw: str) -> str:
     raise ValueError("must be auto, float32, bfloat16 or float16")
 
 
+def _checkpointing(raw: str) -> str:
+    if raw in ("auto", "always", "never"):
+        return raw
+    raise ValueError("must be auto, always or never")
+
+
 def _keys(raw: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in raw.split(",") if k.strip())
 
@@ -252,6 +268,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "min_free_bytes": _positive_int,
     "coalesce_max_ops": _positive_int,
     "coalesce_max_tokens": _positive_int,
+    "cross_run_batching": _flag,
+    "activation_checkpointing": _checkpointing,
     "flower_port": _port,
     "web_workers": _non_negative_int,
     "access_log": _flag,

@@ -255,6 +255,9 @@ class ForwardBackwardOutput:
     loss_fn_outputs: list[dict[str, TensorData]]
     metrics: dict[str, float]
     loss_fn_output_type: str = "cross_entropy"
+    # The engine pass the call ran in: ``runs``, ``calls``, ``tokens``, ``sequences`` (runs > 1:
+    # it shared the pass with other runs' calls) and ``activation_checkpointing``.
+    batch: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], loss_fn: str = "cross_entropy") -> Self:
@@ -262,7 +265,13 @@ class ForwardBackwardOutput:
             {k: TensorData.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in out.items()}
             for out in data.get("loss_fn_outputs") or []
         ]
-        return cls(outputs, dict(data.get("metrics") or {}), loss_fn)
+        batch = data.get("batch")
+        return cls(
+            outputs,
+            dict(data.get("metrics") or {}),
+            loss_fn,
+            dict(batch) if isinstance(batch, Mapping) else None,
+        )
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,14 @@
-"""Coalescing a run's queued training operations into one engine pass.
+"""Reading the heads of run queues: which queued calls may join the pass that is starting.
 
 A researcher's loop often submits several ``forward_backward`` (or ``forward``) calls in a
-row before the ``optim_step``. When the worker picks up one of them, the ones queued right
-behind it in the run's queue (same operation, same loss) can run in the SAME batched pass:
-gradients add up exactly as they would call by call, and every call gets its own outputs and
-metrics. Their results are stored under their own futures and their seq_ids are recorded as
-applied, so when Celery delivers those messages in their turn the worker answers them from the
-stored result without touching the model. Only a contiguous run of compatible messages at the
-head of the queue is taken, so submission order is kept.
+row before the ``optim_step``, and many runs on one worker do so at once. When the worker picks
+up one such call, the calls waiting at the HEAD of its run's queue (the same operation, any
+loss) and at the heads of the queues of its other runs on the same base can run in the SAME
+batched pass (``eztinker_tasks.cycle``): each gets exactly its own outputs and gradient. Only a
+contiguous run of compatible messages at the head of a queue is taken, so each run's
+submission order is kept.
 
-Once their results are stored, the answered messages are removed from the queue (``LREM`` of
+Once their results are stored, the answered messages are removed from their queues (``LREM`` of
 the exact message), which saves Celery delivering them only to be answered from the store.
 This is safe: with prefetch 1 the worker holds no other message and has no pop outstanding
 while an operation runs, and a message that is delivered anyway is answered by its seq_id.
@@ -29,10 +28,19 @@ import redis
 
 @dataclass(frozen=True)
 class QueuedOp:
+    """A call waiting in a run's queue, as its message tells it."""
+
     task_id: str
     seq_id: int
     data: list[dict[str, Any]]
     raw: bytes  # the message as it sits in the queue (to remove it once answered)
+    run_id: str = ""
+    loss_fn: str = "cross_entropy"
+    loss_fn_config: dict[str, float] | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(d["tokens"]) for d in self.data)
 
 
 def _decode(raw: bytes | str) -> tuple[str, str, dict[str, Any]] | None:
@@ -59,6 +67,49 @@ def remove_answered(pipe: redis.client.Pipeline, queue: str, ops: list[QueuedOp]
         pipe.lrem(queue, -1, op.raw)  # ty: ignore[no-matching-overload] - bytes work
 
 
+def head_calls(
+    oldest_last: Sequence[bytes],
+    task_name: str,
+    run_id: str,
+    *,
+    max_ops: int,
+    max_tokens: int,
+    already_applied: Callable[[int], bool],
+) -> list[QueuedOp]:
+    """The calls of ``task_name`` at the head of run ``run_id``'s queue, oldest first.
+
+    ``oldest_last`` is the head of the queue as ``LRANGE queue -n -1`` returns it. Stops at the
+    first message that is another operation, another run's, malformed, over the budget
+    (``max_ops`` calls, ``max_tokens`` tokens) or already applied (a late redelivery).
+    """
+    calls: list[QueuedOp] = []
+    tokens = 0
+    for raw in reversed(oldest_last):  # oldest first: the order they will run in
+        if len(calls) >= max_ops:
+            break
+        decoded = _decode(raw)
+        if decoded is None:
+            break
+        name, task_id, kwargs = decoded
+        if name != task_name or kwargs.get("run_id") != run_id:
+            break
+        seq_id, data = kwargs.get("seq_id"), kwargs.get("data")
+        loss_fn, config = kwargs.get("loss_fn", "cross_entropy"), kwargs.get("loss_fn_config")
+        if not isinstance(seq_id, int) or not isinstance(data, list) or not data:
+            break
+        if not isinstance(loss_fn, str) or not isinstance(config, (dict, type(None))):
+            break
+        try:
+            size = sum(len(d["tokens"]) for d in data)
+        except (KeyError, TypeError):
+            break
+        if tokens + size > max_tokens or already_applied(seq_id):
+            break
+        calls.append(QueuedOp(task_id, seq_id, data, raw, run_id, loss_fn, config))
+        tokens += size
+    return calls
+
+
 def peek_followers(
     oldest_last: Sequence[bytes],
     task_name: str,
@@ -69,32 +120,18 @@ def peek_followers(
     max_tokens: int,
     already_applied: Callable[[int], bool],
 ) -> list[QueuedOp]:
-    """The operations queued right behind the current one that can share its pass.
-
-    ``oldest_last`` is the head of the run's queue as ``LRANGE queue -n -1`` returns it.
-    """
-    followers: list[QueuedOp] = []
-    tokens = 0
-    for raw in reversed(oldest_last):  # oldest first: the order they will run in
-        decoded = _decode(raw)
-        if decoded is None:
+    """The calls queued right behind the current one with the same loss (``head_calls``)."""
+    calls = head_calls(
+        oldest_last,
+        task_name,
+        run_id,
+        max_ops=len(oldest_last),
+        max_tokens=max_tokens,
+        already_applied=already_applied,
+    )
+    same = []
+    for call in calls:
+        if call.loss_fn != loss_fn or (call.loss_fn_config or {}) != dict(loss_fn_config or {}):
             break
-        name, task_id, kwargs = decoded
-        if name != task_name or kwargs.get("run_id") != run_id:
-            break
-        if kwargs.get("loss_fn", "cross_entropy") != loss_fn:
-            break
-        if (kwargs.get("loss_fn_config") or {}) != dict(loss_fn_config or {}):
-            break
-        seq_id, data = kwargs.get("seq_id"), kwargs.get("data")
-        if not isinstance(seq_id, int) or not isinstance(data, list) or not data:
-            break
-        try:
-            size = sum(len(d["tokens"]) for d in data)
-        except (KeyError, TypeError):
-            break
-        if tokens + size > max_tokens or already_applied(seq_id):
-            break
-        followers.append(QueuedOp(task_id, seq_id, data, raw))
-        tokens += size
-    return followers
+        same.append(call)
+    return same

@@ -61,6 +61,10 @@ class ResultBackend(RedisBackend):
         meta["task_id"] = bytes_to_str(task_id)
         return bytes_to_str(self.get_key_for_task(task_id)), self.encode(meta)
 
+    def failure_record(self, task_id: str, exc: BaseException) -> tuple[str, str]:
+        """The key and encoded record of a task that failed with ``exc`` (as Celery stores it)."""
+        return self.result_record(task_id, self.encode_result(exc, "FAILURE"), state="FAILURE")
+
     def _store_result(
         self,
         task_id: str,

@@ -77,6 +77,7 @@ def get_runtime(app: Celery) -> WorkerRuntime:
                     checkpoints_dir=settings.checkpoints_dir,
                     device=_device or settings.device,
                     dtype=settings.dtype,
+                    activation_checkpointing=settings.activation_checkpointing,
                 )
             )
             store = Store(client, settings.result_ttl_s)

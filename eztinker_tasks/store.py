@@ -383,6 +383,34 @@ class Store:
                 f"{P}:run:{run_id}:stats", mapping={k: json.dumps(v) for k, v in stats.items()}
             )
 
+    def queue_heads(self, queues: list[str], n: int) -> dict[str, list[bytes]]:
+        """The oldest ``n`` messages of each queue (oldest last), in one round trip."""
+        if not queues or n <= 0:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for queue in queues:
+            pipe.lrange(queue, -n, -1)
+        return dict(zip(queues, pipe.execute(), strict=True))
+
+    def answer_call(
+        self,
+        run_id: str,
+        seq_id: int | None,
+        future_id: str,
+        key: str,
+        value: str,
+        expires_s: int,
+        pipe: redis.client.Pipeline,
+    ) -> None:
+        """Add to ``pipe``: store (and publish) a call's result record; with ``seq_id``, record
+        that seq_id of the run as applied under ``future_id``."""
+        pipe.set(key, value, ex=expires_s)
+        pipe.publish(key, value)
+        if seq_id is not None:
+            applied = self._applied_key(run_id)
+            pipe.hset(applied, str(seq_id), future_id)
+            pipe.expire(applied, self.ttl_s)
+
     def answer_many(
         self,
         run_id: str,

@@ -16,8 +16,7 @@ from typing import Any
 from celery import Task, shared_task
 
 from config import Settings
-from eztinker_tasks import names
-from eztinker_tasks.coalesce import QueuedOp, peek_followers, remove_answered
+from eztinker_tasks import cycle, names
 from eztinker_tasks.errors import (
     EZTinkerError,
     InternalError,
@@ -31,6 +30,7 @@ from eztinker_tasks.result_backend import ResultBackend
 from eztinker_tasks.runtime import WorkerRuntime, get_runtime, report_now
 from eztinker_tasks.types import (
     AdamParams,
+    CallSpec,
     Datum,
     LoraSpec,
     SampleSource,
@@ -206,58 +206,36 @@ def _loss_op(
     *,
     backward: bool,
 ) -> dict[str, Any]:
-    """forward_backward / forward, coalesced with compatible calls queued right behind it."""
-    datums = [Datum.from_dict(d) for d in data]
+    """forward_backward / forward, in one pass with the calls queued behind it (its run's
+    and, on the same base, the worker's other runs': ``eztinker_tasks.cycle``)."""
+    lead = CallSpec(run_id, [Datum.from_dict(d) for d in data], loss_fn, loss_fn_config, backward)
 
     def op(rt: WorkerRuntime, begun: Begun) -> dict[str, Any]:
-        followers: list[QueuedOp] = []
-        if seq_id is not None and begun.queued:
-            followers = peek_followers(
-                begun.queued,
-                str(task.name),
-                run_id,
-                loss_fn,
-                loss_fn_config,
-                max_tokens=max(
-                    0, rt.settings.coalesce_max_tokens - sum(map(len, (d.tokens for d in datums)))
-                ),
-                # Ops of a run reach it in seq_id order (seq_ids only grow): a queued one at or
-                # below this one or the last applied is a late redelivery, not a follower.
-                already_applied=lambda seq: seq <= max(seq_id, rt.applied_seq.get(run_id, 0)),
-            )
-        groups = [datums] + [[Datum.from_dict(d) for d in f.data] for f in followers]
-        try:
-            outs = rt.engine.forward_backward_many(
-                run_id, groups, loss_fn, loss_fn_config, backward=backward
-            )
-        except EZTinkerError:
-            if not followers:
-                raise
-            # A follower's input is bad (nothing was applied): run this call alone; the
-            # follower fails on its own turn with its own error.
-            followers = []
-            outs = rt.engine.forward_backward_many(
-                run_id, [datums], loss_fn, loss_fn_config, backward=backward
-            )
-        if not followers:
-            return outs[0].to_dict()
-        for f in followers:
-            rt.applied(run_id, f.seq_id)
+        started_at = cycle.now()
+        gathered = cycle.Gathered([], [])
+        if seq_id is not None:
+            tokens = sum(len(d.tokens) for d in lead.data)
+            gathered = cycle.gather(rt, str(task.name), run_id, seq_id, tokens, begun.queued)
+        others = gathered.calls
+        outcomes = rt.engine.run_calls([lead, *(cycle.call_spec(o, backward) for o in others)])
+        answered = list(zip(others, outcomes[1:], strict=True))
         backend: ResultBackend = task.app.backend
-        answers = [
-            (f.seq_id, f.task_id, *backend.result_record(f.task_id, out.to_dict()))
-            for f, out in zip(followers, outs[1:], strict=True)
-        ]
-
-        def answer(pipe: Any) -> None:
-            # In the MULTI/EXEC that stores this call's own result: the followers' results,
-            # their seq_ids as applied and their messages off the queue, all or nothing.
-            rt.store.answer_many(run_id, answers, int(rt.settings.result_ttl_s), pipe)
-            remove_answered(pipe, names.run_queue(run_id), followers)
-
-        backend.write_with_result(str(task.request.id), answer)
-        log.info("ran %d queued calls of run %s in the same pass", len(followers), run_id)
-        return outs[0].to_dict()
+        writes = cycle.answer(rt, backend, str(task.request.id), started_at, answered)
+        if isinstance(outcomes[0], EZTinkerError):
+            if answered:  # they stand on their own: store them now, then fail this call
+                with backend.client.pipeline(transaction=True) as pipe:
+                    writes(pipe)
+                    pipe.execute()
+            raise outcomes[0]
+        if answered:
+            backend.write_with_result(str(task.request.id), writes)
+            log.info(
+                "ran %d queued calls (%d of other runs) in the pass of run %s",
+                len(answered),
+                len(gathered.companions),
+                run_id,
+            )
+        return outcomes[0].to_dict()
 
     peek = coalesce_peek(get_runtime(task.app).settings, seq_id)
     return _run_op(task, run_id, seq_id, op, peek=peek)

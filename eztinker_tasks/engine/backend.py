@@ -1,7 +1,7 @@
 """The backend interface the tasks layer codes against (docs/ENGINE_SPEC.md), as a Protocol.
 
-``Engine`` (PEFT on shared transformers models) is the first implementation; a faster backend
-can replace it by providing the same methods, without touching the tasks or web layers.
+``Engine`` (own multi-adapter LoRA layers on shared transformers models) implements it; another
+backend can replace it by providing the same methods, without touching the tasks or web layers.
 """
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from eztinker_tasks.errors import EZTinkerError
 from eztinker_tasks.types import (
     AdamParams,
+    CallSpec,
     CheckpointInfo,
     Datum,
     ForwardBackwardOutput,
@@ -38,6 +40,7 @@ class Backend(Protocol):
     def has_run(self, run_id: str) -> bool: ...
     def list_runs(self) -> list[str]: ...
     def run_info(self, run_id: str) -> RunInfo: ...
+    def peers(self, run_id: str) -> list[str]: ...
     def delete_run(self, run_id: str) -> None: ...
 
     def forward_backward(
@@ -63,6 +66,9 @@ class Backend(Protocol):
         *,
         backward: bool = True,
     ) -> list[ForwardBackwardOutput]: ...
+    def run_calls(
+        self, calls: Sequence[CallSpec]
+    ) -> list[ForwardBackwardOutput | EZTinkerError]: ...
     def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput: ...
 
     def sample(

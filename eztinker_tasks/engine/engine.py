@@ -142,6 +142,11 @@ class Engine:
     def list_runs(self) -> list[str]:
         return sorted(self._runs)
 
+    def peers(self, run_id: str) -> list[str]:
+        """The other runs on the same base as ``run_id`` (they can share its passes)."""
+        base = self._run(run_id).base
+        return sorted(r for r, run in self._runs.items() if r != run_id and run.base is base)
+
     def run_info(self, run_id: str) -> RunInfo:
         return self._run(run_id).info()
 
