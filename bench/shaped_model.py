@@ -1,7 +1,8 @@
 """Write a randomly initialised model directory shaped like a real one (no hub access needed).
 
 The weights are random; the config has the real model's shape (layers, widths, heads, vocab),
-so memory and speed are realistic. The tokenizer is EZTinker's locally trained byte-level BPE
+so memory and speed are realistic. (A worker can also build one directly, without a directory:
+name the base model ``shaped:<shape>``.) The tokenizer is EZTinker's locally trained byte-level BPE
 (2,048 tokens, EOS id 0), which fits inside every real vocabulary. Any EZTinker call can then
 name the directory as its base model:
 
@@ -19,42 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from eztinker_tasks import catalog
+from eztinker_tasks.shapes import SHAPES
 
 
 def shapes() -> dict[str, Any]:
-    common: dict[str, Any] = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
-
-    def rope(theta: float) -> dict[str, Any]:
-        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
-
-    return {
-        "qwen2.5-0.5b": Qwen2Config(
-            hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-            num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-            max_position_embeddings=32768, rms_norm_eps=1e-6,
-            tie_word_embeddings=True, **rope(1e6), **common,
-        ),
-        "llama-3.2-1b": LlamaConfig(
-            hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-            num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-            max_position_embeddings=131072, rms_norm_eps=1e-5,
-            tie_word_embeddings=True, **rope(500000.0), **common,
-        ),
-        "llama-3.1-8b": LlamaConfig(
-            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-            max_position_embeddings=131072, rms_norm_eps=1e-5,
-            tie_word_embeddings=False, **rope(500000.0), **common,
-        ),
-    }  # fmt: skip
+    """The real shapes EZTinker knows (``eztinker_tasks.shapes``) as transformers configs."""
+    out = {}
+    for name, spec in SHAPES.items():
+        spec = dict(spec)
+        out[name] = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=sorted(shapes()), default="qwen2.5-0.5b")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

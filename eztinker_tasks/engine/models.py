@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from eztinker_tasks import catalog
+from eztinker_tasks import catalog, shapes
 from eztinker_tasks.engine import hub
 from eztinker_tasks.engine.adapters import Targets, discover_targets, tensor_bytes, tied_unembedding
 from eztinker_tasks.engine.multilora import LoraContext, inject
@@ -28,6 +28,8 @@ from eztinker_tasks.errors import UnknownModel
 from eztinker_tasks.types import ModelInfo
 
 log = logging.getLogger(__name__)
+
+SHAPED_TOKENIZER = "tiny-llama"  # the tokenizer of ``shaped:`` models (2,048 byte-level BPE)
 
 
 @dataclass
@@ -111,8 +113,13 @@ class ModelRegistry:
             return self.builtin_info(spec)
         if name not in self._infos:
             source = self._source(name)
-            config = self._call(name, AutoConfig.from_pretrained, source)
-            tokenizer = self._load_tokenizer(name, source)
+            shaped = shapes.check(name)
+            if shaped is not None:
+                config = AutoConfig.for_model(shaped.pop("model_type"), **shaped)
+                tokenizer = None
+            else:
+                config = self._call(name, AutoConfig.from_pretrained, source)
+                tokenizer = self._load_tokenizer(name, source)
             self._infos[name] = ModelInfo(
                 name=name,
                 architecture=str(getattr(config, "model_type", "unknown")),
@@ -132,6 +139,12 @@ class ModelRegistry:
     def _source(self, name: str) -> str:
         if not isinstance(name, str) or not name:
             raise UnknownModel("base_model must be a non-empty string")
+        if shapes.shape_of(name) is not None:
+            try:
+                shapes.check(name)
+            except ValueError as exc:
+                raise UnknownModel(str(exc), errors={"base_model": [name]}) from None
+            return name
         spec = catalog.get_builtin(name)
         # Local directories are recorded absolute: checkpoints name their base by this path
         # (adapter_config.json's base_model_name_or_path), which must resolve anywhere.
@@ -171,8 +184,25 @@ class ModelRegistry:
                 tokenizer.save_pretrained(tmp)
         return tokenizer
 
+    def _shaped(self, name: str) -> tuple[PreTrainedModel, Any]:
+        """A random-weight model of a real shape, built on the device (see ``shapes``)."""
+        spec = shapes.check(name)
+        assert spec is not None
+        model_type = spec.pop("model_type")
+        config = AutoConfig.for_model(model_type, **spec)
+        config._attn_implementation = "sdpa"
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.device(self.device):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        directory = catalog.ensure_tokenizer(SHAPED_TOKENIZER, self.data_dir)
+        return model, AutoTokenizer.from_pretrained(str(directory))
+
     def _load(self, name: str) -> LoadedBase:
         source = self._source(name)
+        if shapes.shape_of(name) is not None:
+            model, tokenizer = self._shaped(name)
+            return self._wrap(name, source, model, tokenizer)
         model = self._call(
             name,
             AutoModelForCausalLM.from_pretrained,
@@ -181,10 +211,13 @@ class ModelRegistry:
             attn_implementation="sdpa",
         )
         assert isinstance(model, PreTrainedModel)
+        return self._wrap(name, source, model, self._load_tokenizer(name, source))
+
+    def _wrap(self, name: str, source: str, model: Any, tokenizer: Any | None) -> LoadedBase:
+        """Freeze a loaded model on the device and inject its multi-adapter LoRA layers."""
         model.to(self.device)
         model.requires_grad_(False)
         model.eval()
-        tokenizer = self._load_tokenizer(name, source)
         spec = catalog.get_builtin(name)
         embeddings = model.get_input_embeddings()
         assert isinstance(embeddings, nn.Embedding)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -226,8 +227,22 @@ def _grouped_delta(x: torch.Tensor, path: str, route: LoraRoute, out_features: i
         shrink.append(nn.functional.pad(a.t(), (0, pad)))  # [in, r_max]
         expand.append(nn.functional.pad(b.t(), (0, 0, 0, pad)))  # [r_max, out]
     offs = route.offsets(x.device)
-    h = torch._grouped_mm(x.contiguous(), torch.stack(shrink), offs=offs)
-    return torch._grouped_mm(h.contiguous(), torch.stack(expand), offs=offs)
+    h = torch._grouped_mm(_ContiguousGrad.apply(x.contiguous()), torch.stack(shrink), offs=offs)
+    out = torch._grouped_mm(_ContiguousGrad.apply(h), torch.stack(expand), offs=offs)
+    return _ContiguousGrad.apply(out)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: grouped_mm's backward refuses
+    the strided ones that views and transposes further on produce."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> torch.Tensor:
+        return grads[0].contiguous()
 
 
 # --------------------------------------------------------------------------- injection

@@ -12,7 +12,17 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from engine_helpers import datum, encode, grads_copy, new_run, rel_err, run_state, train
+from engine_helpers import (
+    DEVICE,
+    DTYPE,
+    datum,
+    encode,
+    grads_copy,
+    new_run,
+    rel_err,
+    run_state,
+    train,
+)
 
 from eztinker_tasks.engine import Engine
 from eztinker_tasks.engine.fused_logprobs import UnembedSegment, unembed_logprobs
@@ -62,14 +72,21 @@ def twins(make_engine: Callable[..., Engine], base_model: str) -> tuple[Engine, 
     return together, alone, base_model
 
 
+# The bounds in float32 (CPU); bf16 on CUDA (grouped vs plain matmuls round
+# differently) gets the engine suite's bf16 bounds.
+FP32 = (DTYPE in ("auto", "float32") and DEVICE == "cpu") or DTYPE == "float32"
+LP_ATOL, GRAD_RTOL = (1e-5, 1e-4) if FP32 else (6e-2, 5e-2)
+
+
 def _assert_same_output(got: ForwardBackwardOutput, want: ForwardBackwardOutput) -> None:
     assert len(got.loss_fn_outputs) == len(want.loss_fn_outputs)
     for g, w in zip(got.loss_fn_outputs, want.loss_fn_outputs, strict=True):
-        assert g["logprobs"] == pytest.approx(w["logprobs"], abs=1e-5)
-        assert g["elementwise_loss"] == pytest.approx(w["elementwise_loss"], abs=1e-5)
+        assert g["logprobs"] == pytest.approx(w["logprobs"], abs=LP_ATOL)
+        assert g["elementwise_loss"] == pytest.approx(w["elementwise_loss"], abs=LP_ATOL * 10)
     assert got.metrics.keys() == want.metrics.keys()
     for key in want.metrics:
-        assert got.metrics[key] == pytest.approx(want.metrics[key], rel=1e-5, abs=1e-5), key
+        tol = 1e-5 if FP32 else 5e-2
+        assert got.metrics[key] == pytest.approx(want.metrics[key], rel=tol, abs=tol), key
 
 
 @pytest.mark.parametrize("loss_fn", list(LOSSES))
@@ -88,7 +105,7 @@ def test_a_pass_mixing_ranks_4_16_64_equals_solo_passes(twins, loss_fn: str) -> 
         _assert_same_output(got, want)
         a, b = grads_copy(together, spec.run_id), grads_copy(alone, spec.run_id)
         for key in b:
-            assert rel_err(a[key], b[key]) <= 1e-4, key
+            assert rel_err(a[key], b[key]) <= GRAD_RTOL, key
 
 
 def test_forward_calls_of_many_runs_share_a_pass_and_change_nothing(twins) -> None:
@@ -161,7 +178,7 @@ def test_a_guilty_call_does_not_take_the_innocent_calls_of_its_run_down(twins) -
     alone.forward_backward("r4", ok)
     a, b = grads_copy(together, "r4"), grads_copy(alone, "r4")
     for key in b:
-        assert rel_err(a[key], b[key]) <= 1e-4, key
+        assert rel_err(a[key], b[key]) <= GRAD_RTOL, key
 
 
 def test_sequences_in_a_pass_never_see_each_other(engine: Engine, base_model: str) -> None:
@@ -169,9 +186,9 @@ def test_sequences_in_a_pass_never_see_each_other(engine: Engine, base_model: st
     first = datum([5, 17, 42, 99, 7])
     lp = engine.forward("r", [first, datum([300, 12, 64])]).loss_fn_outputs[0]["logprobs"]
     other = engine.forward("r", [datum([1, 2, 3, 4, 5, 6, 7, 8]), first]).loss_fn_outputs[1]
-    assert other["logprobs"] == pytest.approx(lp, abs=1e-6)
+    assert other["logprobs"] == pytest.approx(lp, abs=LP_ATOL / 10)
     alone = engine.forward("r", [first]).loss_fn_outputs[0]["logprobs"]
-    assert alone == pytest.approx(lp, abs=1e-6)
+    assert alone == pytest.approx(lp, abs=LP_ATOL / 10)
 
 
 def test_activation_checkpointing_gives_the_same_gradient(
@@ -191,7 +208,7 @@ def test_activation_checkpointing_gives_the_same_gradient(
     _assert_same_output(got, want)
     a, b = grads_copy(recompute, "r"), grads_copy(plain, "r")
     for key in b:
-        assert rel_err(a[key], b[key]) <= 1e-5, key
+        assert rel_err(a[key], b[key]) <= GRAD_RTOL / 10, key
 
 
 def _adapter(rank: int, d_in: int, d_out: int, seed: int) -> Adapter:
