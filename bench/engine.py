@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -49,12 +49,6 @@ from eztinker_tasks.types import AdamParams, CallSpec, Datum, LoraSpec
 
 PEAK_FLOPS = 989e12
 RANK = 32
-SMALL = {  # --small: tiny stand-ins for every shape, for a CPU smoke run
-    "model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "vocab_size": 2048, "max_position_embeddings": 4096, "tie_word_embeddings": True,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-}  # fmt: skip
 ADAM = AdamParams(learning_rate=1e-5)
 LORA = LoraSpec(rank=RANK, alpha=RANK, train_attn=True, train_mlp=True, train_unembed=False)
 
@@ -107,13 +101,9 @@ class Bench:
 
     # -- helpers
     def model_name(self, shape: str) -> str:
-        if self.small:
+        if self.small:  # --small: the built-in tiny Llama stands in for every shape
             return "tiny-llama"
         return f"shaped:{shape}"
-
-    def config(self, shape: str) -> Any:
-        spec = dict(SMALL if self.small else SHAPES[shape])
-        return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
     def tokens(self, shape: str, batch: int, length: int) -> torch.Tensor:
         vocab = 2048 if self.small else int(SHAPES[shape]["vocab_size"])
@@ -138,7 +128,8 @@ class Bench:
 
     def plain_peft(self, shape: str, tokens: torch.Tensor) -> tuple[Callable[[], None], Any]:
         """The baseline: an identical model under plain PEFT, a plain training step."""
-        config = self.config(shape)
+        engine_config = getattr(self.engine.models.get(self.model_name(shape)).model, "config")  # noqa: B009
+        config = type(engine_config).from_dict(engine_config.to_dict())  # the same shape
         config._attn_implementation = "sdpa"
         with torch.random.fork_rng(devices=[]), torch.device(self.device):
             torch.manual_seed(0)
@@ -215,7 +206,7 @@ class Bench:
         name = self.model_name(shape)
         ids = [f"c{i}" for i in range(runs)]
         for i, run_id in enumerate(ids):
-            self.engine.create_run(run_id, name, LoraSpec(**{**LORA.to_dict(), "seed": i}))
+            self.engine.create_run(run_id, name, LoraSpec.from_dict({**LORA.to_dict(), "seed": i}))
         per_run = [self.data(self.tokens(shape, 1, length)) for _ in ids]
 
         def one_after_another() -> None:
@@ -276,6 +267,10 @@ class Bench:
         self.engine.delete_run("small")
         reset(self.device)
 
+    def long_rows(self) -> None:
+        self.long("llama-3.2-1b", 131072)
+        self.long("llama-3.1-8b", 65536)
+
     def long(self, shape: str, length: int) -> None:
         if self.small:
             length = 2048
@@ -330,7 +325,7 @@ def main() -> None:
         "small": bench.small_step,
         "train1b": lambda: bench.train("llama-3.2-1b"),
         "train8b": lambda: bench.train("llama-3.1-8b"),
-        "long": lambda: (bench.long("llama-3.2-1b", 131072), bench.long("llama-3.1-8b", 65536)),
+        "long": bench.long_rows,
     }
     for key in args.only:
         started = time.perf_counter()
