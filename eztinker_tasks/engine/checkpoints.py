@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from eztinker_tasks import checkpoint_paths
 from eztinker_tasks.catalog import file_lock
 from eztinker_tasks.engine.adapters import input_embedding_weight, lora_config
+from eztinker_tasks.engine.multilora import canonical_name
 from eztinker_tasks.engine.runs import RunState, checked_lora_spec
 from eztinker_tasks.errors import CheckpointNotFound, InvalidRequest
 from eztinker_tasks.types import CheckpointInfo, CheckpointKind, LoraSpec
@@ -194,17 +195,27 @@ def save(checkpoints_dir: Path, run: RunState, name: str, kind: CheckpointKind) 
     return info_from_dir(final)
 
 
+def _leaf_names(run: RunState) -> list[tuple[torch.Tensor, list[int], list[str]]]:
+    """Each optimizer leaf of the run, with the sizes and canonical names of its pieces."""
+    adapter = run.adapter
+    return [
+        (adapter.flat_a, adapter.a_sizes, [canonical_name(p, "A") for p in adapter.paths]),
+        (adapter.flat_b, adapter.b_sizes, [canonical_name(p, "B") for p in adapter.paths]),
+    ]
+
+
 def _optimizer_files(run: RunState, directory: Path) -> None:
-    index = {id(p): name for name, p in run.params.items()}
+    """AdamW moments per canonical parameter name (sliced out of the flat leaves' state)."""
     tensors: dict[str, torch.Tensor] = {}
     steps: dict[str, float] = {}
-    for param, state in run.optimizer.state.items():
-        name = index[id(param)]
-        for key, value in state.items():
+    for leaf, sizes, names in _leaf_names(run):
+        for key, value in run.optimizer.state.get(leaf, {}).items():
             if key == "step":
-                steps[name] = float(value)
+                steps.update({name: float(value) for name in names})
             elif isinstance(value, torch.Tensor):
-                tensors[f"{name}:{key}"] = value.detach().to("cpu", copy=True).contiguous()
+                for name, piece in zip(names, value.detach().split(sizes), strict=True):
+                    shape = run.params[name].shape
+                    tensors[f"{name}:{key}"] = piece.to("cpu", copy=True).view(shape).contiguous()
     group = {k: v for k, v in run.optimizer.param_groups[0].items() if k != "params"}
     save_file(tensors, str(directory / OPTIMIZER_TENSORS), metadata={"format": "pt"})
     _write_json(
@@ -281,20 +292,24 @@ def load_adapter_tensors(directory: Path, expected: dict[str, torch.Tensor]) -> 
 
 
 def optimizer_state_dict(directory: Path, run: RunState, fresh: dict[str, Any]) -> dict[str, Any]:
-    """An AdamW ``state_dict`` for ``run`` built from the checkpoint's optimizer files."""
+    """An AdamW ``state_dict`` for ``run`` (its flat leaves) from the checkpoint's files."""
     spec = json.loads((directory / OPTIMIZER_JSON).read_text())
     if spec["param_names"] != list(run.params):
         raise InvalidRequest("checkpoint optimizer does not match the run's adapter")
     tensors = load_file(str(directory / OPTIMIZER_TENSORS))
+    keys = sorted({key.split(":", 1)[1] for key in tensors})
     state: dict[int, dict[str, torch.Tensor]] = {}
-    for i, name in enumerate(run.params):
-        entry = {
-            key.split(":", 1)[1]: value
-            for key, value in tensors.items()
-            if key.split(":", 1)[0] == name
-        }
-        if name in spec["steps"]:
-            entry["step"] = torch.tensor(spec["steps"][name], dtype=torch.float32)
+    for i, (leaf, _, names) in enumerate(_leaf_names(run)):
+        entry: dict[str, torch.Tensor] = {}
+        for key in keys:
+            pieces = [tensors.get(f"{name}:{key}") for name in names]
+            if all(piece is not None for piece in pieces):
+                entry[key] = torch.cat([p.flatten() for p in pieces if p is not None])
+                if entry[key].numel() != leaf.numel():
+                    raise InvalidRequest("checkpoint optimizer state has the wrong shape")
+        step = spec["steps"].get(names[0]) if names else None
+        if step is not None:
+            entry["step"] = torch.tensor(step, dtype=torch.float32)
         if entry:
             state[i] = entry
     groups = copy.deepcopy(fresh["param_groups"])

@@ -118,7 +118,7 @@ class Engine:
             adapter=adapter,
             lora=spec,
             params=params,
-            optimizer=make_optimizer(list(params.values()), self._device),
+            optimizer=make_optimizer(adapter.leaves, self._device),
             generator=generator,
         )
         return self._runs[run_id].info()
@@ -154,10 +154,8 @@ class Engine:
         run = self._run(run_id)
         del self._runs[run_id]
         run.optimizer.state.clear()
-        for param in run.params.values():
-            param.grad = None
         run.params.clear()
-        run.adapter.layers.clear()
+        run.adapter.free()
 
     # ------------------------------------------------------------------ training
 
@@ -266,7 +264,7 @@ class Engine:
         run = calls[0].run
         # All or nothing: the pass may apply some calls and refuse others; set the earlier
         # gradient and counters aside, and put back exactly them if any call fails.
-        outer = GradientStash(list(run.params.values()))
+        outer = GradientStash(run.leaves)
         counters = (run.tokens_trained, run.last_loss)
         try:
             with self._matmul_precision():
@@ -359,7 +357,7 @@ class Engine:
         checkpoints.check_kind(meta, optimizer)
         checkpoints.check_compatible(run, meta)
         tensors = checkpoints.load_adapter_tensors(directory, dict(run.params))
-        fresh = make_optimizer(list(run.params.values()), self._device)
+        fresh = make_optimizer(run.leaves, self._device)
         state = None
         if optimizer:
             state = checkpoints.optimizer_state_dict(directory, run, fresh.state_dict())
@@ -367,7 +365,8 @@ class Engine:
         with torch.no_grad():
             for name, param in run.params.items():
                 param.copy_(tensors[name])
-                param.grad = None
+        for leaf in run.leaves:
+            leaf.grad = None
         if state is not None:
             fresh.load_state_dict(state)
             checkpoints.restore_rng(run, meta)
@@ -450,7 +449,7 @@ class Engine:
     def _active(
         self, base: LoadedBase, adapter: Adapter | None
     ) -> Generator[nn.Module, None, None]:
-        base.context.route = None if adapter is None else LoraRoute.single(adapter)
+        base.context.route = None if adapter is None else LoraRoute.single(adapter, self._dtype)
         try:
             yield base.model
         finally:

@@ -56,6 +56,10 @@ class LoadedBase:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
 
 def _first_int(value: Any) -> int | None:
     if isinstance(value, (list, tuple)):

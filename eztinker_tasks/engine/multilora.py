@@ -34,22 +34,52 @@ from transformers.pytorch_utils import Conv1D
 GROUP_ALIGN = 8  # grouped_mm wants 16-byte aligned strides: bf16 ranks padded to a multiple of 8
 
 
-@dataclass(eq=False)
 class Adapter:
-    """One adapter's LoRA factors over every injected layer (float32 leaf tensors).
+    """One adapter's LoRA factors over every layer it covers.
 
-    ``params`` maps the canonical PEFT state-dict name (``<path>.lora_A.weight``) to its
-    tensor, sorted by name; ``layers`` maps a layer path to its (A, B) pair.
+    All its ``A`` factors live in ONE float32 leaf tensor (``flat_a``) and all its ``B``
+    factors in another (``flat_b``): the optimizer steps two tensors per adapter, a pass casts
+    each once (``prepare``), and the backward gathers each adapter's gradient into one buffer.
+    ``layers`` maps a layer path to views ``A`` [r, in] and ``B`` [out, r] of them (PEFT's
+    layout); ``params`` maps the canonical PEFT state-dict names to the same views.
     """
 
-    name: str
-    rank: int
-    alpha: float
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    def __init__(
+        self, name: str, rank: int, alpha: float, shapes: dict[str, tuple[int, int]], device: Any
+    ) -> None:
+        self.name, self.rank, self.alpha = name, rank, alpha
+        self.paths = list(shapes)
+        self.a_sizes = [rank * shapes[p][0] for p in self.paths]  # in_features each
+        self.b_sizes = [shapes[p][1] * rank for p in self.paths]  # out_features each
+        self.flat_a = nn.Parameter(
+            torch.zeros(sum(self.a_sizes), device=device), requires_grad=False
+        )
+        self.flat_b = nn.Parameter(
+            torch.zeros(sum(self.b_sizes), device=device), requires_grad=False
+        )
+        # Views for reading and writing values (checkpoints, init) outside autograd; a pass
+        # takes fresh views of its own (``prepare``).
+        self.layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.no_grad():
+            self._view(shapes, rank)
+
+    def _view(self, shapes: dict[str, tuple[int, int]], rank: int) -> None:
+        for path, a, b in zip(
+            self.paths,
+            self.flat_a.split(self.a_sizes),
+            self.flat_b.split(self.b_sizes),
+            strict=True,
+        ):
+            self.layers[path] = (a.view(rank, shapes[path][0]), b.view(shapes[path][1], rank))
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def leaves(self) -> list[torch.Tensor]:
+        """The tensors an optimizer steps (and whose ``.grad`` accumulates)."""
+        return [self.flat_a, self.flat_b]
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -59,10 +89,42 @@ class Adapter:
             out[canonical_name(path, "B")] = b
         return dict(sorted(out.items()))
 
+    def grads(self) -> dict[str, torch.Tensor | None]:
+        """Each canonical name's gradient (a view of the leaves' gradients), or None."""
+        views: dict[str, torch.Tensor | None] = {}
+        ga, gb = self.flat_a.grad, self.flat_b.grad
+        pieces_a = ga.split(self.a_sizes) if ga is not None else [None] * len(self.paths)
+        pieces_b = gb.split(self.b_sizes) if gb is not None else [None] * len(self.paths)
+        for path, pa, pb in zip(self.paths, pieces_a, pieces_b, strict=True):
+            a, b = self.layers[path]
+            views[canonical_name(path, "A")] = None if pa is None else pa.view_as(a)
+            views[canonical_name(path, "B")] = None if pb is None else pb.view_as(b)
+        return dict(sorted(views.items()))
+
     def requires_grad_(self, flag: bool) -> None:
-        for a, b in self.layers.values():
-            a.requires_grad_(flag)
-            b.requires_grad_(flag)
+        for leaf in self.leaves:
+            leaf.requires_grad_(flag)
+
+    def prepare(self, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The factors a forward uses, in ``dtype``, ``B`` scaled: path -> (A, scale * B).
+
+        Two casts for the whole adapter (autograd carries the gradient back to the leaves).
+        """
+        a = self.flat_a.to(dtype)
+        b = (self.flat_b * self.scale).to(dtype)
+        out = {}
+        for path, pa, pb in zip(
+            self.paths, a.split(self.a_sizes), b.split(self.b_sizes), strict=True
+        ):
+            la, lb = self.layers[path]
+            out[path] = (pa.view_as(la), pb.view_as(lb))
+        return out
+
+    def free(self) -> None:
+        self.layers.clear()
+        for leaf in self.leaves:
+            leaf.grad = None
+            leaf.data = torch.empty(0, device=leaf.device)
 
 
 def canonical_name(path: str, which: str) -> str:
@@ -77,22 +139,31 @@ class Segment:
     adapter: Adapter | None
     start: int
     stop: int
+    # The adapter's factors as this forward uses them (``Adapter.prepare``), set by the route.
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class LoraRoute:
     """The adapter of every row of one forward: contiguous segments over the flattened rows."""
 
-    def __init__(self, segments: Sequence[Segment]) -> None:
+    def __init__(self, segments: Sequence[Segment], dtype: torch.dtype) -> None:
         self.segments = list(segments)
         self.active = [
             s for s in self.segments if s.adapter is not None and (s.stop == -1 or s.stop > s.start)
         ]
+        prepared: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for seg in self.active:
+            assert seg.adapter is not None
+            key = id(seg.adapter)
+            if key not in prepared:
+                prepared[key] = seg.adapter.prepare(dtype)
+            seg.factors = prepared[key]
         self._offsets: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
-    def single(cls, adapter: Adapter | None, rows: int = -1) -> LoraRoute:
-        """Every row (of any shape) through one adapter; ``rows=-1`` means "all of them"."""
-        return cls([Segment(adapter, 0, rows)])
+    def single(cls, adapter: Adapter | None, dtype: torch.dtype) -> LoraRoute:
+        """Every row (of any shape) through one adapter."""
+        return cls([Segment(adapter, 0, -1)], dtype)
 
     @property
     def rows(self) -> int:
@@ -164,11 +235,6 @@ class MultiLoraLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, path={self.path!r}"
 
 
-def _factors(adapter: Adapter, path: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    a, b = adapter.layers[path]
-    return a.to(dtype), (b * adapter.scale).to(dtype)
-
-
 def lora_delta(
     x: torch.Tensor, path: str, route: LoraRoute, out_features: int
 ) -> torch.Tensor | None:
@@ -177,24 +243,22 @@ def lora_delta(
     Rows of segments without an adapter (or whose adapter skips this layer) get 0; None when
     no row has a delta here.
     """
-    active = [s for s in route.active if s.adapter is not None and path in s.adapter.layers]
+    active = [s for s in route.active if path in s.factors]
     if not active:
         return None
     whole = len(route.segments) == 1 and route.segments[0].stop in (-1, x.shape[0])
     if whole:
-        seg = active[0]
-        assert seg.adapter is not None
-        a, b = _factors(seg.adapter, path, x.dtype)
+        a, b = active[0].factors[path]
         return (x @ a.t()) @ b.t()
     if _grouped_ok(x):
         return _grouped_delta(x, path, route, out_features)
     pieces = []
     for seg in route.segments:
         rows = x[seg.start : seg.stop]
-        if seg.adapter is None or path not in seg.adapter.layers:
+        if path not in seg.factors:
             pieces.append(rows.new_zeros(rows.shape[0], out_features))
             continue
-        a, b = _factors(seg.adapter, path, x.dtype)
+        a, b = seg.factors[path]
         pieces.append((rows @ a.t()) @ b.t())
     return torch.cat(pieces)
 
@@ -209,26 +273,27 @@ def _grouped_ok(x: torch.Tensor) -> bool:
 
 
 def _grouped_delta(x: torch.Tensor, path: str, route: LoraRoute, out_features: int) -> torch.Tensor:
-    """Two grouped matmuls over all segments: x @ A_g^T (shrink), then @ (s_g B_g)^T (expand)."""
-    ranks = [
-        s.adapter.layers[path][0].shape[0]
-        for s in route.segments
-        if s.adapter is not None and path in s.adapter.layers
-    ]
+    """Two grouped matmuls over all segments: x @ A_g^T (shrink), then @ (s_g B_g)^T (expand).
+
+    Ranks are padded to the largest (a multiple of 8); segments without an adapter get zeros.
+    """
+    ranks = [s.factors[path][0].shape[0] for s in route.segments if path in s.factors]
     r_max = max(GROUP_ALIGN, math.ceil(max(ranks) / GROUP_ALIGN) * GROUP_ALIGN)
     shrink, expand = [], []
     for seg in route.segments:
-        if seg.adapter is None or path not in seg.adapter.layers:
-            shrink.append(x.new_zeros(x.shape[1], r_max))
-            expand.append(x.new_zeros(r_max, out_features))
+        if path not in seg.factors:
+            shrink.append(x.new_zeros(r_max, x.shape[1]))
+            expand.append(x.new_zeros(out_features, r_max))
             continue
-        a, b = _factors(seg.adapter, path, x.dtype)
+        a, b = seg.factors[path]
         pad = r_max - a.shape[0]
-        shrink.append(nn.functional.pad(a.t(), (0, pad)))  # [in, r_max]
-        expand.append(nn.functional.pad(b.t(), (0, 0, 0, pad)))  # [r_max, out]
+        shrink.append(nn.functional.pad(a, (0, 0, 0, pad)) if pad else a)  # [r_max, in]
+        expand.append(nn.functional.pad(b, (0, pad)) if pad else b)  # [out, r_max]
     offs = route.offsets(x.device)
-    h = torch._grouped_mm(_ContiguousGrad.apply(x.contiguous()), torch.stack(shrink), offs=offs)
-    out = torch._grouped_mm(_ContiguousGrad.apply(h), torch.stack(expand), offs=offs)
+    w_shrink = torch.stack(shrink).transpose(1, 2).contiguous()  # [G, in, r_max]
+    w_expand = torch.stack(expand).transpose(1, 2).contiguous()  # [G, r_max, out]
+    h = torch._grouped_mm(_ContiguousGrad.apply(x.contiguous()), w_shrink, offs=offs)
+    out = torch._grouped_mm(_ContiguousGrad.apply(h), w_expand, offs=offs)
     return _ContiguousGrad.apply(out)
 
 
@@ -302,15 +367,14 @@ def new_adapter(
     gives the same adapter on any device.
     """
     generator = torch.Generator().manual_seed(seed)
-    adapter = Adapter(name=name, rank=rank, alpha=alpha)
+    shapes = {}
     for path in paths:
         layer = layer_at(model, path)
-        bound = 1.0 / math.sqrt(layer.in_features)
-        a = (torch.rand(rank, layer.in_features, generator=generator) * 2 - 1) * bound
-        b = torch.zeros(layer.out_features, rank)
-        adapter.layers[path] = (
-            nn.Parameter(a.to(device), requires_grad=False),
-            nn.Parameter(b.to(device), requires_grad=False),
-        )
-    adapter.requires_grad_(False)
+        shapes[path] = (layer.in_features, layer.out_features)
+    adapter = Adapter(name, rank, alpha, shapes, device)
+    with torch.no_grad():
+        for path in paths:
+            bound = 1.0 / math.sqrt(shapes[path][0])
+            a = (torch.rand(rank, shapes[path][0], generator=generator) * 2 - 1) * bound
+            adapter.layers[path][0].copy_(a)
     return adapter

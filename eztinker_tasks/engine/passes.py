@@ -151,13 +151,16 @@ def _one_pass(
     for i in layout.order:
         runs.setdefault(calls[i].run.run_id, calls[i].run)
     spans = _run_spans(calls, layout)
-    route = LoraRoute([Segment(runs[run_id].adapter, a, b) for run_id, (a, b) in spans.items()])
-    stashes = {run_id: GradientStash(list(run.params.values())) for run_id, run in runs.items()}
+    stashes = {run_id: GradientStash(run.leaves) for run_id, run in runs.items()}
     if backward:
         for run in runs.values():
             run.adapter.requires_grad_(True)
     try:
         with torch.set_grad_enabled(backward):
+            route = LoraRoute(
+                [Segment(runs[run_id].adapter, a, b) for run_id, (a, b) in spans.items()],
+                base.dtype,
+            )
             lp = _target_logprobs(base, batch, route, chunk_elements, checkpoint)
             call_results: dict[int, losses.LossResult] = {}
             for i in layout.order:
@@ -384,11 +387,8 @@ def _target_logprobs(
             ).last_hidden_state[0]
         segments = []
         for seg in route.segments:
-            layer = seg.adapter.layers.get(unembed.path) if seg.adapter is not None else None
-            lora = None
-            if layer is not None:
-                assert seg.adapter is not None
-                lora = (layer[0], layer[1], seg.adapter.scale)
+            factors = seg.factors.get(unembed.path)  # (A, scale * B) in the pass's dtype
+            lora = None if factors is None else (factors[0], factors[1], 1.0)
             segments.append(UnembedSegment(seg.start, seg.stop, lora))
         return unembed_logprobs(
             hidden, unembed.weight, unembed.bias, batch.targets, segments, chunk_elements

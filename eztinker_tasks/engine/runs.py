@@ -32,7 +32,7 @@ class RunState:
     base: LoadedBase
     adapter: Adapter  # the run's LoRA factors on the base's multi-adapter layers
     lora: LoraSpec  # with the seed that was actually used
-    params: dict[str, torch.Tensor]  # canonical PEFT name -> leaf tensor, sorted by name
+    params: dict[str, torch.Tensor]  # canonical PEFT name -> view of the adapter's leaves
     optimizer: torch.optim.AdamW
     generator: torch.Generator  # the run's own RNG (sampling from the run without a seed)
     step: int = 0
@@ -40,7 +40,7 @@ class RunState:
     last_loss: float | None = None
 
     def adapter_bytes(self) -> int:
-        return tensor_bytes(self.params.values())
+        return tensor_bytes(self.leaves)
 
     def optimizer_bytes(self) -> int:
         return tensor_bytes(
@@ -50,8 +50,13 @@ class RunState:
             if isinstance(value, torch.Tensor)
         )
 
+    @property
+    def leaves(self) -> list[torch.Tensor]:
+        """What the optimizer steps: the adapter's flat factor tensors."""
+        return self.adapter.leaves
+
     def has_grad(self) -> bool:
-        return any(p.grad is not None for p in self.params.values())
+        return any(leaf.grad is not None for leaf in self.leaves)
 
     def info(self) -> RunInfo:
         return RunInfo(

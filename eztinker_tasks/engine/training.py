@@ -14,7 +14,7 @@ def optim_step(run: RunState, params: AdamParams) -> OptimStepOutput:
 
     Raises ``NonFiniteValue`` and changes nothing if the accumulated gradient is not finite.
     """
-    tensors = list(run.params.values())
+    tensors = run.leaves
     grads = [p.grad for p in tensors if p.grad is not None]
     total = None
     if grads:

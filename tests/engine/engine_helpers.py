@@ -53,12 +53,19 @@ def run_state(engine: Engine, run_id: str) -> RunState:
 
 def grads_copy(engine: Engine, run_id: str) -> dict[str, torch.Tensor]:
     """A copy of every adapter gradient of the run (each must exist)."""
-    return {k: grad_of(p) for k, p in run_state(engine, run_id).params.items()}
+    grads = run_state(engine, run_id).adapter.grads()
+    out = {}
+    for key, grad in grads.items():
+        assert grad is not None, key
+        out[key] = grad.detach().clone()
+    return out
 
 
-def grad_of(param: torch.Tensor) -> torch.Tensor:
-    assert param.grad is not None
-    return param.grad.detach().clone()
+def grad_of(engine: Engine, run_id: str, name: str) -> torch.Tensor:
+    """A copy of the gradient of one adapter tensor (by canonical name); it must exist."""
+    grad = run_state(engine, run_id).adapter.grads()[name]
+    assert grad is not None, name
+    return grad.detach().clone()
 
 
 def params_copy(engine: Engine, run_id: str) -> dict[str, torch.Tensor]:

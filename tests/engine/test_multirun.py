@@ -211,12 +211,13 @@ def test_activation_checkpointing_gives_the_same_gradient(
         assert rel_err(a[key], b[key]) <= GRAD_RTOL / 10, key
 
 
-def _adapter(rank: int, d_in: int, d_out: int, seed: int) -> Adapter:
+def _adapter(rank: int, d_in: int, d_out: int, seed: int, dtype=torch.float32) -> Adapter:
     gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(rank, d_in, generator=gen, dtype=torch.float64).requires_grad_(True)
-    b = torch.randn(d_out, rank, generator=gen, dtype=torch.float64).requires_grad_(True)
-    adapter = Adapter(name=f"a{seed}", rank=rank, alpha=2.0 * rank)
-    adapter.layers["layer"] = (a, b)
+    adapter = Adapter(f"a{seed}", rank, 2.0 * rank, {"layer": (d_in, d_out)}, "cpu")
+    with torch.no_grad():
+        for leaf in adapter.leaves:
+            leaf.copy_(torch.randn(leaf.shape, generator=gen))
+    adapter.requires_grad_(True)
     return adapter
 
 
@@ -226,19 +227,14 @@ def test_grouped_lora_delta_equals_a_loop_over_adapters() -> None:
         pytest.skip("this torch has no grouped matmul")
     x = torch.randn(12, 16, dtype=torch.float32)
     adapters = [_adapter(r, 16, 24, seed) for seed, r in enumerate((4, 8, 2))]
-    for adapter in adapters:
-        a, b = adapter.layers["layer"]
-        adapter.layers["layer"] = (
-            a.detach().float().requires_grad_(True),
-            b.detach().float().requires_grad_(True),
-        )
     route = LoraRoute(
         [
             Segment(adapters[0], 0, 3),
             Segment(None, 3, 5),
             Segment(adapters[1], 5, 10),
             Segment(adapters[2], 10, 12),
-        ]
+        ],
+        torch.float32,
     )
     try:
         got = _grouped_delta(x, "layer", route, 24)
@@ -250,17 +246,15 @@ def test_grouped_lora_delta_equals_a_loop_over_adapters() -> None:
         if seg.adapter is None:
             pieces.append(torch.zeros(rows.shape[0], 24))
             continue
-        a, b = seg.adapter.layers["layer"]
+        r = seg.adapter.rank  # fresh views of the leaves (one layer: the whole leaf)
+        a, b = seg.adapter.flat_a.view(r, 16), seg.adapter.flat_b.view(24, r)
         pieces.append(rows @ a.t() @ b.t() * seg.adapter.scale)
     want = torch.cat(pieces)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     weights = torch.randn_like(want)
-    grads_got = torch.autograd.grad(
-        (got * weights).sum(), [t for ad in adapters for t in ad.layers["layer"]]
-    )
-    grads_want = torch.autograd.grad(
-        (want * weights).sum(), [t for ad in adapters for t in ad.layers["layer"]]
-    )
+    leaves = [leaf for adapter in adapters for leaf in adapter.leaves]
+    grads_got = torch.autograd.grad((got * weights).sum(), leaves)
+    grads_want = torch.autograd.grad((want * weights).sum(), leaves)
     for g, w in zip(grads_got, grads_want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
@@ -272,12 +266,13 @@ def test_unembedding_logprobs_and_gradients_equal_full_logits() -> None:
     hidden = torch.randn(n, d, generator=gen, dtype=torch.float64).requires_grad_(True)
     weight = torch.randn(vocab, d, generator=gen, dtype=torch.float64)
     targets = torch.randint(0, vocab, (n,), generator=gen)
-    lora = _adapter(3, d, vocab, seed=5)
-    a, b = lora.layers["layer"]
-    segments = [UnembedSegment(0, 4, (a, b, lora.scale)), UnembedSegment(4, n, None)]
+    a = torch.randn(3, d, generator=gen, dtype=torch.float64).requires_grad_(True)
+    b = torch.randn(vocab, 3, generator=gen, dtype=torch.float64).requires_grad_(True)
+    scale = 2.0
+    segments = [UnembedSegment(0, 4, (a, b, scale)), UnembedSegment(4, n, None)]
     got = unembed_logprobs(hidden, weight, None, targets, segments, chunk_elements=2 * vocab)
     logits = hidden @ weight.t()
-    delta = torch.cat([(hidden[:4] @ a.t() @ b.t()) * lora.scale, torch.zeros(n - 4, vocab)])
+    delta = torch.cat([(hidden[:4] @ a.t() @ b.t()) * scale, torch.zeros(n - 4, vocab)])
     want = torch.log_softmax(logits + delta, -1).gather(1, targets[:, None]).squeeze(1)
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
     g = torch.randn(n, generator=gen, dtype=torch.float64)

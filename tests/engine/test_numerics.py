@@ -10,7 +10,6 @@ import torch
 from engine_helpers import (
     datum,
     encode,
-    grad_of,
     grads_copy,
     is_fp32,
     logprob_atol,
@@ -93,7 +92,7 @@ def test_logprobs_loss_and_grads_match_reference(engine: Engine, base_model: str
         )
     assert math.isclose(out.metrics["loss:sum"], ref_loss, rel_tol=rel_tol(engine), abs_tol=1e-3)
     assert out.metrics["num_tokens:sum"] == sum(len(d.tokens) for d in data)
-    grads = {k: p.grad for k, p in run_state(engine, "r").params.items()}
+    grads = run_state(engine, "r").adapter.grads()
     assert grads.keys() == ref_grads.keys()
     for key, grad in grads.items():
         assert grad is not None, key
@@ -112,7 +111,7 @@ def test_forward_matches_forward_backward_and_changes_nothing(
 
     fwd = engine.forward("r", data)
 
-    assert all(p.grad is None for p in run_state(engine, "r").params.values())
+    assert not run_state(engine, "r").has_grad()
     assert engine.run_info("r") == info
     for key, value in params_copy(engine, "r").items():
         assert torch.equal(value, before[key])
@@ -161,10 +160,10 @@ def test_optim_step_is_adamw_with_clipping(engine: Engine, base_model: str) -> N
     _warm_up(engine, "r", base_model)
     engine.forward_backward("r", _batch(engine, base_model))
     run = run_state(engine, "r")
-    names = list(run.params)
-    ref = [p.detach().clone().requires_grad_(True) for p in run.params.values()]
-    for r, p in zip(ref, run.params.values(), strict=True):
-        r.grad = grad_of(p)
+    ref = [p.detach().clone().requires_grad_(True) for p in run.leaves]
+    for r, p in zip(ref, run.leaves, strict=True):
+        assert p.grad is not None
+        r.grad = p.grad.detach().clone()
     fused = engine.device.startswith("cuda")  # the engine uses the fused kernel on CUDA
     ref_opt = torch.optim.AdamW(
         ref, lr=1e-3, betas=(0.8, 0.9), eps=1e-8, weight_decay=0.1, fused=fused
@@ -183,9 +182,9 @@ def test_optim_step_is_adamw_with_clipping(engine: Engine, base_model: str) -> N
     assert out.metrics["learning_rate"] == 1e-3
     assert out.metrics["grad_norm"] == pytest.approx(float(norm), rel=1e-4)
     assert float(norm) > 0.5  # clipping really happened
-    for name, r in zip(names, ref, strict=True):
-        torch.testing.assert_close(run.params[name].detach(), r.detach(), rtol=1e-5, atol=1e-6)
-        assert run.params[name].grad is None
+    for leaf, r in zip(run.leaves, ref, strict=True):
+        torch.testing.assert_close(leaf.detach(), r.detach(), rtol=1e-5, atol=1e-6)
+    assert not run.has_grad()
 
 
 def test_optim_step_without_gradient(engine: Engine, base_model: str) -> None:
