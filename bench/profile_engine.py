@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import ADAM, LORA, Bench  # bench/engine.py
 
-from bench.engine import ADAM, LORA, Bench
-from eztinker_tasks.types import CallSpec, LoraSpec
+from eztinker_tasks.types import CallSpec, Datum, LoraSpec
 
 
 def main() -> None:
@@ -41,10 +41,10 @@ def main() -> None:
         ids = [f"c{i}" for i in range(16)]
         for i, run_id in enumerate(ids):
             engine.create_run(run_id, name, LoraSpec.from_dict({**LORA.to_dict(), "seed": i}))
-        data = [bench.data(bench.tokens("llama-3.2-1b", 1, 128)) for _ in ids]
+        per_run: list[list[Datum]] = [bench.data(bench.tokens("llama-3.2-1b", 1, 128)) for _ in ids]
 
         def step() -> None:
-            engine.run_calls([CallSpec(r, d) for r, d in zip(ids, data, strict=True)])
+            engine.run_calls([CallSpec(r, d) for r, d in zip(ids, per_run, strict=True)])
             for run_id in ids:
                 engine.optim_step(run_id, ADAM)
 
