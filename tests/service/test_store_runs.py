@@ -27,18 +27,19 @@ def _run(store: Store) -> str:
 
 def test_concurrent_updates_of_different_fields_are_all_kept(store: Store) -> None:
     run_id = _run(store)
-    start = threading.Barrier(2)
+    fields = ["last_state", "base_model", "worker", "error"]
+    start = threading.Barrier(len(fields))
 
     def write(field: str) -> None:
         start.wait()
         for i in range(300):
             store.update_run(run_id, **{field: f"{field}-{i}"})
 
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(write, ["last_state", "base_model"]))
+    with ThreadPoolExecutor(len(fields)) as pool:
+        list(pool.map(write, fields))
     record = store.get_run(run_id)
     assert record is not None
-    assert (record.last_state, record.base_model) == ("last_state-299", "base_model-299")
+    assert [getattr(record, f) for f in fields] == [f"{f}-299" for f in fields]
 
 
 def test_a_run_moves_once_however_many_requests_move_it(store: Store) -> None:
