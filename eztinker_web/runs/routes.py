@@ -47,7 +47,8 @@ def create_run(req: CreateRunRequest):
         base = loadable_checkpoint(settings, req.from_state, req.optimizer).base_model
     else:
         base = req.base_model or settings.default_model
-    dispatch.check_model_name(base)
+    if base:  # "" only from a checkpoint whose metadata names none: the worker judges it
+        dispatch.check_model_name(base)
     record, submitted = dispatch.create_run(base, req.lora.to_dict(), req.from_state, req.optimizer)
     return {**asdict(record), **submitted.to_dict()}
 
@@ -166,7 +167,8 @@ def load(req: LoadRequest, run_id: str):
     """
     # 404 / 400 now rather than a failed future
     info = loadable_checkpoint(services().settings, req.path, req.optimizer)
-    dispatch.check_model_name(info.base_model)
+    if info.base_model:
+        dispatch.check_model_name(info.base_model)
     dispatch.rehome(run_id)
     target = dispatch.run_target(run_id)
     params = {"path": req.path, "optimizer": req.optimizer}

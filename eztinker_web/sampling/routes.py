@@ -34,7 +34,8 @@ def _resolve(source: SampleSource) -> tuple[SampleSource, RunRecord | None, str 
     if source.checkpoint:
         # 404 now rather than a failed future; its base model checks the prompt's tokens.
         info = get_checkpoint(services().settings, source.checkpoint)
-        dispatch.check_model_name(info.base_model)
+        if info.base_model:
+            dispatch.check_model_name(info.base_model)
         return source, None, info.base_model or None
     base = source.base_model or services().settings.default_model
     dispatch.check_model_name(base)
