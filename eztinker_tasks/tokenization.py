@@ -34,6 +34,13 @@ class TokenizerCache:
             else:
                 directory = catalog.tokenizer_dir(model, self.data_dir)
             path = Path(directory) / "tokenizer.json"
+            if not path.exists() and not (catalog.is_hub_id(model) or Path(model).is_dir()):
+                known = ", ".join(sorted(catalog.BUILTIN_MODELS))
+                raise UnknownModel(
+                    f"unknown model {model!r}: not a built-in model ({known}), a local model "
+                    "directory or a Hugging Face model id",
+                    errors={"base_model": ["unknown model"]},
+                )
             if not path.exists():
                 raise UnknownModel(
                     f"no tokenizer for model {model!r} here yet: it is not built in, and a "

@@ -106,3 +106,13 @@ def test_cli_errors_name_cli_flags(
     assert out.exit_code == 1
     assert "--force" in out.stderr and not SDK_WORDING.search(out.stderr), out.stderr
     assert _cli(service, "download", run_id, "st", "-o", str(tmp_path), "--force").exit_code == 0
+
+
+def test_tokenizing_for_a_name_that_is_no_model_says_so(http: httpx.Client) -> None:
+    r = http.post("/v1/tokenize", json={"text": "hi", "base_model": "no such model!"})
+    assert r.status_code == 404, r.text
+    assert r.json()["message"].startswith("unknown model 'no such model!'")
+    # A hub id no worker has loaded yet: its tokenizer comes with the model.
+    r = http.post("/v1/tokenize", json={"text": "hi", "base_model": "someorg/never-loaded"})
+    assert r.status_code == 404 and "first loads the model" in r.json()["message"]
+    assert "create a run" not in r.json()["message"]
