@@ -14,6 +14,7 @@ import functools
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast
 
 import typer
@@ -70,12 +71,30 @@ def _print_json(value: Any) -> None:
     typer.echo(json.dumps(_plain(value), indent=2, default=_plain))
 
 
-def _fail(message: str, as_json: bool, error: dict[str, Any] | None = None) -> typer.Exit:
+def _fail(
+    message: str, as_json: bool, error: dict[str, Any] | None = None, hint: str | None = None
+) -> typer.Exit:
     if as_json:
         _print_json({"error": error or {"message": message}})
     else:
         typer.echo(f"error: {' '.join(message.split())}", err=True)
+        if hint:
+            typer.echo(f"hint: {hint}", err=True)
     return typer.Exit(1)
+
+
+# The server words its errors for every client; the CLI adds its own command where one helps.
+# Keyed by error code; ``{run}`` is the command's run id.
+_RUN_HINTS = {
+    "run_state_lost": "eztinker load {run} [PATH] (default PATH: the run's last saved state)",
+    "worker_gone": "eztinker load {run} [PATH] rebuilds the run on a live worker from a saved "
+    "state (default PATH: its last one)",
+}
+
+
+def _hint(exc: EZTinkerAPIError, run: Any) -> str | None:
+    template = _RUN_HINTS.get(exc.code)
+    return template.format(run=run) if template and isinstance(run, str) else None
 
 
 def _errors_as_one_line(fn: F) -> F:
@@ -87,7 +106,8 @@ def _errors_as_one_line(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except EZTinkerAPIError as exc:
-            raise _fail(exc.message, as_json, exc.to_dict()) from None
+            hint = _hint(exc, kwargs.get("run"))
+            raise _fail(exc.message, as_json, exc.to_dict(), hint) from None
         except (EZTinkerError, ValueError, TimeoutError, OSError) as exc:
             raise _fail(str(exc) or type(exc).__name__, as_json) from None
         except KeyboardInterrupt:
@@ -362,15 +382,27 @@ def save(
 def load(
     ctx: typer.Context,
     run: Annotated[str, typer.Argument(help="Run id.")],
-    path: Annotated[str, typer.Argument(help="State checkpoint path '<run_id>/<name>'.")],
+    path: Annotated[
+        str | None,
+        typer.Argument(
+            help="Checkpoint path '<run_id>/<name>' (default: the run's last saved state)."
+        ),
+    ] = None,
     no_optimizer: Annotated[
         bool, typer.Option("--no-optimizer", help="Load the weights only.")
     ] = False,
     no_wait: NoWaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Load a saved state into RUN."""
+    """Load a saved state into RUN; a lost run (its worker gone) moves to a live worker."""
     service = _service(ctx)
+    if path is None:
+        path = service.get_run(run).last_state
+        if not path:
+            raise ValueError(
+                f"run {run} has no saved state of its own: name a checkpoint PATH "
+                "(`eztinker checkpoints` lists them)"
+            )
     future = _submit_run_op(service, run, "load", {"path": path, "optimizer": not no_optimizer})
     if no_wait:
         _print_future(future, as_json)
@@ -379,7 +411,9 @@ def load(
     if as_json:
         _print_json(info)
         return
-    typer.echo(f"loaded {path} into {run} (step {(info or {}).get('step', 0)})")
+    worker = service.get_run(run).worker
+    step = (info or {}).get("step", 0)
+    typer.echo(f"loaded {path} into {run} (step {step}, worker {worker})")
 
 
 @_errors_as_one_line
@@ -414,6 +448,8 @@ def download(
     service = _service(ctx)
     path = f"{run}/{name}"
     split_checkpoint_path(path)
+    if (Path(output) / name).exists() and not force:
+        raise ValueError(f"{Path(output) / name} already exists; add --force to replace it")
     if as_json:
         target = service.download_checkpoint(path, output, overwrite=force)
     else:

@@ -24,6 +24,7 @@ _CODE_STATUS = {
     "checkpoint_not_found": 404,
     "conflict": 409,
     "run_state_lost": 409,
+    "run_failed": 409,
     "stale_operation": 409,
     "payload_too_large": 413,
     "too_many_requests": 429,
@@ -102,7 +103,8 @@ class NotFoundError(EZTinkerAPIError):
 
 
 class ConflictError(EZTinkerAPIError):
-    """409: e.g. a seq_id reused with another body, or a run whose worker lost its state."""
+    """409: e.g. a seq_id reused with another body, a run whose worker lost its state, or a
+    run whose creation failed."""
 
 
 class PayloadTooLargeError(EZTinkerAPIError):

@@ -123,6 +123,25 @@ class RunStateLost(EZTinkerError):
     category = "server"
 
 
+class RunFailed(EZTinkerError):
+    """The run could not be created (its cause is in the message): it will never run anything.
+
+    ``user``: no retry of an operation on this run can help; create a new run instead.
+    """
+
+    code = "run_failed"
+    status = 409
+    category = "user"
+
+    @classmethod
+    def of(cls, run_id: str, cause: str | None) -> RunFailed:
+        return cls(
+            f"run {run_id} could not be created: {cause or 'unknown cause'}; it cannot run "
+            "operations (create a new run)",
+            errors={"run_id": ["creation failed"]},
+        )
+
+
 class OperationTimeout(EZTinkerError):
     code = "timeout"
     status = 504
@@ -150,6 +169,7 @@ ERROR_TYPES: dict[str, type[EZTinkerError]] = {
         ServiceUnavailable,
         StaleOperation,
         RunStateLost,
+        RunFailed,
         OperationTimeout,
         InternalError,
     )

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import redis
 
-from eztinker_tasks.errors import Conflict, UnknownRun
+from eztinker_tasks.errors import Conflict, RunFailed, UnknownRun
 
 P = "ezt"
 
@@ -69,7 +69,9 @@ class RunRecord:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
-STAT_FIELDS = ("step", "tokens_trained", "last_loss", "status")
+# Fields kept (also) in the run's stats hash, which the worker updates with each result; a
+# status travels with its error, so a run that is healthy again shows no stale error.
+STAT_FIELDS = ("step", "tokens_trained", "last_loss", "status", "error")
 
 
 @dataclass(frozen=True)
@@ -106,16 +108,23 @@ class OpClaim:
     created: bool  # False: this seq_id was submitted before with the same body
 
 
-# One round trip for a submit, all or nothing: refuse a run that is gone, pick the seq_id (or
-# take the client's), refuse or reuse a seq_id seen before, record the future, write the seq_id
-# into the task message and queue it (see ``eztinker_tasks.messages``).
+# One round trip for a submit, all or nothing: refuse a run that is gone or whose creation
+# failed, pick the seq_id (or take the client's), refuse or reuse a seq_id seen before, record
+# the future (with the worker the run record names now: a run can move to another worker),
+# write the seq_id into the task message and queue it (see ``eztinker_tasks.messages``).
 # KEYS: run record, run stats hash, ops hash, seq counter, future record, queue.
 # ARGV: seq_id or "", op record (JSON), future record (JSON), future TTL (s), task message,
 # the seq placeholder in the message.
-# Returns {"gone"} | {"dup", seq_id, existing op record} | {"ok", seq_id}.
+# Returns {"gone"} | {"failed"} | {"dup", seq_id, existing op record} | {"behind", seq_id,
+# latest} | {"ok", seq_id}.
 _SUBMIT_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
-if redis.call('HGET', KEYS[2], 'status') == '"deleted"' then return {'gone'} end
+local raw = redis.call('GET', KEYS[1])
+if not raw then return {'gone'} end
+local run = cjson.decode(raw)
+local status = redis.call('HGET', KEYS[2], 'status')
+if status then status = cjson.decode(status) else status = run['status'] end
+if status == 'deleted' then return {'gone'} end
+if status == 'failed' then return {'failed'} end
 local seq = ARGV[1]
 if seq == '' then
   seq = string.format('%.0f', redis.call('INCR', KEYS[4]))
@@ -130,6 +139,7 @@ end
 redis.call('HSET', KEYS[3], seq, ARGV[2])
 local future = cjson.decode(ARGV[3])
 future['seq_id'] = tonumber(seq)
+future['worker'] = run['worker']
 redis.call('SET', KEYS[5], cjson.encode(future), 'EX', ARGV[4])
 local message = ARGV[5]
 local i, j = string.find(message, ARGV[6], 1, true)
@@ -195,19 +205,61 @@ class Store:
             record = replace(record, **{_text(k): json.loads(v) for k, v in stats.items()})
         return record
 
+    def _rewrite_run(
+        self,
+        run_id: str,
+        change: Callable[[RunRecord], RunRecord | None],
+        counters: Mapping[str, str] | None = None,
+    ) -> tuple[RunRecord, bool] | None:
+        """Apply ``change`` to the run record atomically (WATCH/MULTI, retried on a race).
+
+        ``change`` returns the new record, or None to leave it as it is. Returns (the record
+        as it is now, whether it was rewritten), or None if there is no such run. ``counters``
+        go into the stats hash in the same transaction.
+        """
+        key = f"{P}:run:{run_id}"
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if not raw:
+                        return None
+                    record = RunRecord.from_json(raw)
+                    changed = change(record)
+                    if changed is None:
+                        return record, False
+                    pipe.multi()
+                    pipe.set(key, json.dumps(asdict(changed)))
+                    if counters:
+                        pipe.hset(f"{key}:stats", mapping=dict(counters))
+                    pipe.execute()
+                    return changed, True
+                except redis.WatchError:
+                    continue
+
     def update_run(self, run_id: str, **changes: Any) -> RunRecord | None:
-        """Change fields of the run record (the fast-moving counters live in its stats hash)."""
-        raw = self.r.get(f"{P}:run:{run_id}")
-        if not raw:
-            return None
-        record = replace(RunRecord.from_json(raw), **changes)
-        self.r.set(f"{P}:run:{run_id}", json.dumps(asdict(record)))
-        counters = {k: changes[k] for k in STAT_FIELDS if k in changes}
-        if counters:
-            self.r.hset(
-                f"{P}:run:{run_id}:stats", mapping={k: json.dumps(v) for k, v in counters.items()}
-            )
-        return record
+        """Change fields of the run record (the fast-moving counters live in its stats hash).
+
+        Atomic against other writers (the web and the workers both update runs).
+        """
+        counters = {k: json.dumps(changes[k]) for k in STAT_FIELDS if k in changes}
+        done = self._rewrite_run(run_id, lambda r: replace(r, **changes), counters)
+        return done[0] if done else None
+
+    def move_run(self, run_id: str, from_worker: str, to_worker: str) -> tuple[RunRecord, bool]:
+        """Record ``to_worker`` as the run's worker if it is still ``from_worker``.
+
+        Returns the run as it is now and whether this call moved it (False: another request
+        moved it first, and the record names that move's worker). Raises UnknownRun if the run
+        is gone.
+        """
+        done = self._rewrite_run(
+            run_id, lambda r: replace(r, worker=to_worker) if r.worker == from_worker else None
+        )
+        if done is None:
+            raise UnknownRun(f"unknown run {run_id!r}", errors={"run_id": ["not found"]})
+        return done
 
     def list_runs(self, include_deleted: bool = False) -> list[RunRecord]:
         ids = [_text(i) for i in self.r.zrange(f"{P}:runs", 0, -1)]
@@ -236,6 +288,13 @@ class Store:
         raw = self.r.get(f"{P}:run:{run_id}:seq")
         return int(raw) if raw else 0
 
+    def last_seqs(self, run_ids: list[str]) -> dict[str, int]:
+        """``last_seq`` of each run, in one round trip."""
+        if not run_ids:
+            return {}
+        raws = self.r.mget([f"{P}:run:{i}:seq" for i in run_ids])
+        return {i: int(raw) if raw else 0 for i, raw in zip(run_ids, raws, strict=True)}
+
     def submit_op(
         self,
         run_id: str,
@@ -249,7 +308,7 @@ class Store:
         A seq_id claimed before with the same body returns the earlier future
         (``created=False``, nothing queued); with another body it raises Conflict, and so does
         a new seq_id that is not above the run's latest (it would run out of order). A run that
-        does not exist or was deleted raises UnknownRun.
+        does not exist or was deleted raises UnknownRun; one whose creation failed, RunFailed.
         """
         value = json.dumps({"future_id": future.future_id, "digest": digest})
         keys = [
@@ -272,6 +331,9 @@ class Store:
         outcome = _text(reply[0])
         if outcome == "gone":
             raise UnknownRun(f"unknown run {run_id!r}", errors={"run_id": ["not found"]})
+        if outcome == "failed":
+            record = self.get_run(run_id)
+            raise RunFailed.of(run_id, record.error if record else None)
         seq = int(reply[1])
         if outcome == "ok":
             return OpClaim(seq, future.future_id, created=True)

@@ -21,6 +21,7 @@ from eztinker_tasks.errors import (
     EZTinkerError,
     InternalError,
     OperationFailed,
+    RunFailed,
     RunStateLost,
     StaleOperation,
     UnknownRun,
@@ -126,18 +127,7 @@ def _run_op(
                 "its operations once each, in seq_id order"
             )
         if needs_live_run and not rt.engine.has_run(run_id):
-            record = rt.store.get_run(run_id)
-            if record is None or record.status == "deleted":
-                raise UnknownRun(f"unknown run {run_id!r}")
-            hint = (
-                f"load_state({record.last_state!r}) to resume"
-                if record.last_state
-                else "it had no saved state; create a new run"
-            )
-            raise RunStateLost(
-                f"run {run_id} lost its in-memory state (its worker {rt.worker_name} restarted); "
-                + hint
-            )
+            raise _not_held(rt, run_id)
         result = op(rt, begun)
         rt.applied(run_id, seq_id)
         stats: dict[str, Any] = {}
@@ -148,6 +138,7 @@ def _run_op(
                 "tokens_trained": info.tokens_trained,
                 "last_loss": info.last_loss,
                 "status": "ready",
+                "error": None,  # healthy: an earlier error (state lost, ...) is history
             }
         # Recorded in the same transaction that stores (and publishes) the result.
         task_id = str(task.request.id)
@@ -158,6 +149,23 @@ def _run_op(
         return result
 
     return _call(task, body, run_id, seq_id, peek)
+
+
+def _not_held(rt: WorkerRuntime, run_id: str) -> EZTinkerError:
+    """Why this worker does not hold ``run_id``: gone, never created, or its state was lost."""
+    record = rt.store.get_run(run_id)
+    if record is None or record.status == "deleted":
+        return UnknownRun(f"unknown run {run_id!r}")
+    if record.status == "failed":
+        return RunFailed.of(run_id, record.error)
+    hint = (
+        f"load its last saved state ({record.last_state}) to resume"
+        if record.last_state
+        else "it has no saved state; create a new run"
+    )
+    return RunStateLost(
+        f"run {run_id} lost its in-memory state (its worker {rt.worker_name} restarted); " + hint
+    )
 
 
 @shared_task(name=names.CREATE_RUN, bind=True)
@@ -178,16 +186,24 @@ def create_run(
             else:
                 assert base_model is not None
                 info = rt.engine.create_run(run_id, base_model, LoraSpec.from_dict(lora or {}))
-        except EZTinkerError as exc:
-            rt.store.update_run(run_id, status="failed", error=exc.message)
+        except Exception as exc:
+            # Whatever the cause, the run is failed with it (never left "creating", which
+            # later operations would read as a worker restart).
+            cause = (
+                exc.message if isinstance(exc, EZTinkerError) else f"{type(exc).__name__}: {exc}"
+            )
+            rt.store.update_run(run_id, status="failed", error=cause)
             raise
         rt.store.put_model(rt.engine.model_info(info.base_model).to_dict())
         rt.store.update_run(
             run_id,
             status="ready",
+            error=None,
             base_model=info.base_model,
             lora=info.lora.to_dict(),
             step=info.step,
+            tokens_trained=info.tokens_trained,  # a run made from a state starts where it was
+            last_loss=info.last_loss,
             last_state=from_checkpoint,
         )
         report_now()  # /health shows the new run at once
@@ -291,10 +307,13 @@ def load(self: Task, run_id: str, seq_id: int, path: str, optimizer: bool = True
     def op(rt: WorkerRuntime, _: Begun) -> dict[str, Any]:
         if rt.engine.has_run(run_id):
             info = rt.engine.load_state(run_id, path, optimizer)
-        else:  # the worker restarted: rebuild the run from the checkpoint
+        else:  # the worker restarted, or the run moved here: rebuild it from the checkpoint
+            record = rt.store.get_run(run_id)
+            if record is not None and record.status == "failed":
+                raise RunFailed.of(run_id, record.error)
             info = rt.engine.create_run_from_checkpoint(run_id, path, optimizer)
             report_now()
-        rt.store.update_run(run_id, last_state=path)
+        rt.store.update_run(run_id, last_state=path, status="ready", error=None)
         return info.to_dict()
 
     return _run_op(self, run_id, seq_id, op, needs_live_run=False)
@@ -311,6 +330,9 @@ def _sample_body(
 ) -> dict[str, Any]:
     base = _base_model_of(rt, source)
     if prompt_tokens is None:
+        # A hub or local model's tokenizer is written when this worker first loads the model:
+        # describe it first (or fail with why it cannot be loaded), then tokenize.
+        rt.engine.model_info(base)
         prompt_tokens = rt.tokenizers.encode(base, prompt_text or "")
     out = rt.engine.sample(source, prompt_tokens, num_samples, params, prompt_logprobs)
     result = out.to_dict()

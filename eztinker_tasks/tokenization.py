@@ -34,10 +34,19 @@ class TokenizerCache:
             else:
                 directory = catalog.tokenizer_dir(model, self.data_dir)
             path = Path(directory) / "tokenizer.json"
+            if not path.exists() and not (catalog.is_hub_id(model) or Path(model).is_dir()):
+                known = ", ".join(sorted(catalog.BUILTIN_MODELS))
+                raise UnknownModel(
+                    f"unknown model {model!r}: not a built-in model ({known}), a local model "
+                    "directory or a Hugging Face model id",
+                    errors={"base_model": ["unknown model"]},
+                )
             if not path.exists():
                 raise UnknownModel(
-                    f"no tokenizer for model {model!r} yet: it is not built in and no worker "
-                    "has loaded it (create a run on it first)"
+                    f"no tokenizer for model {model!r} here yet: it is not built in, and a "
+                    "worker writes a model's tokenizer (if it has one) when it first loads the "
+                    "model, for a run on it or a sample from it; until then use token ids",
+                    errors={"base_model": [f"tokenizer not available yet: {model}"]},
                 )
             tok = Tokenizer.from_file(str(path))
             self._cache[model] = tok

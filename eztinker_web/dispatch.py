@@ -3,6 +3,9 @@
 Run operations go to the run's own queue with a per-run ``seq_id``. A submit that reuses a
 seq_id with the same body returns the original future (safe client retries); with another body
 it is a 409. Every issued future id is recorded, so unknown ids answer 404.
+
+A run lives on one worker; if that worker is gone, ``rehome`` moves the run's queue to a live
+worker (for ``load``, which rebuilds the run there from a saved state).
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eztinker_tasks import catalog, messages, names
-from eztinker_tasks.errors import InvalidRequest, ServiceUnavailable, UnknownRun
+from eztinker_tasks import catalog, hub_probe, messages, names
+from eztinker_tasks.errors import InvalidRequest, RunFailed, ServiceUnavailable, UnknownRun
 from eztinker_tasks.store import FutureRecord, QueuedMessage, RunRecord, WorkerRecord, body_hash
 from eztinker_web.services import services
 from eztinker_web.targets import RunTarget
@@ -41,9 +44,18 @@ def new_id(prefix: str) -> str:
 
 
 def live_run(run_id: str) -> RunRecord:
+    """The run's record; UnknownRun (404) if it never existed or was deleted."""
     record = services().store.get_run(run_id)
     if record is None or record.status == "deleted":
         raise UnknownRun(f"unknown run {run_id!r}", errors={"run_id": ["not found"]})
+    return record
+
+
+def usable_run(run_id: str) -> RunRecord:
+    """``live_run``, and RunFailed (409, user) if its creation failed: it can run nothing."""
+    record = live_run(run_id)
+    if record.status == "failed":
+        raise RunFailed.of(run_id, record.error)
     return record
 
 
@@ -56,8 +68,8 @@ def run_target(run_id: str) -> RunTarget:
     svc = services()
     target = svc.run_targets.get(run_id)
     if target is None:
-        record = live_run(run_id)
-        target = RunTarget(record.run_id, record.base_model, record.worker)
+        record = usable_run(run_id)
+        target = RunTarget(record.run_id, record.base_model)
         if target.base_model:
             svc.run_targets.put(run_id, target)
     return target
@@ -99,10 +111,19 @@ def check_tokens(
 
 
 def check_model_name(name: str) -> None:
-    """Reject at once a base model that is neither built in, a local directory nor a hub id."""
+    """Reject at once a base model that no worker could load.
+
+    Accepted: a built-in model, one a worker has loaded before, a local directory, or a hub id
+    that is in the local Hugging Face cache or downloadable now (the worker's own check, asked
+    here: torch-free, its hub probe remembered for a minute). Else InvalidRequest (400, not a
+    model name) or UnknownModel (404, a hub id that cannot be fetched, saying what to use).
+    """
     if name in catalog.BUILTIN_MODELS or services().store.get_model(name) is not None:
         return
-    if Path(name).is_dir() or catalog.is_hub_id(name):
+    if Path(name).is_dir():
+        return
+    if catalog.is_hub_id(name):
+        hub_probe.ensure_fetchable(name, where="the server")
         return
     known = ", ".join(sorted(catalog.BUILTIN_MODELS))
     raise InvalidRequest(
@@ -173,6 +194,40 @@ def create_run(
     return record, Submitted(future_id, 0, run_id)
 
 
+def worker_alive(name: str) -> bool:
+    return services().store.worker(name) is not None
+
+
+def rehome(run_id: str) -> RunRecord:
+    """Make sure a live worker serves the run's queue; move the run there if its worker is gone.
+
+    The run's record names the new worker (compare-and-set: of concurrent requests one moves
+    it, the others follow that move) and its queue is bound to that worker alone. The run's
+    in-memory state is not moved: the operation sent next (``load``) rebuilds it there.
+    Raises ServiceUnavailable if no live worker has room, or the new one does not answer.
+    """
+    svc = services()
+    store = svc.store
+    record = usable_run(run_id)
+    if worker_alive(record.worker):
+        return record
+    gone = record.worker
+    new = pick_worker(store.live_workers(), svc.settings.min_free_bytes)
+    record, moved = store.move_run(run_id, gone, new.name)
+    svc.run_targets.drop(run_id)
+    if not moved:
+        return record  # another request moved it first (and bound its queue)
+    replies = svc.celery.control.add_consumer(
+        names.run_queue(run_id), destination=[new.name], reply=True, timeout=5.0
+    )
+    if not replies:
+        store.move_run(run_id, new.name, gone)
+        raise ServiceUnavailable(
+            f"worker {new.name} did not confirm taking over run {run_id}; is it running?"
+        )
+    return record
+
+
 def submit_run_op(
     target: RunTarget, op: str, params: Mapping[str, Any], seq_id: int | None
 ) -> Submitted:
@@ -190,7 +245,7 @@ def submit_run_op(
         submitted_at=time.time(),
         run_id=run_id,
         seq_id=seq_id,
-        worker=target.worker,
+        worker=None,  # the submit script records the worker the run record names
     )
     message = _message(op, {"run_id": run_id, **params}, future.future_id, queue, with_seq=True)
     try:

@@ -9,11 +9,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RunTarget:
-    """A run's queue owner and the model that checks its tokens (fixed once both are known)."""
+    """A run and the model that checks its tokens (fixed once known).
+
+    Not its worker: a run can move to another worker (``load`` of a run whose worker is gone),
+    so the submit script reads the worker from the run record in the same round trip.
+    """
 
     run_id: str
     base_model: str  # "" while a run made from a checkpoint is still being created
-    worker: str
 
 
 class TargetCache:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from config import Settings
 from eztinker_tasks import checkpoint_paths
-from eztinker_tasks.errors import CheckpointNotFound
+from eztinker_tasks.errors import CheckpointNotFound, InvalidRequest
 from eztinker_tasks.types import CheckpointInfo
 
 META_FILES = ("eztinker_checkpoint.json", "eztinker_state.json", "eztinker_sampler.json")
@@ -68,6 +68,18 @@ def get_checkpoint(settings: Settings, path: str) -> CheckpointInfo:
     info = read_info(directory, run_id, name) if directory.is_dir() else None
     if info is None:
         raise CheckpointNotFound(f"no checkpoint {path!r}", errors={"path": ["not found"]})
+    return info
+
+
+def loadable_checkpoint(settings: Settings, path: str, optimizer: bool) -> CheckpointInfo:
+    """``get_checkpoint``, refusing (400) to restore optimizer state from a sampler checkpoint."""
+    info = get_checkpoint(settings, path)
+    if optimizer and info.kind != "state":
+        raise InvalidRequest(
+            f"checkpoint {path!r} is a {info.kind} checkpoint: it holds weights only, no "
+            "optimizer state; load it without the optimizer state",
+            errors={"path": ["not a state checkpoint"], "optimizer": ["must be false"]},
+        )
     return info
 
 

@@ -106,8 +106,8 @@ def _stall_reason(
             return _error(
                 "worker_gone",
                 f"worker {record.worker} that holds run {record.run_id} is not alive (no "
-                f"heartbeat for {svc.settings.worker_ttl_s:.0f} s); the operation cannot run "
-                "until it comes back",
+                f"heartbeat for {svc.settings.worker_ttl_s:.0f} s), so the operation cannot "
+                "run; load a saved state to move the run to a live worker",
             )
     elif not svc.store.live_workers():
         return _error("worker_gone", "no live worker to run this operation")

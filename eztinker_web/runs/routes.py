@@ -1,12 +1,13 @@
 """Runs and their training operations.
 
 `POST /v1/runs` binds a new run's queue to one worker; every operation below answers 202 with
-a future at once and is executed, in submission order, by that worker.
+a future at once and is executed, in submission order, by that worker. A run whose worker is
+gone is shown `lost`; `load` moves it to a live worker and rebuilds it there.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from flask_smorest import Blueprint
 
@@ -15,7 +16,7 @@ from eztinker_tasks.errors import InvalidRequest
 from eztinker_tasks.limits import check_adam_params, check_lora_spec
 from eztinker_tasks.loss_specs import check_loss_inputs, get_loss_spec, resolve_loss_config
 from eztinker_web import dispatch
-from eztinker_web.checkpoints.listing import get_checkpoint, list_checkpoints
+from eztinker_web.checkpoints.listing import loadable_checkpoint
 from eztinker_web.runs.schemas import (
     CreateRunRequest,
     CreateRunSchema,
@@ -31,6 +32,7 @@ from eztinker_web.runs.schemas import (
     SaveSchema,
     SubmittedSchema,
 )
+from eztinker_web.runs.views import run_views
 from eztinker_web.services import services
 
 blp = Blueprint("runs", __name__, url_prefix="/v1/runs", description="Training runs")
@@ -44,9 +46,10 @@ def create_run(req: CreateRunRequest):
     settings = services().settings
     check_lora_spec(req.lora)
     if req.from_state:
-        base = get_checkpoint(settings, req.from_state).base_model
+        base = loadable_checkpoint(settings, req.from_state, req.optimizer).base_model
     else:
         base = req.base_model or settings.default_model
+    if base:  # "" only from a checkpoint whose metadata names none: the worker judges it
         dispatch.check_model_name(base)
     record, submitted = dispatch.create_run(base, req.lora.to_dict(), req.from_state, req.optimizer)
     return {**asdict(record), **submitted.to_dict()}
@@ -55,18 +58,16 @@ def create_run(req: CreateRunRequest):
 @blp.route("", methods=["GET"])
 @blp.response(200, RunListSchema)
 def list_runs():
-    """Every run that was not deleted."""
-    return {"runs": [asdict(r) for r in services().store.list_runs()]}
+    """Every run that was not deleted, shown as `GET /v1/runs/<run_id>` shows each."""
+    return {"runs": run_views(services().store.list_runs())}
 
 
 @blp.route("/<run_id>", methods=["GET"])
 @blp.response(200, RunSchema)
 def get_run(run_id: str):
-    """A run's worker, step, tokens trained, last loss and checkpoints."""
-    record = dispatch.live_run(run_id)
-    checkpoints = [c.to_dict() for c in list_checkpoints(services().settings, run_id)]
-    last_seq = services().store.last_seq(run_id)
-    return {**asdict(record), "checkpoints": checkpoints, "last_seq_id": last_seq}
+    """A run's status (`lost` with the reason when its worker is gone), worker, step, tokens
+    trained, last loss and checkpoints."""
+    return run_views([dispatch.live_run(run_id)], one=True)[0]
 
 
 @blp.route("/<run_id>", methods=["DELETE"])
@@ -74,10 +75,14 @@ def get_run(run_id: str):
 def delete_run(run_id: str):
     """Delete a run: after its queued operations, free its adapter and unbind its queue.
 
-    Checkpoints stay on disk.
+    Checkpoints stay on disk. A run whose worker is gone is deleted by any live worker.
     """
     record = dispatch.live_run(run_id)
-    submitted = dispatch.submit_shared(names.DELETE_RUN, {"run_id": run_id}, record)
+    if dispatch.worker_alive(record.worker):
+        submitted = dispatch.submit_shared(names.DELETE_RUN, {"run_id": run_id}, record)
+    else:  # nothing to free: its state went with its worker
+        shared = dispatch.submit_shared(names.DELETE_RUN, {"run_id": run_id})
+        submitted = replace(shared, run_id=run_id)
     services().store.update_run(run_id, status="deleted")
     services().run_targets.drop(run_id)
     return submitted.to_dict()
@@ -158,8 +163,16 @@ def save(req: SaveRequest, run_id: str):
 @blp.arguments(LoadSchema())
 @blp.response(202, SubmittedSchema)
 def load(req: LoadRequest, run_id: str):
-    """Load a saved state into this run (with or without its optimizer state)."""
+    """Load a saved state into this run (with or without its optimizer state).
+
+    A run whose worker is gone (shown `lost`) moves to a live worker first and is rebuilt
+    there from the state.
+    """
+    # 404 / 400 now rather than a failed future
+    info = loadable_checkpoint(services().settings, req.path, req.optimizer)
+    if info.base_model:
+        dispatch.check_model_name(info.base_model)
+    dispatch.rehome(run_id)
     target = dispatch.run_target(run_id)
-    get_checkpoint(services().settings, req.path)  # 404 now rather than a failed future
     params = {"path": req.path, "optimizer": req.optimizer}
     return dispatch.submit_run_op(target, names.LOAD, params, req.seq_id).to_dict()

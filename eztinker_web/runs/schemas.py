@@ -281,27 +281,25 @@ class OptimStepRequest:
 
 
 class OptimStepSchema(AdamParamsSchema):
-    """Tinker's ``{adam_params: {...}}`` or the seed's flat ``{learning_rate, weight_decay}``."""
+    """Tinker's ``{adam_params: {...}}`` or the seed's flat ``{learning_rate, weight_decay}``.
+
+    Which keys the body gave is read from ``original_data`` (this call's own input): a schema
+    instance serves every request thread at once, so it must hold no per-request state.
+    """
 
     adam_params = fields.Nested(AdamParamsSchema, load_default=None)
     seq_id = SEQ_ID
 
-    @post_load
-    def _make(self, data: dict[str, Any], **_: Any) -> OptimStepRequest:
+    @post_load(pass_original=True)
+    def _make(self, data: dict[str, Any], original_data: Any, **_: Any) -> OptimStepRequest:
         nested = data.pop("adam_params")
         seq_id = data.pop("seq_id")
         if nested is not None:
-            flat_given = set(self.context_keys) & set(AdamParamsSchema().fields)
-            if flat_given:
+            given = set(original_data) if isinstance(original_data, dict) else set()
+            if given & set(AdamParamsSchema().fields):
                 raise ValidationError("give adam_params or flat hyper-parameters, not both")
             return OptimStepRequest(AdamParams.from_dict(nested), seq_id)
         return OptimStepRequest(AdamParams.from_dict(data), seq_id)
-
-    context_keys: tuple[str, ...] = ()
-
-    def load(self, data: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        self.context_keys = tuple(data) if isinstance(data, dict) else ()
-        return super().load(data, **kwargs)
 
 
 # -- save / load -------------------------------------------------------------------------------

@@ -30,11 +30,13 @@ blp = Blueprint("sampling", __name__, url_prefix="/v1", description="Sampling an
 def _resolve(source: SampleSource) -> tuple[SampleSource, RunRecord | None, str | None]:
     """Fill the default model; find the run; return the base model name when known."""
     if source.run_id:
-        run = dispatch.live_run(source.run_id)
+        run = dispatch.usable_run(source.run_id)
         return source, run, run.base_model or None
     if source.checkpoint:
         # 404 now rather than a failed future; its base model checks the prompt's tokens.
         info = get_checkpoint(services().settings, source.checkpoint)
+        if info.base_model:
+            dispatch.check_model_name(info.base_model)
         return source, None, info.base_model or None
     base = source.base_model or services().settings.default_model
     dispatch.check_model_name(base)

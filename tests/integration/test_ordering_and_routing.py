@@ -148,14 +148,20 @@ def test_future_of_dead_worker_fails_clearly_and_restart_rebinds(two_workers: Se
         # The restarted worker re-bound the run's queue; its in-memory state is gone, so
         # training ops fail with a clear message until the state is loaded again.
         info = http.get(f"/v1/runs/{run_id}").json()
-        assert info["status"] == "lost"
+        assert info["status"] == "lost" and "restarted" in info["error"]
+        assert saved["path"] in info["error"] and "load_state" not in info["error"]
         lost = http.post(f"/v1/runs/{run_id}/optim_step", json={"learning_rate": 1e-3})
         body = wait_future(http, lost.json()["future_id"])
-        assert body["status"] == "failed" and "load_state" in body["error"]["message"]
+        assert body["status"] == "failed" and body["error"]["code"] == "run_state_lost"
+        message = body["error"]["message"]
+        # Worded for every client (curl, CLI, SDK alike): no SDK call.
+        assert f"load its last saved state ({saved['path']})" in message, message
+        assert "load_state" not in message
         result_of(http, http.post(f"/v1/runs/{run_id}/load", json={"path": saved["path"]}))
         fb = http.post(f"/v1/runs/{run_id}/forward_backward", json=FB)
         assert result_of(http, fb)["metrics"]["loss:sum"] > 0
-        assert http.get(f"/v1/runs/{run_id}").json()["status"] == "ready"
+        info = http.get(f"/v1/runs/{run_id}").json()
+        assert (info["status"], info["error"]) == ("ready", None)  # no stale error
 
 
 def _running_on(svc: Service, http: httpx.Client, future_id: str, timeout: float = 60) -> str:
