@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eztinker_tasks import catalog, hub_probe, messages, names
+from eztinker_tasks import catalog, hub_probe, messages, names, shapes
 from eztinker_tasks.errors import InvalidRequest, RunFailed, ServiceUnavailable, UnknownRun
 from eztinker_tasks.store import FutureRecord, QueuedMessage, RunRecord, WorkerRecord, body_hash
 from eztinker_web.services import services
@@ -120,6 +120,11 @@ def check_model_name(name: str) -> None:
     """
     if name in catalog.BUILTIN_MODELS or services().store.get_model(name) is not None:
         return
+    try:
+        if shapes.check(name) is not None:  # a random-weight base of a real shape
+            return
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), errors={"base_model": ["unknown shape"]}) from None
     if Path(name).is_dir():
         return
     if catalog.is_hub_id(name):

@@ -331,7 +331,8 @@ def restore_rng(run: RunState, meta: dict[str, Any]) -> None:
 def check_kind(meta: Mapping[str, Any], optimizer: bool) -> None:
     if optimizer and meta.get("kind") != "state":
         raise InvalidRequest(
-            "a sampler checkpoint has no optimizer state: load it with optimizer=False",
+            "a sampler checkpoint has no optimizer state: load its weights only (without the "
+            "optimizer state)",
             errors={"path": ["not a state checkpoint"]},
         )
 

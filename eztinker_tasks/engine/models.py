@@ -158,7 +158,7 @@ class ModelRegistry:
             return str(Path(name).resolve())
         if Path(name).is_absolute() or name.startswith("."):
             raise UnknownModel(f"model directory {name!r} does not exist")
-        hub.ensure_fetchable(name)  # fail now, not after the hub client's retries
+        hub.ensure_fetchable(name, where="this worker")  # now, not after the client's retries
         return name  # a hub id
 
     @staticmethod
@@ -207,12 +207,18 @@ class ModelRegistry:
         if shapes.shape_of(name) is not None:
             model, tokenizer = self._shaped(name)
             return self._wrap(name, source, model, tokenizer)
+        offline = (
+            {"local_files_only": True}
+            if catalog.is_hub_id(source) and hub.local_only(source)
+            else {}
+        )
         model = self._call(
             name,
             AutoModelForCausalLM.from_pretrained,
             source,
             dtype=self.dtype,
             attn_implementation="sdpa",
+            **offline,
         )
         assert isinstance(model, PreTrainedModel)
         return self._wrap(name, source, model, self._load_tokenizer(name, source))

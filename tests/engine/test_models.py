@@ -191,3 +191,14 @@ def test_engine_implements_the_backend_protocol(engine: Engine) -> None:
     }
     assert protocol_methods <= set(dir(backend))
     assert backend.device == "cpu" or backend.device.startswith("cuda")
+
+
+def test_shaped_models_are_described_without_weights_and_unknown_shapes_refused(
+    engine: Engine,
+) -> None:
+    from eztinker_tasks.errors import UnknownModel
+
+    info = engine.model_info("shaped:llama-3.1-70b")  # no 140 GB anywhere: config only
+    assert (info.architecture, info.vocab_size, info.max_context) == ("llama", 128256, 131072)
+    with pytest.raises(UnknownModel, match="known: shaped:"):
+        engine.model_info("shaped:no-such-shape")

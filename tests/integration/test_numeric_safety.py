@@ -198,3 +198,8 @@ def test_sampling_values_beyond_what_computes_are_4xx(
     assert 400 <= r.status_code < 500, r.text
     assert r.json()["category"] == "user"
     assert field in r.text
+
+
+def test_unknown_shaped_model_is_refused_at_submit(http: httpx.Client) -> None:
+    r = http.post("/v1/runs", json={"base_model": "shaped:no-such-shape"})
+    assert r.status_code == 400 and "shaped:llama-3.1-8b" in r.text
