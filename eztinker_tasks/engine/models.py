@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from eztinker_tasks import catalog, shapes
-from eztinker_tasks.engine import hub
+from eztinker_tasks.engine import hub, kernels
 from eztinker_tasks.engine.adapters import Targets, discover_targets, tensor_bytes, tied_unembedding
 from eztinker_tasks.engine.multilora import LoraContext, inject
 from eztinker_tasks.engine.tiny import ensure_tiny_model
@@ -228,6 +228,7 @@ class ModelRegistry:
         model.to(self.device)
         model.requires_grad_(False)
         model.eval()
+        kernels.fuse(model, self.device)
         spec = catalog.get_builtin(name)
         embeddings = model.get_input_embeddings()
         assert isinstance(embeddings, nn.Embedding)

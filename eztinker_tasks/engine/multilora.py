@@ -282,16 +282,16 @@ def _grouped_delta(x: torch.Tensor, path: str, route: LoraRoute, out_features: i
     shrink, expand = [], []
     for seg in route.segments:
         if path not in seg.factors:
-            shrink.append(x.new_zeros(r_max, x.shape[1]))
-            expand.append(x.new_zeros(out_features, r_max))
+            shrink.append(x.new_zeros(x.shape[1], r_max))
+            expand.append(x.new_zeros(r_max, out_features))
             continue
         a, b = seg.factors[path]
         pad = r_max - a.shape[0]
-        shrink.append(nn.functional.pad(a, (0, 0, 0, pad)) if pad else a)  # [r_max, in]
-        expand.append(nn.functional.pad(b, (0, pad)) if pad else b)  # [out, r_max]
+        shrink.append((nn.functional.pad(a, (0, 0, 0, pad)) if pad else a).t())  # [in, r_max]
+        expand.append((nn.functional.pad(b, (0, pad)) if pad else b).t())  # [r_max, out]
     offs = route.offsets(x.device)
-    w_shrink = torch.stack(shrink).transpose(1, 2).contiguous()  # [G, in, r_max]
-    w_expand = torch.stack(expand).transpose(1, 2).contiguous()  # [G, r_max, out]
+    w_shrink = torch.stack(shrink)  # [G, in, r_max], contiguous: one copy kernel
+    w_expand = torch.stack(expand)  # [G, r_max, out]
     h = torch._grouped_mm(_ContiguousGrad.apply(x.contiguous()), w_shrink, offs=offs)
     out = torch._grouped_mm(_ContiguousGrad.apply(h), w_expand, offs=offs)
     return _ContiguousGrad.apply(out)
