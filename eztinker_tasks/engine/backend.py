@@ -17,6 +17,7 @@ from eztinker_tasks.types import (
     LoraSpec,
     ModelInfo,
     OptimStepOutput,
+    ProgressFn,
     RunInfo,
     SampleOutput,
     SampleSource,
@@ -62,6 +63,7 @@ class Backend(Protocol):
         loss_fn_config: Mapping[str, Any] | None = None,
         *,
         backward: bool = True,
+        progress: ProgressFn | None = None,
     ) -> list[ForwardBackwardOutput]: ...
     def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput: ...
 
@@ -72,6 +74,7 @@ class Backend(Protocol):
         num_samples: int,
         params: SamplingParams,
         prompt_logprobs: bool = False,
+        progress: ProgressFn | None = None,
     ) -> SampleOutput: ...
     def compute_logprobs(
         self, source: SampleSource, tokens: Sequence[int]

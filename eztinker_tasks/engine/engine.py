@@ -39,6 +39,7 @@ from eztinker_tasks.types import (
     LoraSpec,
     ModelInfo,
     OptimStepOutput,
+    ProgressFn,
     RunInfo,
     SampleOutput,
     SampleSource,
@@ -177,13 +178,17 @@ class Engine:
         loss_fn_config: Mapping[str, Any] | None = None,
         *,
         backward: bool = True,
+        progress: ProgressFn | None = None,
     ) -> list[ForwardBackwardOutput]:
         """Several consecutive ``forward_backward`` (or ``forward``) calls in ONE pass.
 
         Each group's outputs and metrics are those its own call would return, and the
         accumulated gradient is that of all of them; used to coalesce queued operations.
+        ``progress`` is told the ``forward`` / ``backward`` phases (``engine.progress``).
         """
-        return self._loss_pass(run_id, groups, loss_fn, loss_fn_config, backward=backward)
+        return self._loss_pass(
+            run_id, groups, loss_fn, loss_fn_config, backward=backward, progress=progress
+        )
 
     def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput:
         run = self._run(run_id)
@@ -198,6 +203,7 @@ class Engine:
         loss_fn_config: Mapping[str, Any] | None,
         *,
         backward: bool,
+        progress: ProgressFn | None = None,
     ) -> list[ForwardBackwardOutput]:
         run = self._run(run_id)
         spec = get_loss_spec(loss_fn)
@@ -221,6 +227,7 @@ class Engine:
                 backward=backward,
                 chunk_elements=self.config.logprob_chunk_elements,
                 group_sizes=[len(g) for g in groups],
+                progress=progress,
             )
         if backward:
             run.tokens_trained += batch.num_tokens
@@ -236,7 +243,9 @@ class Engine:
         num_samples: int,
         params: SamplingParams,
         prompt_logprobs: bool = False,
+        progress: ProgressFn | None = None,
     ) -> SampleOutput:
+        """Sample ``num_samples`` continuations; ``progress`` gets prefill/decode reports."""
         base, adapter, default_generator = self._source(source)
         tokens, stop = sampler.check_request(
             prompt_tokens, num_samples, params, base.info, base.tokenizer is not None
@@ -262,6 +271,7 @@ class Engine:
                 deadline=deadline,
                 want_prompt_logprobs=prompt_logprobs,
                 chunk_elements=self.config.logprob_chunk_elements,
+                progress=progress,
             )
 
     def compute_logprobs(self, source: SampleSource, tokens: Sequence[int]) -> list[float | None]:

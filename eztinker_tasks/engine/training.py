@@ -18,9 +18,10 @@ from torch import nn
 from eztinker_tasks.engine import losses
 from eztinker_tasks.engine.batching import Batch
 from eztinker_tasks.engine.logprobs import target_logprobs
+from eztinker_tasks.engine.progress import Ticker
 from eztinker_tasks.engine.runs import RunState
 from eztinker_tasks.errors import InvalidRequest
-from eztinker_tasks.types import AdamParams, ForwardBackwardOutput, OptimStepOutput
+from eztinker_tasks.types import AdamParams, ForwardBackwardOutput, OptimStepOutput, ProgressFn
 
 
 def run_loss(
@@ -32,18 +33,21 @@ def run_loss(
     backward: bool,
     chunk_elements: int,
     group_sizes: Sequence[int] | None = None,
+    progress: ProgressFn | None = None,
 ) -> list[ForwardBackwardOutput]:
     """Forward the batch, compute the loss and (if ``backward``) accumulate gradients.
 
     ``group_sizes`` splits the batch's rows into consecutive groups (operations coalesced into
     one pass); each group gets its own loss, metrics and outputs, exactly as if it had been a
     call of its own, and the gradient is that of the sum of the group losses. Default: one
-    group.
+    group. ``progress`` gets the ``forward`` and (with ``backward``) ``backward`` phases.
     """
     sizes = list(group_sizes) if group_sizes is not None else [len(batch.lengths)]
     if sum(sizes) != len(batch.lengths) or min(sizes) < 1:
         raise ValueError(f"group sizes {sizes} do not split a batch of {len(batch.lengths)}")
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    ticker = Ticker(progress)
+    ticker.phase("forward", tokens_total=batch.num_tokens, sequences=len(batch.lengths))
     with torch.set_grad_enabled(backward):
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         lp = target_logprobs(out.logits, batch.targets, chunk_elements)
@@ -53,6 +57,7 @@ def run_loss(
             inputs = {key: value[a:b] for key, value in batch.inputs.items()}
             results.append(losses.compute_loss(loss_fn, lp[a:b], batch.mask[a:b], inputs, config))
         if backward:
+            ticker.phase("backward", tokens_total=batch.num_tokens, sequences=len(batch.lengths))
             total = results[0].loss
             for result in results[1:]:
                 total = total + result.loss
