@@ -29,6 +29,7 @@ from eztinker_tasks.errors import (
 from eztinker_tasks.prefetch import BeginSpec
 from eztinker_tasks.result_backend import ResultBackend
 from eztinker_tasks.runtime import WorkerRuntime, get_runtime, report_now
+from eztinker_tasks.sampling import sample_body
 from eztinker_tasks.types import (
     AdamParams,
     Datum,
@@ -226,19 +227,23 @@ def _loss_op(
                 already_applied=lambda seq: seq <= max(seq_id, rt.applied_seq.get(run_id, 0)),
             )
         groups = [datums] + [[Datum.from_dict(d) for d in f.data] for f in followers]
+        own = str(task.request.id)
         try:
-            outs = rt.engine.forward_backward_many(
-                run_id, groups, loss_fn, loss_fn_config, backward=backward
-            )
+            # Coalesced calls run in this pass: their futures show its progress too.
+            with rt.progress.track([own, *(f.task_id for f in followers)]) as report:
+                outs = rt.engine.forward_backward_many(
+                    run_id, groups, loss_fn, loss_fn_config, backward=backward, progress=report
+                )
         except EZTinkerError:
             if not followers:
                 raise
             # A follower's input is bad (nothing was applied): run this call alone; the
             # follower fails on its own turn with its own error.
             followers = []
-            outs = rt.engine.forward_backward_many(
-                run_id, [datums], loss_fn, loss_fn_config, backward=backward
-            )
+            with rt.progress.track([own]) as report:
+                outs = rt.engine.forward_backward_many(
+                    run_id, [datums], loss_fn, loss_fn_config, backward=backward, progress=report
+                )
         if not followers:
             return outs[0].to_dict()
         for f in followers:
@@ -322,46 +327,6 @@ def load(self: Task, run_id: str, seq_id: int, path: str, optimizer: bool = True
     return _run_op(self, run_id, seq_id, op, needs_live_run=False)
 
 
-def _sample_body(
-    rt: WorkerRuntime,
-    source: SampleSource,
-    prompt_tokens: list[int] | None,
-    prompt_text: str | None,
-    num_samples: int,
-    params: SamplingParams,
-    prompt_logprobs: bool,
-) -> dict[str, Any]:
-    base = _base_model_of(rt, source)
-    if prompt_tokens is None:
-        prompt_tokens = rt.tokenizers.encode(base, prompt_text or "")
-    out = rt.engine.sample(source, prompt_tokens, num_samples, params, prompt_logprobs)
-    result = out.to_dict()
-    for seq in result["sequences"]:
-        seq["text"] = rt.tokenizers.decode(base, seq["tokens"])  # without EOS etc.
-    result["prompt_tokens"] = list(prompt_tokens)
-    result["base_model"] = base
-    return result
-
-
-def _base_model_of(rt: WorkerRuntime, source: SampleSource) -> str:
-    if source.base_model:
-        return source.base_model
-    if source.run_id:
-        if rt.engine.has_run(source.run_id):
-            return rt.engine.run_info(source.run_id).base_model
-        record = rt.store.get_run(source.run_id)
-        if record is None:
-            raise UnknownRun(f"unknown run {source.run_id!r}")
-        return record.base_model
-    assert source.checkpoint is not None
-    infos = [c for c in rt.engine.list_checkpoints() if c.path == source.checkpoint]
-    if not infos:
-        from eztinker_tasks.errors import CheckpointNotFound
-
-        raise CheckpointNotFound(f"no checkpoint {source.checkpoint!r}")
-    return infos[0].base_model
-
-
 @shared_task(name=names.SAMPLE, bind=True)
 def sample(
     self: Task,
@@ -376,7 +341,10 @@ def sample(
     sp = SamplingParams.from_dict(params)
 
     def op(rt: WorkerRuntime) -> dict[str, Any]:
-        return _sample_body(rt, src, prompt_tokens, prompt_text, num_samples, sp, prompt_logprobs)
+        return sample_body(
+            rt, str(self.request.id), src, prompt_tokens, prompt_text, num_samples, sp,
+            prompt_logprobs,
+        )  # fmt: skip
 
     if src.run_id:
         return _run_op(self, src.run_id, None, lambda rt, _: op(rt))
