@@ -1,0 +1,105 @@
+"""Progress in the SDK and the CLI, and what ``eztinker wait`` prints, against the real service."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+
+import httpx
+from typer.testing import CliRunner
+
+from eztinker import FutureProgress, ServiceClient, types
+from eztinker.cli import app
+from tests.conftest import REPO, Service
+
+runner = CliRunner()
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def cli(service: Service, *args: str):
+    return runner.invoke(app, ["--base-url", service.base_url, *args], env={"COLUMNS": "80"})
+
+
+def test_sdk_progress_and_on_progress(sdk: ServiceClient) -> None:
+    sampler = sdk.create_sampling_client(base_model="tiny-gpt2")
+    params = types.SamplingParams(max_tokens=400, temperature=1.0, stop=(), seed=0)
+    future = sampler.sample(types.ModelInput.from_ints([5, 17, 42]), 4, params)
+    first = future.progress()
+    assert isinstance(first, FutureProgress) and first.status in ("pending", "running")
+
+    reports: list[FutureProgress] = []
+    out = future.result(on_progress=reports.append)
+    assert [len(s.tokens) for s in out.sequences] == [400] * 4
+    assert all(isinstance(r, FutureProgress) for r in reports)
+    decode = [r for r in reports if r.phase == "decode" and r.tokens_done]
+    assert len({r.tokens_done for r in decode}) >= 2, reports
+    fractions = [r.fraction or 0.0 for r in decode]
+    assert fractions == sorted(fractions) and fractions[0] > 0 and fractions[-1] < 1
+    assert all((r.status, r.tokens_total, r.sequences) == ("running", 400, 4) for r in decode)
+    assert future.progress() is None and future.done()
+
+    async def wait_async() -> list[FutureProgress]:
+        seen: list[FutureProgress] = []
+        again = sampler.sample(types.ModelInput.from_ints([5]), 4, params)
+        await again.result_async(on_progress=seen.append)
+        return seen
+
+    seen = asyncio.run(wait_async())
+    assert any(r.phase == "decode" and r.tokens_done for r in seen), seen
+
+
+def test_cli_shows_a_progress_bar_on_a_terminal(service: Service) -> None:
+    argv = [sys.executable, "-m", "eztinker", "sample", "Once upon a time,", "--model",
+            "tiny-gpt2", "--max-tokens", "500", "-n", "4", "--temperature", "0"]  # fmt: skip
+    tty = {**service.env, "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "150"}
+    proc = subprocess.run(argv, env=tty, capture_output=True, text=True, cwd=REPO, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("--- sample 1 (")
+    frames = [ANSI.sub("", f).strip() for f in re.split(r"[\r\n]", proc.stderr)]
+    frames = [f for f in frames if f]
+    assert frames and all(f.split()[1] == "sampling" for f in frames), frames[:5]
+    tokens = [int(m.group(1)) for f in frames if (m := re.search(r"(\d+)/500 tokens x 4", f))]
+    assert len(set(tokens)) >= 2 and tokens == sorted(tokens), frames
+    assert any(" decode " in f for f in frames)
+    assert all(re.search(r"\d:\d\d:\d\d$", f) for f in frames)  # time elapsed, at the end
+
+    # Not a terminal (a pipe, a log): no bar at all, the output alone.
+    plain = subprocess.run(argv, env=service.env, capture_output=True, text=True, cwd=REPO)
+    assert plain.returncode == 0 and plain.stderr == "" and plain.stdout.startswith("--- ")
+
+
+def test_wait_prints_a_summary_and_json_prints_everything(
+    service: Service, http: httpx.Client
+) -> None:
+    created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 4})
+    run = created.json()["run_id"]
+    datum = {"model_input": {"tokens": [7] * 128}, "loss_fn_inputs": {"target_tokens": [8] * 128}}
+    sent = http.post(f"/v1/runs/{run}/forward_backward", json={"data": [datum] * 64})
+    future_id = sent.json()["future_id"]
+
+    summary = cli(service, "wait", future_id)
+    assert summary.exit_code == 0, summary.output
+    lines = summary.stdout.splitlines()
+    assert lines[0] == "forward_backward: 64 sequences, 8192 tokens", lines
+    assert any(line.startswith("  loss:sum = ") for line in lines) and len(lines) < 12, lines
+    assert "--json prints the whole result" in summary.stderr
+
+    full = cli(service, "wait", future_id, "--json")
+    assert full.exit_code == 0
+    result = json.loads(full.stdout)
+    assert len(result["loss_fn_outputs"]) == 64
+    assert all(len(o["logprobs"]) == 128 for o in result["loss_fn_outputs"])
+    assert len(full.stdout.splitlines()) > 2 * 8192  # what `wait` printed before: all of it
+
+    sample_id = cli(service, "sample", "Hello", "--run", run, "-n", "3", "--max-tokens", "4",
+                    "--no-wait").stdout.strip()  # fmt: skip
+    sampled = cli(service, "wait", sample_id).stdout.splitlines()
+    assert re.fullmatch(r"sample: 3 sequences of tiny-gpt2, prompt of \d+ tokens", sampled[0])
+    assert len(sampled) == 4 and all(re.match(r"  \[\d\] \d+ tokens, ", s) for s in sampled[1:])
+
+    save_id = cli(service, "save", run, "waited", "--no-wait").stdout.strip()
+    saved = cli(service, "wait", save_id).stdout.splitlines()
+    assert saved[0] == "save:" and f"  path: {run}/waited" in saved, saved
