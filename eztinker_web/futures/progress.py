@@ -94,6 +94,7 @@ def read_running(
 
 def progress_body(
     record: FutureRecord,
+    running: bool,
     started: dict[str, Any] | None,
     published: dict[str, str],
     places: QueuePlaces | None,
@@ -103,13 +104,13 @@ def progress_body(
     now = time.time() if now is None else now
     body: dict[str, Any] = {"phase": "queued", "ops_ahead": None, "queue_length": None}
     body.update(dict.fromkeys(COUNTS))
-    started_at = _float(published.get("started_at")) or (float(started["at"]) if started else None)
-    if started_at is None:
+    if not running:
         body["queued_s"] = max(0.0, now - record.submitted_at)
         body["elapsed_s"] = 0.0
         if places is not None:
             body["ops_ahead"], body["queue_length"] = places.place(record.queue, record.future_id)
         return body
+    started_at = _float(published.get("started_at")) or (float(started["at"]) if started else now)
     body["queued_s"] = max(0.0, started_at - record.submitted_at)
     body["elapsed_s"] = max(0.0, now - started_at)
     body["phase"] = published.get("phase") or "running"

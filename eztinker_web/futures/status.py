@@ -186,7 +186,7 @@ def future_status(
             running = state in ("STARTED", "RETRY") or started is not None or bool(published)
             body["status"] = "running" if running else "pending"
             places = places if places is not None else QueuePlaces(svc.redis_client)
-            body["progress"] = progress_body(record, started, published, places)
+            body["progress"] = progress_body(record, running, started, published, places)
     return body
 
 
