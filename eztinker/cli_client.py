@@ -21,7 +21,12 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from eztinker.cli_progress import summary_lines, wait_for, wait_for_until
+from eztinker.cli_progress import (
+    download_with_progress,
+    summary_lines,
+    wait_for,
+    wait_for_until,
+)
 from eztinker.errors import EZTinkerAPIError, EZTinkerError
 from eztinker.futures import APIFuture
 from eztinker.sampling_client import split_checkpoint_path
@@ -414,8 +419,7 @@ def download(
     if as_json:
         target = service.download_checkpoint(path, output, overwrite=force)
     else:
-        with Console(stderr=True).status(f"downloading {path}"):
-            target = service.download_checkpoint(path, output, overwrite=force)
+        target = download_with_progress(service, path, output, force)
     files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
     if as_json:
         _print_json({"path": str(target), "files": files})

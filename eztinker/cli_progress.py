@@ -6,6 +6,8 @@ the operation's place in its queue, then its phase (``prefill``/``decode``/``for
 terminal it redraws in place and disappears when the operation ends; elsewhere (a pipe, a log)
 it prints nothing. ``--json`` shows no bar at all.
 
+``download_with_progress`` shows the bytes of a checkpoint download the same way.
+
 ``summary_lines`` turns a result into a few lines (``eztinker wait`` prints them instead of a
 forward pass's tens of thousands of logprobs); ``--json`` prints the whole result.
 """
@@ -13,19 +15,23 @@ forward pass's tens of thousands of logprobs); ``--json`` prints the whole resul
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     Progress,
     SpinnerColumn,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
+    TransferSpeedColumn,
 )
 
 from eztinker.futures import APIFuture, FutureProgress
+from eztinker.service_client import ServiceClient
 
 MAX_SEQUENCES_SHOWN = 8
 MAX_TEXT_CHARS = 160
@@ -88,6 +94,21 @@ def wait_for_until(future: APIFuture[Any], what: str, timeout: float | None) -> 
             bar.update(task, phase=phase, counts=counts, total=total, completed=completed or 0)
 
         return future.result(timeout, on_progress=show)
+
+
+def download_with_progress(service: ServiceClient, path: str, dest: str, force: bool) -> Path:
+    """``download_checkpoint`` with a bar of bytes received, speed and time (on a terminal)."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return service.download_checkpoint(path, dest, overwrite=force)
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn())
+    with Progress(TextColumn(f"downloading {path}"), *columns, console=console) as bar:
+        task = bar.add_task("download", total=None)
+
+        def show(received: int, total: int | None) -> None:
+            bar.update(task, completed=received, total=total)
+
+        return service.download_checkpoint(path, dest, overwrite=force, on_progress=show)
 
 
 # -- summaries -------------------------------------------------------------------------------

@@ -74,6 +74,26 @@ def test_cli_shows_a_progress_bar_on_a_terminal(service: Service) -> None:
     assert plain.returncode == 0 and plain.stderr == "" and plain.stdout.startswith("--- ")
 
 
+def test_cli_download_shows_bytes_on_a_terminal(
+    service: Service, http: httpx.Client, tmp_path
+) -> None:
+    created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 4})
+    run = created.json()["run_id"]
+    saved = http.post(f"/v1/runs/{run}/save", json={"name": "dl"}).json()["future_id"]
+    assert http.get(f"/v1/futures/{saved}", params={"wait": 30}).json()["status"] == "succeeded"
+    tty = {**service.env, "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "150"}
+    argv = [sys.executable, "-m", "eztinker", "download", run, "dl", "-o", str(tmp_path)]
+    proc = subprocess.run(argv, env=tty, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    size = sum(p.stat().st_size for p in (tmp_path / "dl").rglob("*") if p.is_file())
+    frames = [ANSI.sub("", f).strip() for f in re.split(r"[\r\n]", proc.stderr)]
+    last = [f for f in frames if f][-1]
+    assert last.startswith(f"downloading {run}/dl "), proc.stderr
+    amount = re.search(r"([0-9.]+)/([0-9.]+) (bytes|kB|MB)", last)
+    assert amount and amount.group(1) == amount.group(2), last  # all of it, of a known total
+    assert size > 0 and proc.stdout.startswith(f"downloaded {run}/dl to ")
+
+
 def test_wait_prints_a_summary_and_json_prints_everything(
     service: Service, http: httpx.Client
 ) -> None:
