@@ -65,11 +65,11 @@ def test_sl_loop_trains_saves_resumes_and_samples(service: Service, tmp_path: Pa
     assert losses(more)[0] < curve[0] * 0.5
 
 
-def readme_block(heading: str) -> str:
-    """The first ```bash block under ``heading`` in README.md, exactly as written there."""
+def readme_block(heading: str, language: str = "bash") -> str:
+    """The first fenced block under ``heading`` in README.md, exactly as written there."""
     readme = (REPO / "README.md").read_text()
     section = readme.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    match = re.search(r"^```bash\n(.*?)^```$", section, re.MULTILINE | re.DOTALL)
+    match = re.search(rf"^```{language}\n(.*?)^```$", section, re.MULTILINE | re.DOTALL)
     assert match, f"no bash block under {heading!r}"
     return match.group(1)
 
@@ -93,6 +93,19 @@ def test_readme_curl_quick_start_pastes_and_trains(service: Service, tmp_path: P
     assert lines[-2] == " ran slowly past the old mill.", lines
     assert lines[-1] == f"{run_id.group(1)}/checkpoint_v1"
     assert (service.checkpoints_dir / run_id.group(1) / "checkpoint_v1").is_dir()
+
+
+def test_readme_python_quick_start_runs_as_written(service: Service, tmp_path: Path) -> None:
+    block = readme_block("Quick start (Python)", "python")
+    proc = subprocess.run(
+        [sys.executable, "-c", block],
+        env=service.env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    curve = [float(line.split()[1]) for line in lines[:-1]]
+    assert len(curve) == 20 and curve[-1] < 0.6 * curve[0], lines
+    assert lines[-1] == "The quick brown fox jumps over the lazy dog.", lines
 
 
 def test_seed_quickstart_runs_as_written(service: Service, tmp_path: Path) -> None:
