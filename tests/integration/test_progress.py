@@ -71,12 +71,14 @@ def test_sample_progress_queue_place_then_decode_tokens(service: Service, http: 
     assert elapsed == sorted(elapsed) and elapsed[-1] > 1.0
     assert all(p["queued_s"] >= 0 for p in running)
 
-    # Behind it, the queued ones know their place: 0 and 1 operations ahead, 2 queued.
+    # Behind it, the queued ones know their place: 0 and 1 operations ahead, 2 queued. (The
+    # last look may straddle the first's end: its status read just before it finished, the
+    # queue just after the worker took the next one; it is left out.)
     queued = [(b[1]["progress"], b[2]["progress"]) for b in seen if b[0]["status"] == "running"]
-    assert queued and all(
-        (p1["phase"], p1["ops_ahead"], p2["ops_ahead"], p2["queue_length"]) == ("queued", 0, 1, 2)
-        for p1, p2 in queued
-    ), queued
+    places = [
+        (p1["phase"], p1["ops_ahead"], p2["ops_ahead"], p2["queue_length"]) for p1, p2 in queued
+    ]
+    assert len(places) >= 3 and set(places[:-1]) == {("queued", 0, 1, 2)}, places
     assert all(p2["elapsed_s"] == 0 and p2["queued_s"] > 0 for _, p2 in queued)
 
     final = wait_future(http, first)
