@@ -86,8 +86,12 @@ def test_sample_progress_queue_place_then_decode_tokens(service: Service, http: 
     assert [len(s["tokens"]) for s in final["result"]["sequences"]] == [500] * 4
     for future_id in (second, third):
         assert wait_future(http, future_id)["status"] == "succeeded"
-    # Done: the worker deleted the progress it had published.
+    # Done: the worker deletes the progress it had published (off the op's thread, within a
+    # tick of its publisher: 0.5 s).
     client = redis.Redis.from_url(service.redis_url)
+    deadline = time.monotonic() + 5
+    while client.exists(f"ezt:future:{first}:progress") and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert client.exists(f"ezt:future:{first}:progress") == 0
 
 
