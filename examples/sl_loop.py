@@ -1,13 +1,21 @@
 """Supervised fine-tuning with EZTinker: a training loop you can read top to bottom.
 
-Trains a LoRA adapter on the small chat set that ships with EZTinker
-(eztinker_tasks/data/chat.jsonl: one {"prompt", "completion"} per line), with the loss on the
-completion tokens only. Each step submits forward_backward and optim_step together (they are
-pipelined on the server) and then waits for both. Every --save-every steps it saves a
-resumable state and writes its path to --state-file; run the script again and it resumes
-from there (or pass --resume-from <run_id>/<name>; --fresh starts over).
+Trains a LoRA adapter on prompt/completion pairs (the small chat set that ships with EZTinker,
+eztinker_tasks/data/chat.jsonl, by default), with the loss on the completion tokens only, and
+shows what it learnt: the same prompts answered by the base model before training and by the
+trained weights after, next to the completion it was trained on, and the loss per step.
 
-    uv run python examples/sl_loop.py --base-url http://localhost:8000 --steps 40
+The built-in models (tiny-gpt2, tiny-llama) have random weights: they cannot learn the tasks
+themselves (reversing words, sums) in a minute, but they learn a few examples by heart, which
+is what the default --examples 8 shows. On a real model (--model Qwen/Qwen2.5-0.5B), pass
+--examples 0 to train on every example.
+
+Each step submits forward_backward and optim_step together (they are pipelined on the server)
+and then waits for both. Every --save-every steps it saves a resumable state and writes its
+path to --state-file; run the script again and it resumes from there (or pass --resume-from
+<run_id>/<name>; --fresh starts over).
+
+    uv run python examples/sl_loop.py --base-url http://localhost:8000
 
 The SDK mirrors Tinker's: with `import tinker` and Tinker's base URL, this loop runs there too.
 """
@@ -30,6 +38,7 @@ parser = argparse.ArgumentParser(description="LoRA supervised fine-tuning on a c
 parser.add_argument("--base-url", help="server URL (default: EZTINKER_BASE_URL or localhost:8000)")
 parser.add_argument("--model", default="tiny-gpt2", help="base model")
 parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JSONL of prompt/completion")
+parser.add_argument("--examples", type=int, default=8, help="train on the first N (0: all)")
 parser.add_argument("--steps", type=int, default=30, help="optimizer steps in total")
 parser.add_argument("--batch-size", type=int, default=8, help="examples per step")
 parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
@@ -38,6 +47,7 @@ parser.add_argument("--save-every", type=int, default=10, help="save a state eve
 parser.add_argument("--state-file", type=Path, default=Path("sl_loop_state.json"))
 parser.add_argument("--resume-from", help="state checkpoint path '<run_id>/<name>' to resume")
 parser.add_argument("--fresh", action="store_true", help="ignore --state-file: start a new run")
+parser.add_argument("--show", type=int, default=4, help="prompts to sample before and after")
 
 
 def build_datum(tokenizer, prompt: str, completion: str) -> types.Datum:
@@ -52,6 +62,28 @@ def build_datum(tokenizer, prompt: str, completion: str) -> types.Datum:
         model_input=types.ModelInput.from_ints(tokens[:-1]),
         loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]},
     )
+
+
+def complete(sampling_client, tokenizer, prompts: list[str]) -> list[str]:
+    """Greedy completions of ``prompts``, all submitted at once; each stops at EOS or newline."""
+    params = types.SamplingParams(max_tokens=16, temperature=0.0, stop=["\n"])
+    futures = [
+        sampling_client.sample(types.ModelInput.from_ints(tokenizer.encode(p)), 1, params)
+        for p in prompts
+    ]
+    sequences = [f.result().sequences[0] for f in futures]
+    return [tokenizer.decode(s.tokens, skip_special_tokens=True) for s in sequences]
+
+
+def print_loss_table(losses: dict[int, float], rows: int = 10) -> None:
+    """The loss per completion token at about ``rows`` evenly spaced steps, with a bar each."""
+    steps = sorted(losses)
+    stride = max(1, len(steps) // rows)
+    shown = sorted({*steps[::stride], steps[-1]})
+    top = max(losses[s] for s in shown) or 1.0
+    print("\n step  loss per completion token")
+    for s in shown:
+        print(f"{s:5d}  {losses[s]:7.4f} {'█' * max(1, round(40 * losses[s] / top))}")
 
 
 def main() -> None:
@@ -70,20 +102,28 @@ def main() -> None:
         training_client = service.create_lora_training_client(args.model, rank=args.rank, seed=0)
         start_step = 0
         print(f"created run {training_client.run_id} on {args.model}")
+    model = training_client.get_info().base_model
 
     # 2. The dataset, tokenised with the model's own tokenizer.
     tokenizer = training_client.get_tokenizer()
     rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+    rows = rows[: args.examples] if args.examples > 0 else rows
     data = [build_datum(tokenizer, row["prompt"], row["completion"]) for row in rows]
-    print(f"{len(data)} examples from {args.data}")
+    print(f"training on {len(data)} examples from {args.data.name}")
 
-    # 3. The loop: submit forward_backward and optim_step, then wait for both.
+    # 3. What the base model says to a few training prompts, before any training.
+    shown = rows[: args.show]
+    base_client = service.create_sampling_client(base_model=model)
+    before = complete(base_client, tokenizer, [row["prompt"] for row in shown])
+
+    # 4. The loop: submit forward_backward and optim_step, then wait for both.
     adam = types.AdamParams(learning_rate=args.lr)
+    losses: dict[int, float] = {}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     with Progress(*columns, TextColumn("loss {task.fields[loss]}")) as progress:
         task = progress.add_task("training", total=args.steps, completed=start_step, loss="-")
         for step in range(start_step, args.steps):
-            batch = random.Random(step).sample(data, args.batch_size)  # same batches on resume
+            batch = random.Random(step).sample(data, min(args.batch_size, len(data)))
             fb_future = training_client.forward_backward(batch, "cross_entropy")
             optim_future = training_client.optim_step(adam)
             fb_result = fb_future.result()
@@ -91,6 +131,7 @@ def main() -> None:
 
             completion_tokens = sum(sum(d.loss_fn_inputs["weights"].tolist()) for d in batch)
             loss = fb_result.metrics["loss:sum"] / completion_tokens
+            losses[step + 1] = loss
             progress.update(task, advance=1, loss=f"{loss:.4f}")
             grad_norm = (optim_result.metrics or {}).get("grad_norm", 0.0)
             progress.console.print(
@@ -102,15 +143,22 @@ def main() -> None:
                 state = {"run_id": training_client.run_id, "state_path": saved.path}
                 args.state_file.write_text(json.dumps({**state, "step": step + 1}) + "\n")
                 progress.console.print(f"saved state {saved.path}")
+    if losses:
+        print_loss_table(losses)
 
-    # 4. Sample the trained weights (greedy) on a few training prompts.
+    # 5. The same prompts, answered by the trained weights (greedy).
     sampling_client = training_client.save_weights_and_get_sampling_client()
-    params = types.SamplingParams(max_tokens=12, temperature=0.0)
-    for row in rows[:3]:
-        prompt = types.ModelInput.from_ints(tokenizer.encode(row["prompt"]))
-        result = sampling_client.sample(prompt, num_samples=1, sampling_params=params).result()
-        completion = tokenizer.decode(result.sequences[0].tokens, skip_special_tokens=True)
-        print(f"sample: {row['prompt']!r} -> {completion!r} (trained on {row['completion']!r})")
+    after = complete(sampling_client, tokenizer, [row["prompt"] for row in shown])
+    print("\nsamples (greedy; each stops at EOS or a newline)")
+    for i, (row, old, new) in enumerate(zip(shown, before, after, strict=True), 1):
+        print(f"sample {i}: {row['prompt']!r}")
+        print(f"  base model: {old!r}")
+        print(f"  trained:    {new!r}")
+        print(f"  target:     {row['completion']!r}")
+    learnt = sum(
+        new.strip() == row["completion"].strip() for row, new in zip(shown, after, strict=True)
+    )
+    print(f"\n{learnt} of {len(shown)} samples now match their training completion")
     print(f"done: run {training_client.run_id}, sampler weights {sampling_client.model_path}")
 
 

@@ -30,7 +30,7 @@ from eztinker.errors import (
     RequestFailedError,
     ServiceUnavailableError,
 )
-from eztinker.futures import APIFuture, Submission
+from eztinker.futures import APIFuture, FutureProgress, Submission
 from eztinker.sampling_client import SamplingClient
 from eztinker.service_client import ServiceClient
 from eztinker.tokenizer import Tokenizer
@@ -70,6 +70,7 @@ __all__ = [
     "EZTinkerError",
     "EncodedTextChunk",
     "ForwardBackwardOutput",
+    "FutureProgress",
     "InternalServerError",
     "LoadWeightsResponse",
     "ModelInput",

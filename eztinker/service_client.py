@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,9 +202,18 @@ class ServiceClient:
         return Checkpoint.from_json(body)
 
     def download_checkpoint(
-        self, path: str, dest: str | Path = ".", *, overwrite: bool = False
+        self,
+        path: str,
+        dest: str | Path = ".",
+        *,
+        overwrite: bool = False,
+        on_progress: Callable[[int, int | None], None] | None = None,
     ) -> Path:
-        """Download checkpoint ``path`` and extract it safely to ``dest/<name>/``."""
+        """Download checkpoint ``path`` and extract it safely to ``dest/<name>/``.
+
+        ``on_progress(bytes_received, bytes_total)`` is called after each chunk (1 MiB);
+        ``bytes_total`` is None if the server did not say.
+        """
         run_id, name = split_checkpoint_path(path)
         target = Path(dest) / name
         if target.exists() and not overwrite:
@@ -211,8 +221,14 @@ class ServiceClient:
         url = f"/v1/runs/{run_id}/checkpoints/{name}/archive"
         with tempfile.TemporaryFile() as spool:
             with self.transport.stream("GET", url, timeout=600.0) as response:
+                length = response.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+                received = 0
                 for chunk in response.iter_bytes(1 << 20):
                     spool.write(chunk)
+                    received += len(chunk)
+                    if on_progress is not None:
+                        on_progress(received, total)
             spool.seek(0)
             safe_extract(spool, dest)
         return target

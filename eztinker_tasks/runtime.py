@@ -16,6 +16,7 @@ import redis
 from config import Settings
 from eztinker_tasks.deferred import DeferredReplies
 from eztinker_tasks.prefetch import BeginPrefetch
+from eztinker_tasks.progress import ProgressPublisher
 from eztinker_tasks.store import Store
 from eztinker_tasks.tokenization import TokenizerCache
 
@@ -33,6 +34,7 @@ class WorkerRuntime:
     tokenizers: TokenizerCache
     worker_name: str
     prefetch: BeginPrefetch
+    progress: ProgressPublisher  # long operations' progress, for GET /v1/futures/<id>
     # The highest seq_id applied to each run by this process: a run applies its operations in
     # seq_id order, so an operation below it can only be a late redelivery (see tasks._run_op).
     applied_seq: dict[str, int] = field(default_factory=dict)
@@ -88,6 +90,7 @@ def get_runtime(app: Celery) -> WorkerRuntime:
                 tokenizers=TokenizerCache(settings.data_dir),
                 worker_name=_worker_name,
                 prefetch=BeginPrefetch(store, DeferredReplies(client.connection_pool)),
+                progress=ProgressPublisher(client, ttl_s=settings.op_timeout_s + 60),
             )
         return _runtime
 

@@ -29,6 +29,7 @@ from eztinker_tasks.errors import (
 from eztinker_tasks.prefetch import BeginSpec
 from eztinker_tasks.result_backend import ResultBackend
 from eztinker_tasks.runtime import WorkerRuntime, get_runtime, report_now
+from eztinker_tasks.sampling import sample_body
 from eztinker_tasks.types import (
     AdamParams,
     CallSpec,
@@ -233,7 +234,10 @@ def _loss_op(
             tokens = sum(len(d.tokens) for d in lead.data)
             gathered = cycle.gather(rt, str(task.name), run_id, seq_id, tokens, begun.queued)
         others = gathered.calls
-        outcomes = rt.engine.run_calls([lead, *(cycle.call_spec(o, backward) for o in others)])
+        specs = [lead, *(cycle.call_spec(o, backward) for o in others)]
+        # The calls that join this pass show its progress too.
+        with rt.progress.track([str(task.request.id), *(o.task_id for o in others)]) as report:
+            outcomes = rt.engine.run_calls(specs, progress=report)
         answered = list(zip(others, outcomes[1:], strict=True))
         backend: ResultBackend = task.app.backend
         writes = cycle.answer(rt, backend, str(task.request.id), started_at, answered)
@@ -319,49 +323,6 @@ def load(self: Task, run_id: str, seq_id: int, path: str, optimizer: bool = True
     return _run_op(self, run_id, seq_id, op, needs_live_run=False)
 
 
-def _sample_body(
-    rt: WorkerRuntime,
-    source: SampleSource,
-    prompt_tokens: list[int] | None,
-    prompt_text: str | None,
-    num_samples: int,
-    params: SamplingParams,
-    prompt_logprobs: bool,
-) -> dict[str, Any]:
-    base = _base_model_of(rt, source)
-    if prompt_tokens is None:
-        # A hub or local model's tokenizer is written when this worker first loads the model:
-        # describe it first (or fail with why it cannot be loaded), then tokenize.
-        rt.engine.model_info(base)
-        prompt_tokens = rt.tokenizers.encode(base, prompt_text or "")
-    out = rt.engine.sample(source, prompt_tokens, num_samples, params, prompt_logprobs)
-    result = out.to_dict()
-    for seq in result["sequences"]:
-        seq["text"] = rt.tokenizers.decode(base, seq["tokens"])  # without EOS etc.
-    result["prompt_tokens"] = list(prompt_tokens)
-    result["base_model"] = base
-    return result
-
-
-def _base_model_of(rt: WorkerRuntime, source: SampleSource) -> str:
-    if source.base_model:
-        return source.base_model
-    if source.run_id:
-        if rt.engine.has_run(source.run_id):
-            return rt.engine.run_info(source.run_id).base_model
-        record = rt.store.get_run(source.run_id)
-        if record is None:
-            raise UnknownRun(f"unknown run {source.run_id!r}")
-        return record.base_model
-    assert source.checkpoint is not None
-    infos = [c for c in rt.engine.list_checkpoints() if c.path == source.checkpoint]
-    if not infos:
-        from eztinker_tasks.errors import CheckpointNotFound
-
-        raise CheckpointNotFound(f"no checkpoint {source.checkpoint!r}")
-    return infos[0].base_model
-
-
 @shared_task(name=names.SAMPLE, bind=True)
 def sample(
     self: Task,
@@ -376,7 +337,10 @@ def sample(
     sp = SamplingParams.from_dict(params)
 
     def op(rt: WorkerRuntime) -> dict[str, Any]:
-        return _sample_body(rt, src, prompt_tokens, prompt_text, num_samples, sp, prompt_logprobs)
+        return sample_body(
+            rt, str(self.request.id), src, prompt_tokens, prompt_text, num_samples, sp,
+            prompt_logprobs,
+        )  # fmt: skip
 
     if src.run_id:
         return _run_op(self, src.run_id, None, lambda rt, _: op(rt))

@@ -6,7 +6,7 @@ Celery boundary. Tensors never appear here: the engine converts at its edge.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -188,6 +188,33 @@ class SampleOutput:
             "sequences": [s.to_dict() for s in self.sequences],
             "prompt_logprobs": self.prompt_logprobs,
         }
+
+
+OpPhase = Literal["prefill", "decode", "forward", "backward"]
+
+
+@dataclass(frozen=True)
+class OpProgress:
+    """Where a running engine operation is (what a progress callback receives).
+
+    - ``prefill``: the prompt's forward pass; ``tokens_total`` = prompt tokens.
+    - ``decode``: ``tokens_done`` of ``tokens_total`` (= max_tokens) generated per sequence;
+      ``sequences`` in the batch, ``sequences_finished`` of them stopped (counted when reported).
+    - ``forward`` / ``backward``: the loss pass; ``tokens_total`` = tokens in the batch,
+      ``sequences`` = datums in it (no finer progress inside one pass).
+    """
+
+    phase: OpPhase
+    tokens_done: int | None = None
+    tokens_total: int | None = None
+    sequences: int | None = None
+    sequences_finished: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ProgressFn = Callable[[OpProgress], None]
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from eztinker_tasks.types import (
     LoraSpec,
     ModelInfo,
     OptimStepOutput,
+    ProgressFn,
     RunInfo,
     SampleOutput,
     SampleSource,
@@ -65,9 +66,10 @@ class Backend(Protocol):
         loss_fn_config: Mapping[str, Any] | None = None,
         *,
         backward: bool = True,
+        progress: ProgressFn | None = None,
     ) -> list[ForwardBackwardOutput]: ...
     def run_calls(
-        self, calls: Sequence[CallSpec]
+        self, calls: Sequence[CallSpec], progress: ProgressFn | None = None
     ) -> list[ForwardBackwardOutput | EZTinkerError]: ...
     def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput: ...
 
@@ -78,6 +80,7 @@ class Backend(Protocol):
         num_samples: int,
         params: SamplingParams,
         prompt_logprobs: bool = False,
+        progress: ProgressFn | None = None,
     ) -> SampleOutput: ...
     def compute_logprobs(
         self, source: SampleSource, tokens: Sequence[int]

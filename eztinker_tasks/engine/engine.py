@@ -47,6 +47,7 @@ from eztinker_tasks.types import (
     LoraSpec,
     ModelInfo,
     OptimStepOutput,
+    ProgressFn,
     RunInfo,
     SampleOutput,
     SampleSource,
@@ -187,22 +188,29 @@ class Engine:
         loss_fn_config: Mapping[str, Any] | None = None,
         *,
         backward: bool = True,
+        progress: ProgressFn | None = None,
     ) -> list[ForwardBackwardOutput]:
         """Several consecutive ``forward_backward`` (or ``forward``) calls in ONE pass.
 
         Each group's outputs and metrics are those its own call would return, and the
         accumulated gradient is that of all of them; used to coalesce queued operations.
+        ``progress`` is told the ``forward`` / ``backward`` phases (``engine.progress``).
         """
-        return self._calls_of_one_run(run_id, groups, loss_fn, loss_fn_config, backward=backward)
+        return self._calls_of_one_run(
+            run_id, groups, loss_fn, loss_fn_config, backward=backward, progress=progress
+        )
 
-    def run_calls(self, calls: Sequence[CallSpec]) -> list[ForwardBackwardOutput | EZTinkerError]:
+    def run_calls(
+        self, calls: Sequence[CallSpec], progress: ProgressFn | None = None
+    ) -> list[ForwardBackwardOutput | EZTinkerError]:
         """The clock cycle: the calls of MANY runs, in as few packed passes as possible.
 
         Calls on the same base with the same direction (``backward`` or not) share one pass;
         a run's calls keep their order. Each call gets exactly what it would get alone: its
         outputs and metrics, and (``backward``) its gradient added to its run's. A call whose
         request is invalid, or whose loss or gradient is not finite, gets its error in its
-        place and changes nothing; the others stand.
+        place and changes nothing; the others stand. ``progress`` is told each pass's
+        ``forward`` / ``backward`` phases.
         """
         results: list[ForwardBackwardOutput | EZTinkerError | None] = [None] * len(calls)
         passes: dict[tuple[int, bool], list[tuple[int, LossCall]]] = {}
@@ -222,6 +230,7 @@ class Engine:
                     backward=backward,
                     chunk_elements=self.config.logprob_chunk_elements,
                     checkpoint=self._checkpoint_pass(base, members, backward),
+                    progress=progress,
                 )
             for (i, _), value in zip(members, outcome, strict=True):
                 results[i] = value
@@ -254,6 +263,7 @@ class Engine:
         loss_fn_config: Mapping[str, Any] | None,
         *,
         backward: bool,
+        progress: ProgressFn | None = None,
     ) -> list[ForwardBackwardOutput]:
         """Consecutive calls of one run in one pass; the first error raised, nothing applied."""
         self._run(run_id)
@@ -274,6 +284,7 @@ class Engine:
                     backward=backward,
                     chunk_elements=self.config.logprob_chunk_elements,
                     checkpoint=self._checkpoint_pass(run.base, list(enumerate(calls)), backward),
+                    progress=progress,
                 )
         except BaseException:
             outer.rollback()
@@ -305,7 +316,9 @@ class Engine:
         num_samples: int,
         params: SamplingParams,
         prompt_logprobs: bool = False,
+        progress: ProgressFn | None = None,
     ) -> SampleOutput:
+        """Sample ``num_samples`` continuations; ``progress`` gets prefill/decode reports."""
         base, adapter, default_generator = self._source(source)
         tokens, stop = sampler.check_request(
             prompt_tokens, num_samples, params, base.info, base.tokenizer is not None
@@ -331,6 +344,7 @@ class Engine:
                 deadline=deadline,
                 want_prompt_logprobs=prompt_logprobs,
                 chunk_elements=self.config.logprob_chunk_elements,
+                progress=progress,
             )
 
     def compute_logprobs(self, source: SampleSource, tokens: Sequence[int]) -> list[float | None]:

@@ -34,9 +34,10 @@ from eztinker_tasks.engine.fused_logprobs import UnembedSegment, unembed_logprob
 from eztinker_tasks.engine.logprobs import target_logprobs
 from eztinker_tasks.engine.models import LoadedBase
 from eztinker_tasks.engine.multilora import LoraRoute, MultiLoraLinear, Segment
+from eztinker_tasks.engine.progress import Ticker
 from eztinker_tasks.engine.runs import RunState
 from eztinker_tasks.errors import EZTinkerError, NonFiniteValue
-from eztinker_tasks.types import ForwardBackwardOutput
+from eztinker_tasks.types import ForwardBackwardOutput, ProgressFn
 
 # Configs that post-process logits (soft-capping, scaling): such models get full logits.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -105,14 +106,24 @@ def run_pass(
     backward: bool,
     chunk_elements: int,
     checkpoint: bool = False,
+    progress: ProgressFn | None = None,
 ) -> list[ForwardBackwardOutput | EZTinkerError]:
-    """Run ``calls`` (all on ``base``) in one packed pass; one result or error per call."""
+    """Run ``calls`` (all on ``base``) in one packed pass; one result or error per call.
+
+    ``progress`` is told the ``forward`` and (with ``backward``) ``backward`` phases.
+    """
+    ticker = Ticker(progress)
     results: list[ForwardBackwardOutput | EZTinkerError | None] = [None] * len(calls)
     pending = list(range(len(calls)))
     while pending:
         sub = [calls[i] for i in pending]
         outcome, blamed = _one_pass(
-            base, sub, backward=backward, chunk_elements=chunk_elements, checkpoint=checkpoint
+            base,
+            sub,
+            backward=backward,
+            chunk_elements=chunk_elements,
+            checkpoint=checkpoint,
+            ticker=ticker,
         )
         retry = []
         for local, i in enumerate(pending):
@@ -143,10 +154,13 @@ def _one_pass(
     backward: bool,
     chunk_elements: int,
     checkpoint: bool,
+    ticker: Ticker,
 ) -> tuple[list[ForwardBackwardOutput | EZTinkerError | _Innocent], bool]:
     layout = _layout(calls)
     rows = [row for i in layout.order for row in calls[i].rows]
     batch = pack(rows, base.device)
+    size = {"tokens_total": batch.num_tokens, "sequences": len(batch.lengths)}
+    ticker.phase("forward", **size)
     runs: dict[str, RunState] = {}
     for i in layout.order:
         runs.setdefault(calls[i].run.run_id, calls[i].run)
@@ -177,6 +191,7 @@ def _one_pass(
             assert total is not None
             run_flags = {}
             if backward:
+                ticker.phase("backward", **size)
                 if lp.requires_grad:
                     lp.retain_grad()
                 if total.requires_grad:

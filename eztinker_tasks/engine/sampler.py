@@ -19,9 +19,16 @@ from torch import nn
 
 from eztinker_tasks.engine.batching import check_length, token_array
 from eztinker_tasks.engine.logprobs import target_logprobs
+from eztinker_tasks.engine.progress import Ticker
 from eztinker_tasks.errors import InvalidRequest, OperationTimeout
 from eztinker_tasks.limits import check_sampling_params
-from eztinker_tasks.types import ModelInfo, SampledSequence, SampleOutput, SamplingParams
+from eztinker_tasks.types import (
+    ModelInfo,
+    ProgressFn,
+    SampledSequence,
+    SampleOutput,
+    SamplingParams,
+)
 
 MAX_NUM_SAMPLES = 1024
 
@@ -186,10 +193,16 @@ def generate(
     deadline: float,
     want_prompt_logprobs: bool,
     chunk_elements: int,
+    progress: ProgressFn | None = None,
 ) -> SampleOutput:
-    """Sample ``num_samples`` continuations of ``prompt`` in one batched KV-cache loop."""
+    """Sample ``num_samples`` continuations of ``prompt`` in one batched KV-cache loop.
+
+    ``progress`` gets the ``prefill`` and ``decode`` phases, then the tokens generated per
+    sequence at most every 0.5 s (see ``engine.progress``).
+    """
     device = generator.device
     n, max_tokens = num_samples, params.max_tokens
+    ticker = Ticker(progress)
 
     def check_deadline() -> None:
         if time.monotonic() > deadline:
@@ -197,6 +210,7 @@ def generate(
 
     with torch.no_grad():
         check_deadline()
+        ticker.phase("prefill", tokens_total=len(prompt), sequences=n)
         ids = torch.tensor([prompt], dtype=torch.long, device=device)
         out = model(input_ids=ids, use_cache=True, logits_to_keep=0 if want_prompt_logprobs else 1)
         prompt_lps = (
@@ -220,6 +234,11 @@ def generate(
         kept = torch.full((n,), max_tokens, dtype=torch.long, device=device)
         stop_ids = torch.tensor(stop.token_ids, dtype=torch.long, device=device)
         history: list[list[int]] = [[] for _ in range(n)]
+        ticker.phase("decode", tokens_done=0, tokens_total=max_tokens, sequences=n)
+
+        def count_finished() -> int:  # a device sync: only when a report is made
+            return int(finished.sum())
+
         for step in range(max_tokens):
             check_deadline()
             token, token_lp = pick(logits, params, generator)
@@ -239,6 +258,7 @@ def generate(
             finished |= new
             if step + 1 == max_tokens or bool(finished.all()):
                 break
+            ticker.tick(step + 1, count_finished)
             out = model(input_ids=token.unsqueeze(1), use_cache=True, **{cache_kwarg: cache})
             cache = _cache_of(out)
             logits = out.logits[:, -1, :].float()

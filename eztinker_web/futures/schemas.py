@@ -35,6 +35,43 @@ class FutureErrorSchema(Schema):
     errors = fields.Dict()
 
 
+class ProgressSchema(Schema):
+    phase = fields.String(
+        metadata={
+            "description": "queued | running | prefill | decode | forward | backward "
+            "(running: started, no finer phase known)"
+        }
+    )
+    ops_ahead = fields.Integer(
+        allow_none=True,
+        metadata={
+            "description": "queued: operations waiting ahead of it in its queue (not counting "
+            "one being run); null if unknown (being handed to its worker, or more than 1,000)"
+        },
+    )
+    queue_length = fields.Integer(
+        allow_none=True, metadata={"description": "queued: operations waiting in its queue"}
+    )
+    tokens_done = fields.Integer(
+        allow_none=True, metadata={"description": "decode: tokens generated per sequence so far"}
+    )
+    tokens_total = fields.Integer(
+        allow_none=True,
+        metadata={
+            "description": "decode: max_tokens; prefill: prompt tokens; forward/backward: "
+            "tokens in the batch"
+        },
+    )
+    sequences = fields.Integer(
+        allow_none=True, metadata={"description": "samples, or datums in the batch"}
+    )
+    sequences_finished = fields.Integer(
+        allow_none=True, metadata={"description": "decode: samples that have stopped"}
+    )
+    queued_s = fields.Float(metadata={"description": "seconds it waited (so far) in its queue"})
+    elapsed_s = fields.Float(metadata={"description": "seconds it has been running (0 queued)"})
+
+
 class FutureSchema(Schema):
     future_id = fields.String()
     job_id = fields.String()
@@ -45,6 +82,14 @@ class FutureSchema(Schema):
     status = fields.String(metadata={"description": "pending | running | succeeded | failed"})
     result = fields.Raw(allow_none=True)
     error = fields.Nested(FutureErrorSchema, allow_none=True)
+    progress = fields.Nested(
+        ProgressSchema,
+        allow_none=True,
+        metadata={
+            "description": "while pending or running (null once done); published by the "
+            "worker about every 0.5 s for operations that run longer than that"
+        },
+    )
 
 
 class BatchRequestSchema(Schema):

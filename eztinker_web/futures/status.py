@@ -14,6 +14,7 @@ from typing import Any
 
 from eztinker_tasks.errors import NotFound
 from eztinker_tasks.store import FutureRecord
+from eztinker_web.futures.progress import QueuePlaces, progress_body, read_running
 from eztinker_web.futures.watcher import META_PREFIX
 from eztinker_web.services import Services
 
@@ -142,7 +143,13 @@ def _failure(meta: dict[str, Any]) -> dict[str, Any]:
     return _error("internal", text)
 
 
-def future_status(svc: Services, future_id: str, wait_s: float = 0.0) -> dict[str, Any]:
+def future_status(
+    svc: Services, future_id: str, wait_s: float = 0.0, places: QueuePlaces | None = None
+) -> dict[str, Any]:
+    """The future's body; an unfinished one carries its ``progress`` (``futures.progress``).
+
+    ``places`` finds queued futures in their queues (a batch shares one across its futures).
+    """
     if wait_s > 0:
         record, meta = _read_waiting(svc, future_id, wait_s)
     else:
@@ -159,6 +166,7 @@ def future_status(svc: Services, future_id: str, wait_s: float = 0.0) -> dict[st
         "submitted_at": record.submitted_at,
         "result": None,
         "error": None,
+        "progress": None,
     }
     if state == "SUCCESS":
         body["status"] = "succeeded"
@@ -167,22 +175,27 @@ def future_status(svc: Services, future_id: str, wait_s: float = 0.0) -> dict[st
         body["status"] = "failed"
         body["error"] = _failure(meta)
     else:
-        started = svc.store.started(future_id)
+        started_key = svc.store.future_key(future_id) + ":started"
+        started, published = read_running(svc.redis_client, started_key, future_id)
         stall = _stall_reason(svc, record, started)
         if stall is not None:
             body["status"] = "failed"
             body["error"] = stall
         else:
-            running = state in ("STARTED", "RETRY") or started is not None
+            # A call coalesced into another's pass publishes progress before it starts.
+            running = state in ("STARTED", "RETRY") or started is not None or bool(published)
             body["status"] = "running" if running else "pending"
+            places = places if places is not None else QueuePlaces(svc.redis_client)
+            body["progress"] = progress_body(record, running, started, published, places)
     return body
 
 
 def future_statuses(svc: Services, future_ids: list[str], wait_s: float) -> list[dict[str, Any]]:
     """``future_status`` of each id, waiting at most ``wait_s`` in all for them to finish."""
     deadline = time.monotonic() + wait_s
+    places = QueuePlaces(svc.redis_client, whole=True)
     out = []
     for future_id in future_ids:
         left = max(0.0, deadline - time.monotonic())
-        out.append(future_status(svc, future_id, left))
+        out.append(future_status(svc, future_id, left, places))
     return out
