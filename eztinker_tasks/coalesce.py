@@ -25,6 +25,8 @@ from typing import Any
 
 import redis
 
+from eztinker_tasks.names import OPTIM_STEP
+
 
 @dataclass(frozen=True)
 class QueuedOp:
@@ -37,6 +39,7 @@ class QueuedOp:
     run_id: str = ""
     loss_fn: str = "cross_entropy"
     loss_fn_config: dict[str, float] | None = None
+    adam: dict[str, float] | None = None  # an optim_step's hyper-parameters
 
     @property
     def tokens(self) -> int:
@@ -108,6 +111,24 @@ def head_calls(
         calls.append(QueuedOp(task_id, seq_id, data, raw, run_id, loss_fn, config))
         tokens += size
     return calls
+
+
+def head_optim_step(
+    oldest_last: Sequence[bytes], run_id: str, already_applied: Callable[[int], bool]
+) -> QueuedOp | None:
+    """The ``optim_step`` at the head of run ``run_id``'s queue, if that is what comes next."""
+    if not oldest_last:
+        return None
+    decoded = _decode(oldest_last[-1])
+    if decoded is None:
+        return None
+    name, task_id, kwargs = decoded
+    seq_id, adam = kwargs.get("seq_id"), kwargs.get("adam")
+    if name != OPTIM_STEP or kwargs.get("run_id") != run_id:
+        return None
+    if not isinstance(seq_id, int) or not isinstance(adam, dict) or already_applied(seq_id):
+        return None
+    return QueuedOp(task_id, seq_id, [], oldest_last[-1], run_id, adam=adam)
 
 
 def peek_followers(

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from eztinker_tasks import names
-from eztinker_tasks.coalesce import QueuedOp, head_calls, remove_answered
+from eztinker_tasks.coalesce import QueuedOp, head_calls, head_optim_step, remove_answered
 from eztinker_tasks.errors import EZTinkerError, OperationFailed
 from eztinker_tasks.result_backend import ResultBackend
 from eztinker_tasks.runtime import WorkerRuntime
 from eztinker_tasks.store import Store
-from eztinker_tasks.types import CallSpec, Datum, ForwardBackwardOutput
+from eztinker_tasks.types import AdamParams, CallSpec, Datum, ForwardBackwardOutput, OptimStepOutput
 
-Outcome = ForwardBackwardOutput | EZTinkerError
+Outcome = ForwardBackwardOutput | OptimStepOutput | EZTinkerError
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,45 @@ def gather(
     return Gathered(followers, companions)
 
 
+def gather_optim_steps(rt: WorkerRuntime, run_id: str) -> list[QueuedOp]:
+    """The optim_steps waiting at the heads of the other runs' queues on the same base.
+
+    Run together with a starting optim_step, they cost this worker one operation instead of
+    one each (each run's step is still its own AdamW update).
+    """
+    settings = rt.settings
+    if not settings.cross_run_batching or settings.coalesce_max_ops <= 1:
+        return []
+    peers = rt.engine.peers(run_id)
+    if not peers:
+        return []
+    heads = rt.store.queue_heads([names.run_queue(p) for p in peers], 1)
+    steps = []
+    for peer in peers:
+        op = head_optim_step(
+            heads.get(names.run_queue(peer), []),
+            peer,
+            already_applied=lambda seq, peer=peer: seq <= rt.applied_seq.get(peer, 0),
+        )
+        if op is not None:
+            steps.append(op)
+        if len(steps) >= settings.coalesce_max_ops - 1:
+            break
+    return steps
+
+
+def optim_steps(rt: WorkerRuntime, ops: Sequence[QueuedOp]) -> list[tuple[QueuedOp, Any]]:
+    """Each queued optim_step applied to its run: (op, its output or its error)."""
+    out: list[tuple[QueuedOp, Any]] = []
+    for op in ops:
+        try:
+            assert op.adam is not None
+            out.append((op, rt.engine.optim_step(op.run_id, AdamParams.from_dict(op.adam))))
+        except EZTinkerError as exc:
+            out.append((op, exc))
+    return out
+
+
 def call_spec(op: QueuedOp, backward: bool) -> CallSpec:
     return CallSpec(
         op.run_id,
@@ -103,7 +142,7 @@ def answer(
     backend: ResultBackend,
     lead_task_id: str,
     started_at: float,
-    answered: Sequence[tuple[QueuedOp, Outcome]],
+    answered: Sequence[tuple[QueuedOp, Any]],
 ) -> Any:
     """The writes (for a pipeline) that store every answered call's result or error."""
     records = []

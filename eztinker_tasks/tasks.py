@@ -240,14 +240,11 @@ def _loss_op(
             outcomes = rt.engine.run_calls(specs, progress=report)
         answered = list(zip(others, outcomes[1:], strict=True))
         backend: ResultBackend = task.app.backend
-        writes = cycle.answer(rt, backend, str(task.request.id), started_at, answered)
         if isinstance(outcomes[0], EZTinkerError):
-            if answered:  # they stand on their own: store them now, then fail this call
-                with backend.client.pipeline(transaction=True) as pipe:
-                    writes(pipe)
-                    pipe.execute()
+            _store_now(task, rt, started_at, answered)  # they stand on their own
             raise outcomes[0]
         if answered:
+            writes = cycle.answer(rt, backend, str(task.request.id), started_at, answered)
             backend.write_with_result(str(task.request.id), writes)
             log.info(
                 "ran %d queued calls (%d of other runs) in the pass of run %s",
@@ -287,10 +284,36 @@ def forward(
 
 @shared_task(name=names.OPTIM_STEP, bind=True)
 def optim_step(self: Task, run_id: str, seq_id: int, adam: dict[str, float]) -> dict[str, Any]:
+    """One AdamW step; the optim_steps at the heads of the worker's other runs' queues on the
+    same base are applied in the same operation and answered with it (``cycle``)."""
     params = AdamParams.from_dict(adam)
-    return _run_op(
-        self, run_id, seq_id, lambda rt, _: rt.engine.optim_step(run_id, params).to_dict()
-    )
+
+    def op(rt: WorkerRuntime, _: Begun) -> dict[str, Any]:
+        started_at = cycle.now()
+        others = cycle.gather_optim_steps(rt, run_id) if seq_id is not None else []
+        try:
+            out = rt.engine.optim_step(run_id, params).to_dict()
+        except EZTinkerError:
+            _store_now(self, rt, started_at, cycle.optim_steps(rt, others))
+            raise
+        answered = cycle.optim_steps(rt, others)
+        if answered:
+            writes = cycle.answer(rt, self.app.backend, str(self.request.id), started_at, answered)
+            self.app.backend.write_with_result(str(self.request.id), writes)
+        return out
+
+    return _run_op(self, run_id, seq_id, op)
+
+
+def _store_now(task: Task, rt: WorkerRuntime, started_at: float, answered: list) -> None:
+    """Store answered calls at once (the starting call failed, so nothing rides on its result)."""
+    if not answered:
+        return
+    backend: ResultBackend = task.app.backend
+    writes = cycle.answer(rt, backend, str(task.request.id), started_at, answered)
+    with backend.client.pipeline(transaction=True) as pipe:
+        writes(pipe)
+        pipe.execute()
 
 
 @shared_task(name=names.SAVE, bind=True)

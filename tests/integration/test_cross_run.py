@@ -8,10 +8,12 @@ shared a pass (``batch.runs`` > 1), and no run's training moves another's weight
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
 import pytest
+import redis
 
 import eztinker
 from eztinker import types
@@ -32,11 +34,11 @@ def _datum(i: int, step: int) -> types.Datum:
 ADAM = types.AdamParams(learning_rate=2e-2)
 
 
-def _loop(tc: eztinker.TrainingClient, i: int, out: list) -> None:
+def _loop(tc: eztinker.TrainingClient, i: int, out: list, steps: list) -> None:
     futures = []
     for step in range(STEPS):
         futures.append(tc.forward_backward([_datum(i, step)], "cross_entropy"))
-        tc.optim_step(ADAM)
+        steps.append(tc.optim_step(ADAM))
     out[i] = [f.result() for f in futures]
 
 
@@ -60,12 +62,21 @@ def test_eight_clients_share_passes_and_get_their_solo_results(
         },
     )
     results: list = [None] * RUNS
-    threads = [threading.Thread(target=_loop, args=(shared[i], i, results)) for i in range(RUNS)]
+    steps: list = []
+    threads = [
+        threading.Thread(target=_loop, args=(shared[i], i, results, steps)) for i in range(RUNS)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(600)
     result_of(http, busy)
+    for f in steps:
+        f.result()
+    # Optim steps of other runs waiting at the heads of their queues ran with a starting one.
+    r = redis.Redis.from_url(service.redis_url)
+    markers = [json.loads(r.get(f"ezt:future:{f.future_id}:started") or "{}") for f in steps]
+    assert sum("pass" in m for m in markers) >= RUNS // 2, markers
 
     shared_passes = 0
     for i in range(RUNS):  # the twins, one call at a time: nothing to share
