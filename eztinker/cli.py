@@ -37,7 +37,7 @@ def worker(
     events: bool = typer.Option(False, "--events", help="Send task events (for Flower)"),
 ) -> None:
     """Start one worker process (one per GPU: set CUDA_VISIBLE_DEVICES)."""
-    from eztinker.server import run_worker
+    from eztinker.processes import run_worker
 
     run_worker(name, device, loglevel, events)
 
@@ -45,7 +45,7 @@ def worker(
 @app.command()
 def broker() -> None:
     """Run the embedded broker in the foreground (for the Procfile)."""
-    from eztinker.server import run_broker
+    from eztinker.processes import run_broker
 
     raise typer.Exit(run_broker())
 
@@ -55,7 +55,7 @@ def web(
     port: int = typer.Option(None, help="Port"), host: str = typer.Option(None, help="Host")
 ) -> None:
     """Run the web API alone (gunicorn, gthread)."""
-    from eztinker.server import run_web
+    from eztinker.processes import run_web
 
     run_web(host, port)
 
@@ -63,7 +63,7 @@ def web(
 @app.command()
 def flower() -> None:
     """Run Flower on 127.0.0.1:EZTINKER_FLOWER_PORT."""
-    from eztinker.server import run_flower
+    from eztinker.processes import run_flower
 
     run_flower()
 

@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from eztinker.server import web_argv
+from eztinker.processes import web_argv
+from eztinker_tasks.lifeline import die_with_parent
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,6 +60,7 @@ class Service:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
+            preexec_fn=die_with_parent(signal.SIGKILL),  # no worker outlives a killed pytest
         )
         self.processes[f"worker-{name}"] = proc
         return proc
@@ -176,6 +178,7 @@ def start_service(
     svc.processes["web"] = subprocess.Popen(
         web_argv("127.0.0.1", port, workers=1, threads=16),
         env=env, stdout=web_log, stderr=subprocess.STDOUT, cwd=REPO,
+        preexec_fn=die_with_parent(),
     )  # fmt: skip
     for i in range(workers):
         svc.start_worker(f"cpu{i}")
