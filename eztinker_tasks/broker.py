@@ -29,6 +29,7 @@ from pathlib import Path
 import redis
 
 from config import Settings
+from eztinker_tasks.catalog import file_lock
 from eztinker_tasks.errors import ServiceUnavailable
 from eztinker_tasks.lifeline import die_with_parent
 
@@ -173,6 +174,12 @@ class EmbeddedBroker:
         ``valkey-server`` of this data dir that no record names. Raises ``ServiceUnavailable``
         when the server cannot start.
         """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        with file_lock(self.dir / "start.lock"):  # two starting at once would launch two
+            return self._start(timeout_s)
+
+    def _start(self, timeout_s: float) -> BrokerRecord:
         existing = self.running()
         if existing is not None:
             if self.owned(existing):
@@ -183,8 +190,6 @@ class EmbeddedBroker:
                 self.dir,
             )
             self._shut_down(existing)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
         self._end_unrecorded()
         password = self._password()
         previous = BrokerRecord.read(self.record_path)

@@ -66,7 +66,7 @@ class Service:
         return proc
 
     def wait_workers(
-        self, count: int, timeout: float = 90.0, pids: set[int] | None = None
+        self, count: int, timeout: float = 180.0, pids: set[int] | None = None
     ) -> list[dict[str, Any]]:
         """Wait until ``count`` workers (and, if given, the processes ``pids``) report alive."""
         deadline = time.monotonic() + timeout

@@ -218,6 +218,25 @@ def test_a_stale_record_and_a_taken_port_do_not_stop_a_start(tmp_path: Path) -> 
             broker.stop()
 
 
+def test_two_starts_at_once_share_one_broker(tmp_path: Path) -> None:
+    code = (
+        "import sys, time; from pathlib import Path; from eztinker_tasks.broker import "
+        "EmbeddedBroker\n"
+        "broker = EmbeddedBroker(Path(sys.argv[1])); record = broker.start()\n"
+        "print(record.url, record.pid, broker.process is not None, flush=True)\n"
+        "time.sleep(3); broker.stop()\n"
+    )
+    argv = [sys.executable, "-c", code, str(tmp_path)]
+    starts = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent())
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=60)[0].split() for p in starts]
+    assert [p.returncode for p in starts] == [0, 0], outs
+    assert outs[0][:2] == outs[1][:2], outs  # one URL, one server
+    assert sorted(out[2] for out in outs) == ["False", "True"], outs  # one owner
+
+
 def _broker_command(tmp_path: Path) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k != "EZTINKER_REDIS_URL"}
     return subprocess.Popen(
