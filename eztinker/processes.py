@@ -112,9 +112,14 @@ def run_broker() -> int:
             say("the broker keeps failing; stopping")
             return 1
         say("the broker exited; restarting it")
-        record = broker.start()
+        try:
+            record = broker.start()
+        except EZTinkerError as exc:
+            say(f"the broker could not restart: {exc.message}")
+            return 1
     _wait_for_clients(record.url, 4.0)
     broker.stop()
+    say("broker stopped")
     return 0
 
 
