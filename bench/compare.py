@@ -26,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from service import free_port, http_roundtrip, in_process_op, pct, wait_healthy
 
+from eztinker_tasks.lifeline import die_with_parent
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -74,7 +76,14 @@ def main() -> None:
         argv = [sys.executable, "-m", "eztinker", "server", "--no-flower", "--port", str(port),
                 "--host", "127.0.0.1", "--device", args.device]  # fmt: skip
         servers.append(
-            subprocess.Popen(argv, env=env, cwd=tree, stdout=log, stderr=subprocess.STDOUT)
+            subprocess.Popen(
+                argv,
+                env=env,
+                cwd=tree,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent(),  # a killed comparison leaves no server behind
+            )
         )
         bases.append(f"http://127.0.0.1:{port}")
     try:

@@ -34,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from eztinker_tasks.lifeline import die_with_parent
+
 if TYPE_CHECKING:
     from eztinker.transport import Transport
 
@@ -109,6 +111,7 @@ def main() -> None:
         [sys.executable, "-m", "eztinker", "server", "--no-flower", "--port", str(port),
          "--host", "127.0.0.1", "--device", args.device],
         env=env, stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent(),  # a killed benchmark leaves no server behind
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:

@@ -89,7 +89,7 @@ def worker(
 ) -> None:
     """Start one worker process (one per GPU: set CUDA_VISIBLE_DEVICES)."""
     require_server_extra("worker")
-    from eztinker.server import run_worker
+    from eztinker.processes import run_worker
 
     run_worker(name, device, loglevel, events)
 
@@ -98,7 +98,7 @@ def worker(
 def broker() -> None:
     """Run the embedded broker in the foreground (for the Procfile)."""
     require_server_extra("broker")
-    from eztinker.server import run_broker
+    from eztinker.processes import run_broker
 
     raise typer.Exit(run_broker())
 
@@ -109,7 +109,7 @@ def web(
 ) -> None:
     """Run the web API alone (gunicorn, gthread)."""
     require_server_extra("web")
-    from eztinker.server import run_web
+    from eztinker.processes import run_web
 
     run_web(host, port)
 
@@ -118,7 +118,7 @@ def web(
 def flower() -> None:
     """Run Flower on 127.0.0.1:EZTINKER_FLOWER_PORT."""
     require_server_extra("flower")
-    from eztinker.server import run_flower
+    from eztinker.processes import run_flower
 
     run_flower()
 

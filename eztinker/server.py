@@ -1,22 +1,39 @@
 """``eztinker server``: the whole stack in one command, on the embedded default.
 
 Starts (unless ``EZTINKER_REDIS_URL`` names a Redis) the private broker, then the web server
-(gunicorn, gthread), one worker (on GPU 0 if there is one, else on the CPU; ``--workers N``
-spreads N workers over the GPUs) and Flower, and supervises them:
-a worker or web process that dies is restarted; Ctrl-C stops everything, broker last.
+(gunicorn, gthread) and one worker (on GPU 0 if there is one, else on the CPU; ``--workers N``
+spreads N workers over the GPUs), says when the service is ready (``/health`` lists a live
+worker), then starts Flower. It supervises them (``eztinker.supervisor``): a process that dies
+is restarted, the broker included; Ctrl-C (or SIGTERM) stops everything, broker last (a second
+Ctrl-C kills what is left); if the server itself is killed, its processes die with it.
 The ``Procfile`` lists the same processes separately for ``honcho start``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
+
+from eztinker.processes import (
+    flower_argv,
+    load_settings,
+    log_to_terminal,
+    web_argv,
+    worker_argv,
+)
+from eztinker.supervisor import Child, Exits, Startup, StopRequests, Supervisor, say
+
+if TYPE_CHECKING:
+    from config import Settings
+    from eztinker_tasks.broker import EmbeddedBroker
 
 
 def gpu_ids() -> list[str]:
@@ -40,57 +57,25 @@ def gpu_ids() -> list[str]:
     return [str(i) for i in range(count)]
 
 
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    restart: bool = True
-    process: subprocess.Popen[bytes] | None = None
-    restarts: list[float] = field(default_factory=list)
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(self.argv, env=self.env)
-        print(f"[eztinker] started {self.name} (pid {self.process.pid})", flush=True)
+def port_in_use(host: str, port: int) -> bool:
+    """Whether ``host:port`` cannot be bound because something listens there already."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
-def web_argv(
-    host: str, port: int, workers: int, threads: int = 32, access_log: bool = False
-) -> list[str]:
-    return [
-        sys.executable, "-m", "gunicorn",
-        "--worker-class", "gthread", "--workers", str(workers), "--threads", str(threads),
-        "--bind", f"{host}:{port}", "--timeout", "120", "--graceful-timeout", "10",
-        "--config", "python:eztinker_web.gunicorn_hooks",
-        *(["--access-logfile", "-"] if access_log else []), "eztinker_web.wsgi:app",
-    ]  # fmt: skip
-
-
-def worker_argv(name: str, device: str | None, events: bool = False) -> list[str]:
-    argv = [sys.executable, "-m", "eztinker", "worker", "--name", name]
-    if device:
-        argv += ["--device", device]
-    if events:
-        argv.append("--events")
-    return argv
-
-
-def flower_argv(redis_url: str, port: int) -> list[str]:
-    return [
-        sys.executable, "-m", "celery", "--broker", redis_url, "flower",
-        "--address=127.0.0.1", f"--port={port}",
-    ]  # fmt: skip
-
-
-def load_settings():
-    """Settings from the environment; a bad value exits with one line naming the variable."""
-    from config import Settings, SettingsError
-
-    try:
-        return Settings.from_env()
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+def _local(host: str) -> str:
+    """Where this machine reaches a server bound to ``host``."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def serve(
@@ -101,155 +86,160 @@ def serve(
     flower: bool = True,
     device: str | None = None,
 ) -> int:
-    from eztinker_tasks.broker import EmbeddedBroker
+    """Run the whole service until Ctrl-C / SIGTERM; the exit status (1: it could not run)."""
+    import redis
+
+    from eztinker_tasks.store import StartingWorker, Store
 
     settings = load_settings()
+    log_to_terminal()
     host = host or settings.host
     port = port or settings.port
-    broker = None
-    if settings.redis_url:
-        redis_url = settings.redis_url
-    else:
-        broker = EmbeddedBroker(settings.data_dir)
-        redis_url = broker.start().url
-        print(f"[eztinker] embedded broker on 127.0.0.1 (data in {broker.dir})", flush=True)
+    if port_in_use(host, port):
+        print(
+            f"error: port {port} on {host} is in use (another eztinker server, or another "
+            "program): stop it, or choose another port with --port or EZTINKER_PORT",
+            file=sys.stderr,
+        )
+        return 1
+    if flower and port_in_use("127.0.0.1", settings.flower_port):
+        say(
+            f"Flower is not started: port {settings.flower_port} is in use "
+            "(set EZTINKER_FLOWER_PORT to another port, or pass --no-flower)"
+        )
+        flower = False
+    stops = StopRequests()
+    stops.install()
+    broker, redis_url = _start_broker(settings)
+    if redis_url is None:
+        return 1
     env = {**os.environ, "EZTINKER_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
+    web_processes = settings.web_processes()
+    web = Child("web", web_argv(host, port, web_processes, access_log=settings.access_log), env)
+    worker_children = _workers(env, workers if workers is not None else 1, device, flower)
+    flower_child = Child("flower", flower_argv(redis_url, settings.flower_port), env, optional=True)
+    children = [web, *worker_children, *([flower_child] if flower else [])]
+    store = Store(redis.Redis.from_url(redis_url, socket_timeout=2), settings.result_ttl_s)
 
+    def announce(child: Child, starting: bool) -> None:
+        """Tell /health that this worker is starting (or no longer is)."""
+        if child.worker is None:
+            return
+        with contextlib.suppress(redis.RedisError):
+            if starting and child.pid is not None:
+                record = StartingWorker(child.worker, child.pid, child.device, time.time())
+                store.worker_starting(record, settings.worker_ttl_s)
+            else:
+                store.forget_starting(child.worker)
+
+    url = f"http://{_local(host)}:{port}"
+    startup = Startup(url, worker_children, announce)
+    supervisor = Supervisor(children, on_exit=startup.exited)
+    for child in children:
+        if child is not flower_child:
+            child.start()
+            startup.launched(child)
+    say(
+        f"starting: API on {url}, {len(worker_children)} worker(s); "
+        "ready once a worker has loaded (this can take a while the first time)"
+    )
+    broker_exits = Exits()  # the broker is restarted here, not by the supervisor
+    try:
+        while not stops.count:
+            time.sleep(0.2)
+            if not supervisor.check():
+                break
+            if broker is not None and not _keep_broker(broker, broker_exits):
+                supervisor.failed = True
+                break
+            if startup.poll():
+                live = ", ".join(sorted(startup.live)) or "none"
+                say(
+                    f"ready in {time.monotonic() - startup.started:.1f} s: API on {url} "
+                    f"(docs at {url}/docs); live workers: {live}"
+                )
+                if flower:
+                    flower_child.start()
+                    say(f"Flower on http://127.0.0.1:{settings.flower_port}")
+    finally:
+        say("stopping" + (" (Ctrl-C again to stop at once)" if stops.count else ""))
+        supervisor.stop(20.0, force=lambda: stops.count > 1)
+        for child in worker_children:
+            announce(child, False)
+        if broker is not None:
+            broker.stop()
+        say("stopped")
+    return 1 if supervisor.failed else 0
+
+
+def _start_broker(settings: Settings) -> tuple[EmbeddedBroker | None, str | None]:
+    """The embedded broker (started now) and the Redis URL; no URL if it cannot start."""
+    from eztinker_tasks.broker import EmbeddedBroker
+    from eztinker_tasks.errors import EZTinkerError
+
+    if settings.redis_url:
+        return None, settings.redis_url
+    broker = EmbeddedBroker(settings.data_dir)
+    try:
+        record = broker.start()
+    except EZTinkerError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return None, None
+    if broker.process is None:
+        print(
+            f"error: a broker already runs for data dir {settings.data_dir} (pid {record.pid}, "
+            f"started by process {record.owner}: another `eztinker server` or `eztinker "
+            "broker`); stop that first, or set EZTINKER_DATA_DIR to another directory",
+            file=sys.stderr,
+        )
+        return None, None
+    say(f"embedded broker on 127.0.0.1:{record.port} (data in {broker.dir})")
+    return broker, record.url
+
+
+def _workers(env: dict[str, str], count: int, device: str | None, events: bool) -> list[Child]:
+    """``count`` worker processes, spread over the GPUs unless ``device`` says otherwise.
+
+    A worker gets SIGKILL if the server dies: its broker dies with the server, so it could
+    finish nothing, and a running operation would only hold its GPU.
+    """
+    hostname = socket.gethostname()
     gpus = gpu_ids()
-    n_workers = workers if workers is not None else 1
-    web = web_argv(host, port, settings.web_processes(), access_log=settings.access_log)
-    children = [Child("web", web, env)]
-    for i in range(n_workers):
+    children = []
+    for i in range(count):
         worker_env = dict(env)
         if gpus and device is None:
             worker_env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-            children.append(
-                Child(f"worker gpu{i}", worker_argv(f"gpu{i}", "cuda", flower), worker_env)
-            )
+            name, dev = f"gpu{i}", "cuda"
         else:
             dev = device or "cpu"
-            kind = "gpu" if dev.startswith("cuda") else "cpu"
-            children.append(
-                Child(f"worker {kind}{i}", worker_argv(f"{kind}{i}", dev, flower), worker_env)
+            name = f"{'gpu' if dev.startswith('cuda') else 'cpu'}{i}"
+        children.append(
+            Child(
+                f"worker {name}",
+                worker_argv(name, dev, events),
+                worker_env,
+                death_signal=signal.SIGKILL,
+                worker=f"{name}@{hostname}",
+                device=dev,
             )
-    if flower:
-        children.append(Child("flower", flower_argv(redis_url, settings.flower_port), env))
+        )
+    return children
 
-    stopping = False
 
-    def stop(signum: int, _: Any) -> None:
-        nonlocal stopping
-        stopping = True
+def _keep_broker(broker: EmbeddedBroker, exits: Exits) -> bool:
+    """Restart the embedded broker if it died (same port and data); False if it cannot be."""
+    from eztinker_tasks.errors import EZTinkerError
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    for child in children:
-        child.start()
-    print(
-        f"[eztinker] API on http://{host}:{port} (docs at /docs)"
-        + (f", Flower on http://127.0.0.1:{settings.flower_port}" if flower else ""),
-        flush=True,
-    )
-    code = 0
+    if broker.process is not None and broker.process.poll() is None:
+        return True
+    if exits.failing(time.time()):
+        say("the broker keeps failing; stopping")
+        return False
+    say("the broker exited; restarting it")
     try:
-        while not stopping:
-            time.sleep(0.5)
-            for child in children:
-                assert child.process is not None
-                rc = child.process.poll()
-                if rc is None or stopping:
-                    continue
-                now = time.time()
-                child.restarts = [t for t in child.restarts if now - t < 60] + [now]
-                if len(child.restarts) > 5:
-                    print(f"[eztinker] {child.name} keeps failing (rc {rc}); stopping", flush=True)
-                    stopping, code = True, 1
-                    break
-                print(f"[eztinker] {child.name} exited with {rc}; restarting", flush=True)
-                child.start()
-    finally:
-        for child in reversed(children):
-            if child.process and child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
-        deadline = time.time() + 20
-        for child in children:
-            if child.process is None:
-                continue
-            try:
-                child.process.wait(max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-        if broker is not None:
-            broker.stop()
-        print("[eztinker] stopped", flush=True)
-    return code
-
-
-def run_broker() -> int:
-    """Run the embedded broker in the foreground (the Procfile's ``broker`` process).
-
-    With ``EZTINKER_REDIS_URL`` set, or a broker already running for this data dir, there is
-    nothing to start: it says so and waits for Ctrl-C (honcho stops every process when one
-    exits).
-    """
-    from eztinker_tasks.broker import EmbeddedBroker
-
-    settings = load_settings()
-
-    def stop(signum: int, _: Any) -> None:
-        if broker is not None:
-            broker.stop()
-        sys.exit(0)
-
-    broker: EmbeddedBroker | None = None
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    if settings.redis_url:
-        print(
-            "[eztinker] EZTINKER_REDIS_URL is set: using that Redis, no embedded broker", flush=True
-        )
-        while True:
-            signal.pause()
-    broker = EmbeddedBroker(settings.data_dir)
-    record = broker.start()
-    if broker.process is None:
-        print(
-            f"[eztinker] a broker already runs for this data dir (pid {record.pid}); using it",
-            flush=True,
-        )
-        broker = None
-        while True:
-            signal.pause()
-    print(f"[eztinker] embedded broker on 127.0.0.1:{record.port} (pid {record.pid})", flush=True)
-    broker.process.wait()
-    return 0
-
-
-def run_worker(name: str, device: str | None, loglevel: str, events: bool = False) -> None:
-    from eztinker_tasks.broker import resolve_redis_url
-    from eztinker_tasks.celery_app import make_celery
-    from eztinker_tasks.worker import run_worker as start
-
-    settings = load_settings()
-    url = resolve_redis_url(settings, wait_s=60)
-    start(make_celery(settings, url), settings, name, device, loglevel, events)
-
-
-def run_web(host: str | None, port: int | None) -> None:
-    settings = load_settings()
-    argv = web_argv(
-        host or settings.host,
-        port or settings.port,
-        settings.web_processes(),
-        access_log=settings.access_log,
-    )
-    os.execv(argv[0], argv)
-
-
-def run_flower() -> None:
-    from eztinker_tasks.broker import resolve_redis_url
-
-    settings = load_settings()
-    url = resolve_redis_url(settings, wait_s=60)
-    argv = flower_argv(url, settings.flower_port)
-    os.execv(argv[0], argv)
+        broker.start()
+    except EZTinkerError as exc:
+        say(f"the broker could not restart: {exc.message}; stopping")
+        return False
+    return True

@@ -27,7 +27,14 @@ from eztinker_tasks.names import SAMPLE_QUEUE
 def make_celery(settings: Settings, redis_url: str) -> Celery:
     """Build the Celery app for ``redis_url`` (broker and result backend)."""
     backend = f"eztinker_tasks.result_backend:ResultBackend+{redis_url}"
-    app = Celery("eztinker", broker=redis_url, backend=backend, set_as_current=False)
+    app = Celery(
+        "eztinker",
+        broker=redis_url,
+        backend=backend,
+        set_as_current=False,
+        # Every task reports failures as OperationFailed and logs them once, by kind.
+        task_cls="eztinker_tasks.task_base:OperationTask",
+    )
     app.conf.broker_transport = "eztinker_tasks.transport:Transport"
     visibility = int(settings.op_timeout_s * 2 + 300)
     app.conf.update(

@@ -50,6 +50,21 @@ class WorkerRecord:
 
 
 @dataclass(frozen=True)
+class StartingWorker:
+    """A worker process that is starting (importing, building its engine): not serving yet."""
+
+    name: str
+    pid: int
+    device: str | None
+    since: float  # time.time() when it was launched
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> StartingWorker:
+        data = json.loads(raw)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
 class RunRecord:
     run_id: str
     base_model: str
@@ -185,6 +200,42 @@ class Store:
             else:
                 live.append(WorkerRecord.from_json(raw))
         return live
+
+    def worker_starting(self, record: StartingWorker, ttl_s: float) -> None:
+        """Record (or refresh) a starting worker; the record lapses after ``ttl_s`` seconds.
+
+        A refresh (same name and pid) keeps the earliest ``since``: the supervisor records the
+        worker when it launches it, the worker itself once it runs.
+        """
+        raw = self.r.get(f"{P}:starting:{record.name}")
+        if raw:
+            known = StartingWorker.from_json(raw)
+            if known.pid == record.pid:
+                record = replace(record, since=min(known.since, record.since))
+        pipe = self.r.pipeline()
+        pipe.set(f"{P}:starting:{record.name}", json.dumps(asdict(record)), px=int(ttl_s * 1000))
+        pipe.sadd(f"{P}:starting", record.name)
+        pipe.execute()
+
+    def forget_starting(self, name: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.delete(f"{P}:starting:{name}")
+        pipe.srem(f"{P}:starting", name)
+        pipe.execute()
+
+    def starting_workers(self) -> list[StartingWorker]:
+        """Workers launched but not yet live (their heartbeat has not begun)."""
+        names = sorted(_text(n) for n in self.r.smembers(f"{P}:starting"))
+        if not names:
+            return []
+        raws = self.r.mget([f"{P}:starting:{n}" for n in names])
+        starting = []
+        for name, raw in zip(names, raws, strict=True):
+            if raw is None:
+                self.r.srem(f"{P}:starting", name)
+            else:
+                starting.append(StartingWorker.from_json(raw))
+        return starting
 
     # -- runs ------------------------------------------------------------------------------
     def put_run(self, record: RunRecord) -> None:

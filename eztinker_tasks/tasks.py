@@ -1,9 +1,11 @@
 """Thin Celery tasks: unpack ids and parameters, call the engine, return JSON.
 
-Every task body is a few lines over ``eztinker_tasks.engine.Engine``. Failures are raised as
+Every task body is a few lines over ``eztinker_tasks.engine.Engine``. A task raises what its
+operation raises; the tasks' base class (``eztinker_tasks.task_base``) turns it into
 ``OperationFailed`` carrying the error envelope (``category`` user/server), so the future
-reports them. Run operations carry a ``seq_id``: an operation already applied (a redelivered
-message) is not applied again; its stored result is returned instead.
+reports it, and logs it once as its kind deserves. Run operations carry a ``seq_id``: an
+operation already applied (a redelivered message) is not applied again; its stored result is
+returned instead.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ from config import Settings
 from eztinker_tasks import cycle, names
 from eztinker_tasks.errors import (
     EZTinkerError,
-    InternalError,
-    OperationFailed,
     RunFailed,
     RunStateLost,
     StaleOperation,
@@ -76,18 +76,11 @@ def _call(
     seq_id: int | None = None,
     peek: int = 0,
 ) -> dict[str, Any]:
-    """Run ``op`` with the worker runtime, turning every failure into OperationFailed."""
+    """Run ``op`` with the worker runtime (failures are reported by ``OperationTask``)."""
     rt = get_runtime(task.app)
     spec = BeginSpec.of(str(task.request.id), run_id, seq_id, peek)
     prior, queued = rt.prefetch.begin(spec, rt.worker_name)
-    try:
-        return op(rt, Begun(prior, queued))
-    except EZTinkerError as exc:
-        log.info("operation %s failed: %s", task.name, exc.message)
-        raise OperationFailed.wrap(exc) from None
-    except Exception as exc:
-        log.exception("operation %s crashed", task.name)
-        raise OperationFailed.wrap(InternalError(f"{type(exc).__name__}: {exc}")) from None
+    return op(rt, Begun(prior, queued))
 
 
 def _run_op(

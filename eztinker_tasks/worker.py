@@ -4,9 +4,13 @@ Why this pool: prefork would fork after CUDA could be initialised; solo ignores 
 (``add_consumer``) while a task runs. With threads and concurrency 1 the worker executes one
 operation at a time and still answers control messages, which is how run queues get bound to it.
 
-On start the worker consumes the shared sampling queue, its own queue and the queues of the runs
-recorded as its own (a restarted worker keeps serving its runs; their in-memory state
+On start the worker records itself as *starting* in Redis (``/health`` says so while it imports
+and builds its engine), then consumes the shared sampling queue, its own queue and the queues of
+the runs recorded as its own (a restarted worker keeps serving its runs; their in-memory state
 is gone, so they are marked ``lost`` until a ``load_state``), and reports a heartbeat to Redis.
+
+Logs: one INFO line per failed operation with a user error, a traceback only for a server fault
+(see ``eztinker_tasks.task_base``); no progress bars (``eztinker worker`` turns them off).
 """
 
 from __future__ import annotations
@@ -17,15 +21,17 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from typing import Any
 
 import redis
 from celery import Celery
+from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import task_received, worker_ready, worker_shutdown
 
 from config import Settings
 from eztinker_tasks import names, runtime, tasks
-from eztinker_tasks.store import Store, WorkerRecord
+from eztinker_tasks.store import StartingWorker, Store, WorkerRecord
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +90,55 @@ class Heartbeat(threading.Thread):
         while not self.stopped.is_set():
             try:
                 self.beat()
-            except Exception:  # keep beating through a broker hiccup
+            except redis.RedisError as exc:  # keep beating through a broker hiccup
+                log.warning("heartbeat failed: %s", exc)
+            except Exception:
                 log.exception("heartbeat failed")
             self.stopped.wait(interval)
 
 
+class Starting(threading.Thread):
+    """Keeps this worker's *starting* record fresh until its heartbeat begins (``done()``)."""
+
+    def __init__(self, store: Store, record: StartingWorker, settings: Settings) -> None:
+        super().__init__(name="eztinker-starting", daemon=True)
+        self.store = store
+        self.record = record
+        self.interval = settings.worker_heartbeat_s
+        self.ttl = settings.worker_ttl_s
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        while not self.finished.is_set():
+            try:
+                self.store.worker_starting(self.record, self.ttl)
+            except redis.RedisError as exc:
+                log.warning("could not record this worker as starting: %s", exc)
+            self.finished.wait(self.interval)
+
+    def done(self) -> None:
+        self.finished.set()
+        try:
+            self.store.forget_starting(self.record.name)
+        except redis.RedisError as exc:
+            log.warning("could not clear this worker's starting record: %s", exc)
+
+
 _heartbeat: Heartbeat | None = None
+_starting: Starting | None = None
 SWITCH_INTERVAL_S = 0.0005
 
 
 def _on_ready(sender: Any = None, **_: object) -> None:
     global _heartbeat
+    # On every broker reconnect Celery warns (9 lines) that it will cancel running tasks by
+    # default in 6.0; celery_app makes that choice explicitly, so the notice is noise. (Set
+    # here: Celery's logging set-up, which runs before, turns all its notices back on.)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"\s*In Celery 5\.1 we introduced an optional breaking change",
+        category=CPendingDeprecationWarning,
+    )
     app: Celery = sender.app
     name: str = sender.hostname
     runtime.set_worker_name(name)
@@ -114,6 +158,9 @@ def _on_ready(sender: Any = None, **_: object) -> None:
     runtime.set_reporter(_heartbeat.beat)
     _heartbeat.beat()
     _heartbeat.start()
+    if _starting is not None:  # live now: no longer starting
+        _starting.done()
+    log.info("%s is live on %s", name, rt.engine.device)
 
 
 def _on_received(request: Any = None, **_: object) -> None:
@@ -130,11 +177,41 @@ def _on_received(request: Any = None, **_: object) -> None:
 
 
 def _on_shutdown(sender: object = None, **_: object) -> None:
+    if _starting is not None:
+        _starting.done()
     if _heartbeat is not None:
         _heartbeat.stopped.set()
         rt = runtime.peek_runtime()
         if rt is not None:
-            rt.store.forget_worker(_heartbeat.worker_name)
+            try:
+                rt.store.forget_worker(_heartbeat.worker_name)
+            except redis.RedisError as exc:  # the broker went first: the record lapses itself
+                log.warning("could not remove this worker's record (%s); it lapses by itself", exc)
+
+
+def _claim_name(store: Store, name: str) -> None:
+    """Make sure no other live worker has this name; drop the record of a killed namesake.
+
+    A killed worker cannot remove its record: /health would list it as live until it lapses.
+    Two live workers of one name would share their queues and overwrite each other's record:
+    the second exits at once, saying so.
+    """
+    record = store.worker(name)
+    if record is None or record.hostname != socket.gethostname() or record.pid == os.getpid():
+        return
+    try:
+        os.kill(record.pid, 0)
+    except ProcessLookupError:
+        store.forget_worker(name)
+        return
+    except PermissionError:
+        pass
+    print(
+        f"error: a worker named {name} already runs (pid {record.pid}); "
+        "give this one another --name",
+        file=sys.stderr,
+    )
+    raise SystemExit(1)
 
 
 def run_worker(
@@ -144,16 +221,21 @@ def run_worker(
     device: str | None,
     loglevel: str = "INFO",
     events: bool = False,
-) -> None:
-    """Start consuming (blocks). ``name`` is the node name prefix, e.g. ``gpu0``."""
+) -> int:
+    """Consume until the worker is stopped; its exit status. ``name``: node name prefix (gpu0)."""
+    global _starting
     hostname = f"{name}@{socket.gethostname()}"
     runtime.configure(hostname, device)
+    store = Store(redis.Redis.from_url(app.conf.broker_url), settings.result_ttl_s)
+    _claim_name(store, hostname)
+    record = StartingWorker(hostname, os.getpid(), device or settings.device, time.time())
+    _starting = Starting(store, record, settings)
+    _starting.start()
     # The consumer thread hands each message to the pool thread; with CPython's default 5 ms
     # GIL switch interval every hand-off can wait that long. Switch sooner.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     # A restarted worker serves its runs' queues again from the start: they are part of its
     # initial queue list (a control broadcast sent during start-up could be missed).
-    store = Store(redis.Redis.from_url(app.conf.broker_url), settings.result_ttl_s)
     own_runs = [
         names.run_queue(r.run_id)
         for r in store.runs_of_worker(hostname)
@@ -169,6 +251,14 @@ def run_worker(
         for noisy in ("celery.app.trace", "celery.worker.strategy"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     worker_shutdown.connect(_on_shutdown, weak=False)
+    try:
+        _consume(app, hostname, queues, loglevel, events)
+    except SystemExit as exc:  # Celery's command line ends with sys.exit
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return 0
+
+
+def _consume(app: Celery, hostname: str, queues: list[str], loglevel: str, events: bool) -> None:
     app.worker_main(
         [
             "worker",

@@ -20,6 +20,7 @@ from typing import Any
 from eztinker_tasks import catalog, hub_probe, messages, names, shapes
 from eztinker_tasks.errors import InvalidRequest, RunFailed, ServiceUnavailable, UnknownRun
 from eztinker_tasks.store import FutureRecord, QueuedMessage, RunRecord, WorkerRecord, body_hash
+from eztinker_web.health.workers import no_live_worker
 from eztinker_web.services import services
 from eztinker_web.targets import RunTarget
 
@@ -141,9 +142,7 @@ def check_model_name(name: str) -> None:
 def pick_worker(workers: Sequence[WorkerRecord], min_free_bytes: int) -> WorkerRecord:
     """The live worker with the fewest runs among those with enough free memory."""
     if not workers:
-        raise ServiceUnavailable(
-            "no live worker: start one with `eztinker worker` (or `eztinker server`)"
-        )
+        raise ServiceUnavailable(no_live_worker(services().store))
     roomy = [w for w in workers if w.memory.get("free_bytes", min_free_bytes) >= min_free_bytes]
     if not roomy:
         raise ServiceUnavailable(
@@ -269,7 +268,7 @@ def submit_shared(op: str, params: Mapping[str, Any], run: RunRecord | None = No
     future_id = new_id("fut_")
     queue = names.run_queue(run.run_id) if run else names.SAMPLE_QUEUE
     if run is None and not store.live_workers():
-        raise ServiceUnavailable("no live worker: start one with `eztinker worker`")
+        raise ServiceUnavailable(no_live_worker(store))
     future = FutureRecord(
         future_id=future_id,
         op=op,

@@ -10,6 +10,11 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+# gunicorn >= 25.1 opens a control socket at one fixed path per user ($XDG_RUNTIME_DIR or
+# ~/.gunicorn/gunicorn.ctl): every EZTinker web process (several servers, test stacks) would
+# take it over from the others and unlink it when it stops. Nothing here uses it.
+control_socket_disable = True
+
 
 def _close_long_polls(worker: Any) -> None:
     app = getattr(worker, "wsgi", None)

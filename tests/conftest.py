@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from eztinker.server import web_argv
+from eztinker.processes import web_argv
+from eztinker_tasks.lifeline import die_with_parent
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,12 +60,13 @@ class Service:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
+            preexec_fn=die_with_parent(signal.SIGKILL),  # no worker outlives a killed pytest
         )
         self.processes[f"worker-{name}"] = proc
         return proc
 
     def wait_workers(
-        self, count: int, timeout: float = 90.0, pids: set[int] | None = None
+        self, count: int, timeout: float = 180.0, pids: set[int] | None = None
     ) -> list[dict[str, Any]]:
         """Wait until ``count`` workers (and, if given, the processes ``pids``) report alive."""
         deadline = time.monotonic() + timeout
@@ -176,6 +178,7 @@ def start_service(
     svc.processes["web"] = subprocess.Popen(
         web_argv("127.0.0.1", port, workers=1, threads=16),
         env=env, stdout=web_log, stderr=subprocess.STDOUT, cwd=REPO,
+        preexec_fn=die_with_parent(),
     )  # fmt: skip
     for i in range(workers):
         svc.start_worker(f"cpu{i}")

@@ -1,4 +1,4 @@
-"""`GET /health`: broker status and the live workers (name, device, runs held)."""
+"""`GET /health`: broker status, the live workers (name, device, runs held) and those starting."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from flask import jsonify
 from flask_smorest import Blueprint
 
 from eztinker_tasks.errors import EZTinkerError
+from eztinker_web.health.workers import describe_starting, no_worker_message, starting_workers
 from eztinker_web.services import services
 
 blp = Blueprint("health", __name__, description="Service health")
@@ -15,11 +16,16 @@ blp = Blueprint("health", __name__, description="Service health")
 
 @blp.route("/health", methods=["GET"])
 @blp.response(200)
-@blp.alt_response(503, description="Broker down or no live worker")
+@blp.alt_response(503, description="Broker down, or no live worker (yet: see `starting`)")
 def health():
-    """200 when the broker answers and at least one worker is alive; 503 otherwise."""
+    """200 when the broker answers and at least one worker is alive; 503 otherwise.
+
+    ``status``: ``ok``; ``starting`` (no worker live yet, but some are starting: they are
+    listed in ``starting``, with how long they have been at it); ``degraded`` (no worker at
+    all); ``down`` (no broker).
+    """
     svc = services()
-    body: dict = {"status": "ok", "broker": {"ok": False}, "workers": []}
+    body: dict = {"status": "ok", "broker": {"ok": False}, "workers": [], "starting": []}
     try:
         started = time.perf_counter()
         svc.ping()
@@ -41,11 +47,13 @@ def health():
             }
             for w in workers
         ]
+        starting = starting_workers(svc.store, workers)
+        body["starting"] = describe_starting(starting)
         runs = svc.store.list_runs()
         body["runs"] = len(runs)
         if not workers:
-            body["status"] = "degraded"
-            body["message"] = "no live worker: start one with `eztinker worker`"
+            body["status"] = "starting" if starting else "degraded"
+            body["message"] = no_worker_message(starting)
             return jsonify(body), 503
     except EZTinkerError as exc:
         body["status"] = "down"

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from config import Settings, SettingsError
-from eztinker.server import web_argv
+from eztinker.processes import web_argv
 from eztinker_web import create_app
 from tests.conftest import Service, free_port, result_of, start_service
 

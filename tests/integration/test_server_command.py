@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from eztinker_tasks.lifeline import die_with_parent
 from tests.conftest import free_port, result_of
 
 
@@ -48,6 +49,7 @@ def test_server_command_runs_everything(tmp_path: Path, model_cache: Path) -> No
         cwd=tmp_path,
         stdout=log,
         stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent(),  # a killed test run leaves no server behind
     )
     try:
         base = f"http://127.0.0.1:{port}"
