@@ -23,6 +23,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from eztinker.cli_progress import (
+    cost_lines,
     download_with_progress,
     summary_lines,
     wait_for,
@@ -561,7 +562,7 @@ def wait(
         _print_json(future.result(timeout))
         return
     result = wait_for_until(future, f"waiting for {future_id}", timeout)
-    for line in summary_lines(future.op, result):
+    for line in summary_lines(future.op, result) + cost_lines(result, future.timing):
         typer.echo(line)
     typer.secho("(--json prints the whole result)", dim=True, err=True)
 

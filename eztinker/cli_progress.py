@@ -128,7 +128,7 @@ def _loss_lines(op: str, result: Mapping[str, Any]) -> list[str]:
     lines = [f"{op}: {len(outputs)} sequences, {tokens} tokens"]
     metrics = result.get("metrics") or {}
     lines += [f"  {key} = {_number(value)}" for key, value in metrics.items()]
-    return lines
+    return lines  # the pass and the timing: cost_lines
 
 
 def _sample_lines(result: Mapping[str, Any]) -> list[str]:
@@ -165,6 +165,25 @@ def _value_lines(key: str, value: Any, indent: str, depth: int) -> list[str]:
     if isinstance(value, str):
         return [f"{indent}{key}: {_short(value)}"]
     return [f"{indent}{key}: {_number(value)}"]
+
+
+def cost_lines(result: Any, timing: Mapping[str, Any] | None) -> list[str]:
+    """What an operation cost: time queued and running, and the engine pass it shared."""
+    lines = []
+    if timing:
+        queued, ran = _number(timing.get("queued_ms")), _number(timing.get("run_ms"))
+        line = f"  queued {queued} ms, ran {ran} ms"
+        if timing.get("pass"):
+            line += f" (in the pass of {timing['pass']})"
+        lines.append(line)
+    batch = result.get("batch") if isinstance(result, Mapping) else None
+    if isinstance(batch, Mapping):
+        lines.append(
+            f"  pass: {batch.get('runs')} run(s), {batch.get('calls')} call(s), "
+            f"{batch.get('tokens')} tokens"
+            + (", activation checkpointing" if batch.get("activation_checkpointing") else "")
+        )
+    return lines
 
 
 def summary_lines(op: str | None, result: Any) -> list[str]:

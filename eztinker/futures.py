@@ -19,7 +19,7 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Generic, TypeVar
 
 from eztinker.errors import EZTinkerAPIError, from_envelope
@@ -74,6 +74,13 @@ class FutureProgress:
         return cls(status=status, **values)
 
 
+def _with_timing(value: Any, timing: dict[str, Any] | None) -> Any:
+    """The result with ``timing`` filled in, where its type has such a field."""
+    if timing is not None and is_dataclass(value) and "timing" in {f.name for f in fields(value)}:
+        return replace(value, timing=timing)
+    return value
+
+
 class APIFuture(Generic[T]):
     """The future of one server-side operation (Tinker's ``APIFuture``)."""
 
@@ -99,6 +106,9 @@ class APIFuture(Generic[T]):
         self._error: EZTinkerAPIError | None = None
         self._status = "pending"
         self._progress: FutureProgress | None = FutureProgress("pending", "queued")
+        # Once done: ``queued_ms`` and ``run_ms`` (and ``pass``: the future whose engine pass
+        # ran this call, when it shared another call's pass).
+        self.timing: dict[str, Any] | None = None
 
     # -- polling ---------------------------------------------------------------------------
     def _poll(self, wait: float) -> bool:
@@ -119,8 +129,10 @@ class APIFuture(Generic[T]):
             self._status = status
             if self.op is None and isinstance(body.get("op"), str):
                 self.op = body["op"]
+            if status in ("succeeded", "failed") and isinstance(body.get("timing"), dict):
+                self.timing = dict(body["timing"])
             if status == "succeeded":
-                self._value = self._convert(body.get("result"))
+                self._value = _with_timing(self._convert(body.get("result")), self.timing)
                 self._done = True
             elif status == "failed":
                 self._error = from_envelope(body.get("error") or {}, future_id=self.future_id)

@@ -258,6 +258,8 @@ class ForwardBackwardOutput:
     # The engine pass the call ran in: ``runs``, ``calls``, ``tokens``, ``sequences`` (runs > 1:
     # it shared the pass with other runs' calls) and ``activation_checkpointing``.
     batch: dict[str, Any] | None = None
+    # Milliseconds it waited in its queue (``queued_ms``) and ran (``run_ms``), from its future.
+    timing: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], loss_fn: str = "cross_entropy") -> Self:
@@ -279,6 +281,7 @@ class OptimStepResponse:
     """Metrics of one optimizer step: ``step``, ``grad_norm``, ``learning_rate``."""
 
     metrics: dict[str, float] | None = None
+    timing: dict[str, Any] | None = None  # queued_ms / run_ms, from its future
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> OptimStepResponse:

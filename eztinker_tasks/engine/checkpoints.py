@@ -37,7 +37,6 @@ from safetensors.torch import load_file, save_file
 from eztinker_tasks import checkpoint_paths
 from eztinker_tasks.catalog import file_lock
 from eztinker_tasks.engine.adapters import input_embedding_weight, lora_config
-from eztinker_tasks.engine.multilora import canonical_name
 from eztinker_tasks.engine.runs import RunState, checked_lora_spec
 from eztinker_tasks.errors import CheckpointNotFound, InvalidRequest
 from eztinker_tasks.types import CheckpointInfo, CheckpointKind, LoraSpec
@@ -195,27 +194,21 @@ def save(checkpoints_dir: Path, run: RunState, name: str, kind: CheckpointKind) 
     return info_from_dir(final)
 
 
-def _leaf_names(run: RunState) -> list[tuple[torch.Tensor, list[int], list[str]]]:
-    """Each optimizer leaf of the run, with the sizes and canonical names of its pieces."""
-    adapter = run.adapter
-    return [
-        (adapter.flat_a, adapter.a_sizes, [canonical_name(p, "A") for p in adapter.paths]),
-        (adapter.flat_b, adapter.b_sizes, [canonical_name(p, "B") for p in adapter.paths]),
-    ]
-
-
 def _optimizer_files(run: RunState, directory: Path) -> None:
-    """AdamW moments per canonical parameter name (sliced out of the flat leaves' state)."""
+    """AdamW moments per canonical parameter name (views of the flat leaves' state)."""
     tensors: dict[str, torch.Tensor] = {}
     steps: dict[str, float] = {}
-    for leaf, sizes, names in _leaf_names(run):
-        for key, value in run.optimizer.state.get(leaf, {}).items():
-            if key == "step":
-                steps.update({name: float(value) for name in names})
-            elif isinstance(value, torch.Tensor):
-                for name, piece in zip(names, value.detach().split(sizes), strict=True):
-                    shape = run.params[name].shape
-                    tensors[f"{name}:{key}"] = piece.to("cpu", copy=True).view(shape).contiguous()
+    adapter = run.adapter
+    state_a = run.optimizer.state.get(adapter.flat_a, {})
+    state_b = run.optimizer.state.get(adapter.flat_b, {})
+    for key in sorted(set(state_a) & set(state_b)):
+        value_a, value_b = state_a[key], state_b[key]
+        if key == "step":
+            steps.update(dict.fromkeys(run.params, float(value_a)))
+        elif isinstance(value_a, torch.Tensor) and isinstance(value_b, torch.Tensor):
+            views = adapter.named_views(value_a.detach(), value_b.detach())
+            for name, view in views.items():
+                tensors[f"{name}:{key}"] = view.to("cpu", copy=True).contiguous()
     group = {k: v for k, v in run.optimizer.param_groups[0].items() if k != "params"}
     save_file(tensors, str(directory / OPTIMIZER_TENSORS), metadata={"format": "pt"})
     _write_json(
@@ -292,26 +285,32 @@ def load_adapter_tensors(directory: Path, expected: dict[str, torch.Tensor]) -> 
 
 
 def optimizer_state_dict(directory: Path, run: RunState, fresh: dict[str, Any]) -> dict[str, Any]:
-    """An AdamW ``state_dict`` for ``run`` (its flat leaves) from the checkpoint's files."""
+    """An AdamW ``state_dict`` for ``run`` (its two flat leaves) from the checkpoint's files."""
     spec = json.loads((directory / OPTIMIZER_JSON).read_text())
     if spec["param_names"] != list(run.params):
         raise InvalidRequest("checkpoint optimizer does not match the run's adapter")
     tensors = load_file(str(directory / OPTIMIZER_TENSORS))
+    adapter = run.adapter
     keys = sorted({key.split(":", 1)[1] for key in tensors})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for i, (leaf, _, names) in enumerate(_leaf_names(run)):
-        entry: dict[str, torch.Tensor] = {}
-        for key in keys:
-            pieces = [tensors.get(f"{name}:{key}") for name in names]
-            if all(piece is not None for piece in pieces):
-                entry[key] = torch.cat([p.flatten() for p in pieces if p is not None])
-                if entry[key].numel() != leaf.numel():
-                    raise InvalidRequest("checkpoint optimizer state has the wrong shape")
-        step = spec["steps"].get(names[0]) if names else None
-        if step is not None:
+    entries: list[dict[str, torch.Tensor]] = [{}, {}]
+    for key in keys:
+        named = {name: tensors.get(f"{name}:{key}") for name in run.params}
+        if any(value is None for value in named.values()):
+            continue
+        flat_a = torch.zeros_like(adapter.flat_a, device="cpu")
+        flat_b = torch.zeros_like(adapter.flat_b, device="cpu")
+        for name, view in adapter.named_views(flat_a, flat_b).items():
+            value = named[name]
+            assert value is not None
+            if value.shape != view.shape:
+                raise InvalidRequest("checkpoint optimizer state has the wrong shape")
+            view.copy_(value)
+        entries[0][key], entries[1][key] = flat_a, flat_b
+    step = next(iter(spec["steps"].values()), None)
+    if step is not None:
+        for entry in entries:
             entry["step"] = torch.tensor(step, dtype=torch.float32)
-        if entry:
-            state[i] = entry
+    state = {i: entry for i, entry in enumerate(entries) if entry}
     groups = copy.deepcopy(fresh["param_groups"])
     for key, value in spec["param_group"].items():
         if key in groups[0] and isinstance(value, (int, float, list)):

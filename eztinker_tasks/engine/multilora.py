@@ -40,8 +40,11 @@ class Adapter:
     All its ``A`` factors live in ONE float32 leaf tensor (``flat_a``) and all its ``B``
     factors in another (``flat_b``): the optimizer steps two tensors per adapter, a pass casts
     each once (``prepare``), and the backward gathers each adapter's gradient into one buffer.
-    ``layers`` maps a layer path to views ``A`` [r, in] and ``B`` [out, r] of them (PEFT's
-    layout); ``params`` maps the canonical PEFT state-dict names to the same views.
+    Each layer's factors are stored transposed, ``A^T`` [in, r] and ``B^T`` [r, out], the
+    layout the matmuls (and the grouped matmuls' stacks) read, so the backward writes each
+    gradient straight into place. ``layers`` maps a layer path to views in PEFT's layout,
+    ``A`` [r, in] and ``B`` [out, r]; ``params`` maps the canonical PEFT state-dict names to
+    the same views.
     """
 
     def __init__(
@@ -49,8 +52,9 @@ class Adapter:
     ) -> None:
         self.name, self.rank, self.alpha = name, rank, alpha
         self.paths = list(shapes)
-        self.a_sizes = [rank * shapes[p][0] for p in self.paths]  # in_features each
-        self.b_sizes = [shapes[p][1] * rank for p in self.paths]  # out_features each
+        self.shapes = dict(shapes)  # path -> (in_features, out_features)
+        self.a_sizes = [rank * shapes[p][0] for p in self.paths]
+        self.b_sizes = [shapes[p][1] * rank for p in self.paths]
         self.flat_a = nn.Parameter(
             torch.zeros(sum(self.a_sizes), device=device), requires_grad=False
         )
@@ -61,16 +65,36 @@ class Adapter:
         # takes fresh views of its own (``prepare``).
         self.layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         with torch.no_grad():
-            self._view(shapes, rank)
+            for path, at, bt in zip(
+                self.paths, *self._stored(self.flat_a, self.flat_b), strict=True
+            ):
+                self.layers[path] = (at.t(), bt.t())
 
-    def _view(self, shapes: dict[str, tuple[int, int]], rank: int) -> None:
-        for path, a, b in zip(
-            self.paths,
-            self.flat_a.split(self.a_sizes),
-            self.flat_b.split(self.b_sizes),
-            strict=True,
-        ):
-            self.layers[path] = (a.view(rank, shapes[path][0]), b.view(shapes[path][1], rank))
+    def _stored(
+        self, a: torch.Tensor, b: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer ``A^T`` [in, r] and ``B^T`` [r, out] views of flat tensors laid out like
+        the leaves (the leaves themselves, their casts, gradients or optimizer moments)."""
+        r = self.rank
+        ats = [
+            piece.view(self.shapes[p][0], r)
+            for p, piece in zip(self.paths, a.split(self.a_sizes), strict=True)
+        ]
+        bts = [
+            piece.view(r, self.shapes[p][1])
+            for p, piece in zip(self.paths, b.split(self.b_sizes), strict=True)
+        ]
+        return ats, bts
+
+    def named_views(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Canonical name -> PEFT-layout view ([r, in] / [out, r]) of flat tensors laid out
+        like the leaves (gradients, optimizer moments)."""
+        ats, bts = self._stored(a, b)
+        out: dict[str, torch.Tensor] = {}
+        for path, at, bt in zip(self.paths, ats, bts, strict=True):
+            out[canonical_name(path, "A")] = at.t()
+            out[canonical_name(path, "B")] = bt.t()
+        return dict(sorted(out.items()))
 
     @property
     def scale(self) -> float:
@@ -91,33 +115,26 @@ class Adapter:
 
     def grads(self) -> dict[str, torch.Tensor | None]:
         """Each canonical name's gradient (a view of the leaves' gradients), or None."""
-        views: dict[str, torch.Tensor | None] = {}
         ga, gb = self.flat_a.grad, self.flat_b.grad
-        pieces_a = ga.split(self.a_sizes) if ga is not None else [None] * len(self.paths)
-        pieces_b = gb.split(self.b_sizes) if gb is not None else [None] * len(self.paths)
-        for path, pa, pb in zip(self.paths, pieces_a, pieces_b, strict=True):
-            a, b = self.layers[path]
-            views[canonical_name(path, "A")] = None if pa is None else pa.view_as(a)
-            views[canonical_name(path, "B")] = None if pb is None else pb.view_as(b)
-        return dict(sorted(views.items()))
+        if ga is None or gb is None:
+            return dict.fromkeys(self.params)
+        return dict(self.named_views(ga, gb).items())
 
     def requires_grad_(self, flag: bool) -> None:
         for leaf in self.leaves:
             leaf.requires_grad_(flag)
 
     def prepare(self, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The factors a forward uses, in ``dtype``, ``B`` scaled: path -> (A, scale * B).
+        """The factors a forward uses, in ``dtype``: path -> (A^T [in, r], scale * B^T [r, out]).
 
         Two casts for the whole adapter (autograd carries the gradient back to the leaves).
         """
         a = self.flat_a.to(dtype)
         b = (self.flat_b * self.scale).to(dtype)
-        out = {}
-        for path, pa, pb in zip(
-            self.paths, a.split(self.a_sizes), b.split(self.b_sizes), strict=True
-        ):
-            la, lb = self.layers[path]
-            out[path] = (pa.view_as(la), pb.view_as(lb))
+        ats, bts = self._stored(a, b)
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for path, at, bt in zip(self.paths, ats, bts, strict=True):
+            out[path] = (at, bt)
         return out
 
     def free(self) -> None:
@@ -248,8 +265,8 @@ def lora_delta(
         return None
     whole = len(route.segments) == 1 and route.segments[0].stop in (-1, x.shape[0])
     if whole:
-        a, b = active[0].factors[path]
-        return (x @ a.t()) @ b.t()
+        at, bt = active[0].factors[path]
+        return (x @ at) @ bt
     if _grouped_ok(x):
         return _grouped_delta(x, path, route, out_features)
     pieces = []
@@ -258,8 +275,8 @@ def lora_delta(
         if path not in seg.factors:
             pieces.append(rows.new_zeros(rows.shape[0], out_features))
             continue
-        a, b = seg.factors[path]
-        pieces.append((rows @ a.t()) @ b.t())
+        at, bt = seg.factors[path]
+        pieces.append((rows @ at) @ bt)
     return torch.cat(pieces)
 
 
@@ -277,7 +294,7 @@ def _grouped_delta(x: torch.Tensor, path: str, route: LoraRoute, out_features: i
 
     Ranks are padded to the largest (a multiple of 8); segments without an adapter get zeros.
     """
-    ranks = [s.factors[path][0].shape[0] for s in route.segments if path in s.factors]
+    ranks = [s.factors[path][0].shape[1] for s in route.segments if path in s.factors]
     r_max = max(GROUP_ALIGN, math.ceil(max(ranks) / GROUP_ALIGN) * GROUP_ALIGN)
     shrink, expand = [], []
     for seg in route.segments:
@@ -285,12 +302,12 @@ def _grouped_delta(x: torch.Tensor, path: str, route: LoraRoute, out_features: i
             shrink.append(x.new_zeros(x.shape[1], r_max))
             expand.append(x.new_zeros(r_max, out_features))
             continue
-        a, b = seg.factors[path]
-        pad = r_max - a.shape[0]
-        shrink.append((nn.functional.pad(a, (0, 0, 0, pad)) if pad else a).t())  # [in, r_max]
-        expand.append((nn.functional.pad(b, (0, pad)) if pad else b).t())  # [r_max, out]
+        at, bt = seg.factors[path]  # [in, r], [r, out]
+        pad = r_max - at.shape[1]
+        shrink.append(nn.functional.pad(at, (0, pad)) if pad else at)  # [in, r_max]
+        expand.append(nn.functional.pad(bt, (0, 0, 0, pad)) if pad else bt)  # [r_max, out]
     offs = route.offsets(x.device)
-    w_shrink = torch.stack(shrink)  # [G, in, r_max], contiguous: one copy kernel
+    w_shrink = torch.stack(shrink)  # [G, in, r_max]: one copy; its backward, views in place
     w_expand = torch.stack(expand)  # [G, r_max, out]
     h = torch._grouped_mm(_ContiguousGrad.apply(x.contiguous()), w_shrink, offs=offs)
     out = torch._grouped_mm(_ContiguousGrad.apply(h), w_expand, offs=offs)

@@ -402,8 +402,8 @@ def _target_logprobs(
             ).last_hidden_state[0]
         segments = []
         for seg in route.segments:
-            factors = seg.factors.get(unembed.path)  # (A, scale * B) in the pass's dtype
-            lora = None if factors is None else (factors[0], factors[1], 1.0)
+            factors = seg.factors.get(unembed.path)  # (A^T, scale * B^T) in the pass's dtype
+            lora = None if factors is None else (factors[0].t(), factors[1].t(), 1.0)
             segments.append(UnembedSegment(seg.start, seg.stop, lora))
         return unembed_logprobs(
             hidden, unembed.weight, unembed.bias, batch.targets, segments, chunk_elements

@@ -72,6 +72,16 @@ class ProgressSchema(Schema):
     elapsed_s = fields.Float(metadata={"description": "seconds it has been running (0 queued)"})
 
 
+class TimingSchema(Schema):
+    queued_ms = fields.Float(metadata={"description": "from submit to the operation's start"})
+    run_ms = fields.Float(metadata={"description": "from its start to its result"})
+    # ``pass`` is a keyword: declared with data_key.
+    pass_ = fields.String(
+        data_key="pass",
+        metadata={"description": "the future whose engine pass also ran this call, if another"},
+    )
+
+
 class FutureSchema(Schema):
     future_id = fields.String()
     job_id = fields.String()
@@ -89,6 +99,12 @@ class FutureSchema(Schema):
             "description": "while pending or running (null once done); published by the "
             "worker about every 0.5 s for operations that run longer than that"
         },
+    )
+    timing = fields.Nested(
+        TimingSchema,
+        allow_none=True,
+        dump_default=None,
+        metadata={"description": "once done: milliseconds queued and running"},
     )
 
 

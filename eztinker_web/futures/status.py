@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from eztinker_tasks.errors import NotFound
@@ -171,9 +172,11 @@ def future_status(
     if state == "SUCCESS":
         body["status"] = "succeeded"
         body["result"] = meta.get("result")
+        body["timing"] = _timing(svc, record, meta)
     elif state in ("FAILURE", "REVOKED"):
         body["status"] = "failed"
         body["error"] = _failure(meta)
+        body["timing"] = _timing(svc, record, meta)
     else:
         started_key = svc.store.future_key(future_id) + ":started"
         started, published = read_running(svc.redis_client, started_key, future_id)
@@ -188,6 +191,33 @@ def future_status(
             places = places if places is not None else QueuePlaces(svc.redis_client)
             body["progress"] = progress_body(record, running, started, published, places)
     return body
+
+
+def _timing(svc: Services, record: FutureRecord, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """How long a finished operation waited in its queue and ran (milliseconds).
+
+    ``queued_ms``: from its submit to the start of its operation (for a call answered in
+    another call's pass, the start of that pass, named by ``pass``); ``run_ms``: from that start
+    to its result. None where the start was not recorded (an operation of an older server).
+    """
+    started = svc.store.started(record.future_id)
+    done_at = meta.get("date_done")
+    if not started or not isinstance(done_at, str):
+        return None
+    try:
+        done = datetime.fromisoformat(done_at)
+        if done.tzinfo is None:
+            done = done.replace(tzinfo=UTC)
+        start = float(started["at"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    timing: dict[str, Any] = {
+        "queued_ms": round(max(0.0, start - record.submitted_at) * 1e3, 3),
+        "run_ms": round(max(0.0, done.timestamp() - start) * 1e3, 3),
+    }
+    if started.get("pass"):
+        timing["pass"] = started["pass"]
+    return timing
 
 
 def future_statuses(svc: Services, future_ids: list[str], wait_s: float) -> list[dict[str, Any]]:

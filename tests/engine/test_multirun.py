@@ -247,7 +247,7 @@ def test_grouped_lora_delta_equals_a_loop_over_adapters() -> None:
             pieces.append(torch.zeros(rows.shape[0], 24))
             continue
         r = seg.adapter.rank  # fresh views of the leaves (one layer: the whole leaf)
-        a, b = seg.adapter.flat_a.view(r, 16), seg.adapter.flat_b.view(24, r)
+        a, b = seg.adapter.flat_a.view(16, r).t(), seg.adapter.flat_b.view(r, 24).t()
         pieces.append(rows @ a.t() @ b.t() * seg.adapter.scale)
     want = torch.cat(pieces)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -95,3 +95,26 @@ def test_eight_clients_share_passes_and_get_their_solo_results(
         la = a.forward(probe, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
         lb = b.forward(probe, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
         assert la == pytest.approx(lb, abs=1e-5)
+
+
+def test_results_show_their_pass_and_timing_in_sdk_and_cli(
+    service: Service, http: httpx.Client
+) -> None:
+    from typer.testing import CliRunner
+
+    from eztinker.cli import app
+
+    sdk = eztinker.ServiceClient(base_url=service.base_url)
+    tc = sdk.create_lora_training_client("tiny-gpt2", rank=4, seed=1)
+    future = tc.forward_backward([_datum(1, 0)], "cross_entropy")
+    out = future.result()
+    assert out.batch is not None and out.batch["runs"] >= 1 and out.batch["tokens"] > 0
+    assert out.timing is not None and out.timing["queued_ms"] >= 0 and out.timing["run_ms"] > 0
+    step = tc.optim_step(ADAM).result()
+    assert step.timing is not None and step.timing["run_ms"] > 0
+    body = http.get(f"/v1/futures/{future.future_id}").json()
+    assert body["timing"] == out.timing
+    shown = CliRunner().invoke(app, ["--base-url", service.base_url, "wait", future.future_id])
+    assert shown.exit_code == 0, shown.output
+    assert "queued" in shown.stdout and "ran" in shown.stdout
+    assert "pass: 1 run(s), 1 call(s)" in shown.stdout
