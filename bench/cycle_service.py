@@ -65,7 +65,14 @@ def main() -> None:
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(base, 300, str(tmp / "server.log"))
+        deadline = time.monotonic() + 240
+        while True:  # up, or its log shown at once if the server stops or takes too long
+            try:
+                wait_healthy(base, 5, str(tmp / "server.log"))
+                break
+            except SystemExit:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise
         sdk = eztinker.ServiceClient(base_url=base)
         started = time.perf_counter()
         clients = [
@@ -130,6 +137,11 @@ def main() -> None:
             print(
                 f"| {label} | {rows[label] * 1e3:.0f} ms per cycle | {rate:,.0f} tokens/s{extra} |"
             )
+    except BaseException:
+        log.flush()
+        tail = (tmp / "server.log").read_text(errors="replace")[-3000:]
+        print(f"# the server's log ends with:\n{tail}", file=sys.stderr)
+        raise
     finally:
         server.terminate()
         try:
