@@ -18,7 +18,6 @@ does one 1 x 128 ``forward_backward`` + ``optim_step``. Measured side by side:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -29,11 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from service import free_port, wait_healthy  # bench/service.py
+from service import start_server, wait_healthy  # bench/service.py
 
 import eztinker
 from eztinker import types
-from eztinker_tasks.lifeline import die_with_parent
 
 
 def datum(i: int, step: int, length: int, vocab: int) -> types.Datum:
@@ -51,24 +49,12 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="eztinker-cycle-"))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "EZTINKER_REDIS_URL"} | {
-        "EZTINKER_DATA_DIR": str(tmp / "data"),
-        "CHECKPOINTS_DIR": str(tmp / "checkpoints"),
-        "EZTINKER_FLOWER_PORT": str(free_port()),
-    }
-    log = open(tmp / "server.log", "wb")  # noqa: SIM115
-    server = subprocess.Popen(
-        [sys.executable, "-m", "eztinker", "server", "--no-flower", "--port", str(port),
-         "--device", args.device],
-        env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    server, base, log_path = start_server(tmp, args.device)
     try:
         deadline = time.monotonic() + 240
         while True:  # up, or its log shown at once if the server stops or takes too long
             try:
-                wait_healthy(base, 5, str(tmp / "server.log"))
+                wait_healthy(base, 5, str(log_path))
                 break
             except SystemExit:
                 if server.poll() is not None or time.monotonic() > deadline:
@@ -138,8 +124,7 @@ def main() -> None:
                 f"| {label} | {rows[label] * 1e3:.0f} ms per cycle | {rate:,.0f} tokens/s{extra} |"
             )
     except BaseException:
-        log.flush()
-        tail = (tmp / "server.log").read_text(errors="replace")[-3000:]
+        tail = log_path.read_text(errors="replace")[-3000:]
         print(f"# the server's log ends with:\n{tail}", file=sys.stderr)
         raise
     finally:
@@ -148,7 +133,6 @@ def main() -> None:
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
-        log.close()
 
 
 if __name__ == "__main__":

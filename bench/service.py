@@ -69,6 +69,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_server(tmp: Path, device: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """``eztinker server --no-flower`` in a private data dir under ``tmp``, on a free port.
+
+    Returns the process (it dies with this one), its base URL and its log file.
+    """
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "EZTINKER_REDIS_URL"} | {
+        "EZTINKER_DATA_DIR": str(tmp / "data"),
+        "CHECKPOINTS_DIR": str(tmp / "ckpt"),
+        "EZTINKER_FLOWER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
+    log_path = tmp / "server.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "eztinker", "server", "--no-flower", "--port", str(port),
+             "--host", "127.0.0.1", "--device", device],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(),  # a killed benchmark leaves no server behind
+        )  # fmt: skip
+    return server, f"http://127.0.0.1:{port}", log_path
+
+
 def wait_healthy(base: str, timeout_s: float, log_hint: str) -> None:
     """Wait until ``base``/health answers 200 (the stack is up), else exit naming the log."""
     deadline = time.monotonic() + timeout_s
@@ -99,22 +122,9 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="eztinker-bench-"))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "EZTINKER_REDIS_URL"} | {
-        "EZTINKER_DATA_DIR": str(tmp / "data"),
-        "CHECKPOINTS_DIR": str(tmp / "ckpt"),
-        "OMP_NUM_THREADS": "1",
-    }
     os.environ["OMP_NUM_THREADS"] = "1"
     local_op = in_process_op(tmp / "data", args.device)
-    log = open(tmp / "server.log", "wb")  # noqa: SIM115
-    server = subprocess.Popen(
-        [sys.executable, "-m", "eztinker", "server", "--no-flower", "--port", str(port),
-         "--host", "127.0.0.1", "--device", args.device],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-        preexec_fn=die_with_parent(),  # a killed benchmark leaves no server behind
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    server, base, _ = start_server(tmp, args.device)
     try:
         wait_healthy(base, 120, str(tmp / "server.log"))
         from eztinker import ServiceClient, types
