@@ -173,8 +173,8 @@ def cost_lines(result: Any, timing: Mapping[str, Any] | None) -> list[str]:
     if timing:
         queued, ran = _number(timing.get("queued_ms")), _number(timing.get("run_ms"))
         line = f"  queued {queued} ms, ran {ran} ms"
-        if timing.get("pass"):
-            line += f" (in the pass of {timing['pass']})"
+        if timing.get("in_pass_of"):
+            line += f" (in the pass of {timing['in_pass_of']})"
         lines.append(line)
     batch = result.get("batch") if isinstance(result, Mapping) else None
     if isinstance(batch, Mapping):

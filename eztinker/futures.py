@@ -106,8 +106,8 @@ class APIFuture(Generic[T]):
         self._error: EZTinkerAPIError | None = None
         self._status = "pending"
         self._progress: FutureProgress | None = FutureProgress("pending", "queued")
-        # Once done: ``queued_ms`` and ``run_ms`` (and ``pass``: the future whose engine pass
-        # ran this call, when it shared another call's pass).
+        # Once done: ``queued_ms`` and ``run_ms`` (and ``in_pass_of``: the future whose engine
+        # pass ran this call, when it shared another call's pass).
         self.timing: dict[str, Any] | None = None
 
     # -- polling ---------------------------------------------------------------------------

@@ -43,6 +43,9 @@ def flower_argv(redis_url: str, port: int) -> list[str]:
     return [
         sys.executable, "-m", "celery", "--broker", redis_url, "flower",
         "--address=127.0.0.1", f"--port={port}",
+        # A worker busy loading a model answers Flower's start-up inspection late: wait for it
+        # (milliseconds) instead of logging "Inspect method ... failed".
+        "--inspect_timeout=10000",
     ]  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
+from eztinker_tasks import shapes
 from eztinker_tasks.errors import UnknownModel
 
 EOS_TOKEN = "<|endoftext|>"
@@ -114,9 +115,15 @@ def model_dir(name: str, data_dir: Path) -> Path:
     return Path(data_dir) / "models" / safe_dir_name(name)
 
 
+def tokenizer_model(name: str) -> str:
+    """The model whose tokenizer ``name`` uses: itself, or for a random-weight ``shaped:``
+    model the built-in one it is made with (``shapes.TOKENIZER``)."""
+    return shapes.TOKENIZER if shapes.shape_of(name) is not None else name
+
+
 def tokenizer_dir(name: str, data_dir: Path) -> Path:
     """Where the tokenizer files of model ``name`` live (they may not exist yet)."""
-    return Path(data_dir) / "tokenizers" / safe_dir_name(name)
+    return Path(data_dir) / "tokenizers" / safe_dir_name(tokenizer_model(name))
 
 
 def has_tokenizer(directory: Path) -> bool:

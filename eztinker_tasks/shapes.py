@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 PREFIX = "shaped:"
+TOKENIZER = "tiny-llama"  # the built-in model whose tokenizer shaped models use
 
 _COMMON: dict[str, Any] = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
 

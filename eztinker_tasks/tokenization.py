@@ -25,6 +25,7 @@ class TokenizerCache:
         self._lock = threading.Lock()
 
     def get(self, model: str) -> Tokenizer:
+        model = catalog.tokenizer_model(model)  # a shaped: model uses a built-in tokenizer
         with self._lock:
             tok = self._cache.get(model)
             if tok is not None:

@@ -109,10 +109,17 @@ def describe_non_finite(
             errors={"loss": ["not finite"]},
         )
     if where is None:
+        largest = ", ".join(
+            f"largest |{key}| {_fmt(float(np.abs(values).max()))}"
+            for key, values in sorted(inputs.items())
+            if values.size
+        )
         return NonFiniteValue(
-            f"{op} ({loss_fn}) produced a non-finite gradient inside the model although the loss "
-            "was finite (an overflow in the activations); nothing was applied: the accumulated "
-            "gradient is as it was before this call",
+            f"{op} ({loss_fn}): the gradient overflows float32 inside the model although the "
+            "loss is finite (loss inputs too large, "
+            + (f"{largest}, " if largest else "")
+            + "or activations that overflow); nothing was applied: the accumulated gradient is "
+            "as it was before this call",
             errors={"gradient": ["not finite"]},
         )
     row, pos = where

@@ -29,8 +29,6 @@ from eztinker_tasks.types import ModelInfo
 
 log = logging.getLogger(__name__)
 
-SHAPED_TOKENIZER = "tiny-llama"  # the tokenizer of ``shaped:`` models (2,048 byte-level BPE)
-
 
 @dataclass
 class LoadedBase:
@@ -199,7 +197,7 @@ class ModelRegistry:
         with torch.random.fork_rng(devices=devices), torch.device(self.device):
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
-        directory = catalog.ensure_tokenizer(SHAPED_TOKENIZER, self.data_dir)
+        directory = catalog.ensure_tokenizer(shapes.TOKENIZER, self.data_dir)
         return model, AutoTokenizer.from_pretrained(str(directory))
 
     def _load(self, name: str) -> LoadedBase:

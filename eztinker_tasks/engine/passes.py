@@ -11,7 +11,8 @@ runs share no parameter, each run's gradient is exactly that of its own loss.
 Every call gets what a pass of its own would give (its outputs, metrics and gradient). A run
 whose loss or gradient is not finite has its fresh gradient dropped (``finite``) and its calls
 fail with ``NonFiniteValue``; the other runs' results stand. A run's calls that are not to
-blame are run again without the guilty ones.
+blame are run again without the guilty ones; where no call of a run shows the fault (an
+overflow inside the model), its calls are run again one by one to find it.
 """
 
 from __future__ import annotations
@@ -114,32 +115,34 @@ def run_pass(
     """
     ticker = Ticker(progress)
     results: list[ForwardBackwardOutput | EZTinkerError | None] = [None] * len(calls)
-    pending = list(range(len(calls)))
-    while pending:
-        sub = [calls[i] for i in pending]
-        outcome, blamed = _one_pass(
+    queue: list[list[int]] = [list(range(len(calls)))]
+    while queue:  # each round settles or splits off at least one call: it ends
+        group = queue.pop(0)
+        outcome = _one_pass(
             base,
-            sub,
+            [calls[i] for i in group],
             backward=backward,
             chunk_elements=chunk_elements,
             checkpoint=checkpoint,
             ticker=ticker,
         )
-        retry = []
-        for local, i in enumerate(pending):
-            value = outcome[local]
+        again = []
+        for i, value in zip(group, outcome, strict=True):
             if isinstance(value, _Innocent):
-                retry.append(i)  # its run's gradient was dropped for another call's fault
+                again.append(i)  # its run's gradient was dropped for another call's fault
+            elif isinstance(value, _Suspect):
+                queue.append([i])  # alone, to learn whether it is the guilty one
             else:
                 results[i] = value
-        if not blamed:  # nothing left to learn: no guilty call was removed
-            for i in retry:
-                results[i] = NonFiniteValue(
-                    "the pass was not finite and no single call could be blamed"
-                )
-            retry = []
-        pending = retry
+        if again:
+            queue.append(again)
     return [r for r in results if r is not None]
+
+
+@dataclass
+class _Suspect:
+    """A call of a run whose gradient was not finite with no call of it showing why: it runs
+    again alone (one of its run's calls is guilty, the others are innocent)."""
 
 
 @dataclass
@@ -155,7 +158,7 @@ def _one_pass(
     chunk_elements: int,
     checkpoint: bool,
     ticker: Ticker,
-) -> tuple[list[ForwardBackwardOutput | EZTinkerError | _Innocent], bool]:
+) -> list[ForwardBackwardOutput | EZTinkerError | _Innocent | _Suspect]:
     layout = _layout(calls)
     rows = [row for i in layout.order for row in calls[i].rows]
     batch = pack(rows, base.device)
@@ -247,15 +250,19 @@ def _one_pass(
             if bad_loss or bad_grad:
                 guilty[i] = error
     failed_runs = {calls[i].run.run_id for i in guilty}
-    # A run whose gradient is not finite although none of its calls shows it: all are guilty.
+    # A run whose gradient is not finite although none of its calls shows why (an overflow
+    # inside the model): a lone call is guilty; several are suspects, each run again alone.
+    suspects: set[int] = set()
     for run_id, ok in grads_ok.items():
         if not ok and run_id not in failed_runs:
             failed_runs.add(run_id)
-            for i in layout.order:
-                if calls[i].run.run_id == run_id:
-                    guilty[i] = _describe(
-                        calls[i], batch, layout, i, loss_rows, lp_host, grad_lp, call_losses
-                    )
+            mine = [i for i in layout.order if calls[i].run.run_id == run_id]
+            if len(mine) > 1:
+                suspects.update(mine)
+                continue
+            guilty[mine[0]] = _describe(
+                calls[mine[0]], batch, layout, mine[0], loss_rows, lp_host, grad_lp, call_losses
+            )
     if not backward:  # nothing to roll back: only the guilty calls fail
         failed_runs = set()
     for run_id, stash in stashes.items():
@@ -264,10 +271,12 @@ def _one_pass(
         else:
             stash.commit()
 
-    outputs: list[ForwardBackwardOutput | EZTinkerError | _Innocent] = []
+    outputs: list[ForwardBackwardOutput | EZTinkerError | _Innocent | _Suspect] = []
     for i, call in enumerate(calls):
         if i in guilty:
             outputs.append(guilty[i])
+        elif i in suspects:
+            outputs.append(_Suspect())
         elif call.run.run_id in failed_runs:
             outputs.append(_Innocent())
         else:
@@ -287,7 +296,7 @@ def _one_pass(
             if backward:
                 call.run.tokens_trained += sum(len(r.tokens) for r in call.rows)
                 call.run.last_loss = call_losses[i]
-    return outputs, bool(guilty)
+    return outputs
 
 
 def _run_spans(calls: Sequence[LossCall], layout: _Layout) -> dict[str, tuple[int, int]]:

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from flask import Response, send_file
-from flask_smorest import Blueprint
+from eztinker_web.blueprint import Blueprint
 
 from eztinker_tasks import checkpoint_paths
 from eztinker_tasks.errors import UnknownRun

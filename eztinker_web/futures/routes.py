@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask_smorest import Blueprint
-
+from eztinker_web.blueprint import Blueprint
 from eztinker_web.futures.schemas import (
     BatchRequestSchema,
     BatchSchema,

@@ -75,10 +75,8 @@ class ProgressSchema(Schema):
 class TimingSchema(Schema):
     queued_ms = fields.Float(metadata={"description": "from submit to the operation's start"})
     run_ms = fields.Float(metadata={"description": "from its start to its result"})
-    # ``pass`` is a keyword: declared with data_key.
-    pass_ = fields.String(
-        data_key="pass",
-        metadata={"description": "the future whose engine pass also ran this call, if another"},
+    in_pass_of = fields.String(
+        metadata={"description": "the future whose engine pass also ran this call, if another"}
     )
 
 

@@ -197,8 +197,8 @@ def _timing(svc: Services, record: FutureRecord, meta: dict[str, Any]) -> dict[s
     """How long a finished operation waited in its queue and ran (milliseconds).
 
     ``queued_ms``: from its submit to the start of its operation (for a call answered in
-    another call's pass, the start of that pass, named by ``pass``); ``run_ms``: from that start
-    to its result. None where the start was not recorded (an operation of an older server).
+    another call's pass, the start of that pass, whose future is ``in_pass_of``); ``run_ms``:
+    from that start to its result. None where the start was not recorded (an older server).
     """
     started = svc.store.started(record.future_id)
     done_at = meta.get("date_done")
@@ -216,7 +216,7 @@ def _timing(svc: Services, record: FutureRecord, meta: dict[str, Any]) -> dict[s
         "run_ms": round(max(0.0, done.timestamp() - start) * 1e3, 3),
     }
     if started.get("pass"):
-        timing["pass"] = started["pass"]
+        timing["in_pass_of"] = started["pass"]
     return timing
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 from flask import jsonify
-from flask_smorest import Blueprint
 
 from eztinker_tasks.errors import EZTinkerError
+from eztinker_web.blueprint import Blueprint
 from eztinker_web.health.workers import describe_starting, no_worker_message, starting_workers
 from eztinker_web.services import services
 

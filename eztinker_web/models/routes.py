@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from flask import send_file
-from flask_smorest import Blueprint
 
 from eztinker_tasks import catalog
 from eztinker_tasks.errors import InvalidRequest, NotFound
+from eztinker_web.blueprint import Blueprint
 from eztinker_web.models.schemas import (
     DetokenizeSchema,
     ModelListSchema,

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, replace
 
-from flask_smorest import Blueprint
-
 from eztinker_tasks import checkpoint_paths, names
 from eztinker_tasks.errors import InvalidRequest
 from eztinker_tasks.limits import check_adam_params, check_lora_spec
 from eztinker_tasks.loss_specs import check_loss_inputs, get_loss_spec, resolve_loss_config
 from eztinker_web import dispatch
+from eztinker_web.blueprint import Blueprint
 from eztinker_web.checkpoints.listing import loadable_checkpoint
 from eztinker_web.runs.schemas import (
     CreateRunRequest,

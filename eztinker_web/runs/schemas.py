@@ -37,6 +37,10 @@ class CreateRunRequest:
     optimizer: bool
 
 
+# What a run created from a state takes from that state (a request may not say otherwise).
+SHAPE_KEYS = {"base_model", "rank", "alpha", "train_attn", "train_mlp", "train_unembed", "seed"}
+
+
 class CreateRunSchema(Schema):
     base_model = fields.String(
         load_default=None,
@@ -62,8 +66,16 @@ class CreateRunSchema(Schema):
         if not (data["train_attn"] or data["train_mlp"] or data["train_unembed"]):
             raise ValidationError("at least one of train_attn/train_mlp/train_unembed is needed")
 
-    @post_load
-    def _make(self, data: dict[str, Any], **_: Any) -> CreateRunRequest:
+    @post_load(pass_original=True)
+    def _make(self, data: dict[str, Any], original: Any, **_: Any) -> CreateRunRequest:
+        given = sorted(set(original) & SHAPE_KEYS) if isinstance(original, dict) else []
+        if data["from_state"] and given:
+            raise ValidationError(
+                {
+                    key: ["from_state takes the base model and LoRA shape of the state"]
+                    for key in given
+                }
+            )
         lora = LoraSpec(
             rank=data["rank"],
             alpha=data["alpha"],

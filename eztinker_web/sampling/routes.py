@@ -6,14 +6,13 @@ sampling a run's live weights goes to the run's own queue, behind its earlier op
 
 from __future__ import annotations
 
-from flask_smorest import Blueprint
-
 from eztinker_tasks import names
 from eztinker_tasks.errors import InvalidRequest
 from eztinker_tasks.limits import check_sampling_params
 from eztinker_tasks.store import RunRecord
 from eztinker_tasks.types import SampleSource
 from eztinker_web import dispatch
+from eztinker_web.blueprint import Blueprint
 from eztinker_web.checkpoints.listing import get_checkpoint
 from eztinker_web.runs.schemas import SubmittedSchema
 from eztinker_web.sampling.schemas import (

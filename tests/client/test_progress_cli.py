@@ -107,7 +107,8 @@ def test_wait_prints_a_summary_and_json_prints_everything(
     assert summary.exit_code == 0, summary.output
     lines = summary.stdout.splitlines()
     assert lines[0] == "forward_backward: 64 sequences, 8192 tokens", lines
-    assert any(line.startswith("  loss:sum = ") for line in lines) and len(lines) < 12, lines
+    assert any(line.startswith("  loss:sum = ") for line in lines) and len(lines) < 14, lines
+    assert any(line.startswith("  pass: 1 run(s)") for line in lines), lines
     assert "--json prints the whole result" in summary.stderr
 
     full = cli(service, "wait", future_id, "--json")
@@ -121,7 +122,9 @@ def test_wait_prints_a_summary_and_json_prints_everything(
                     "--no-wait").stdout.strip()  # fmt: skip
     sampled = cli(service, "wait", sample_id).stdout.splitlines()
     assert re.fullmatch(r"sample: 3 sequences of tiny-gpt2, prompt of \d+ tokens", sampled[0])
-    assert len(sampled) == 4 and all(re.match(r"  \[\d\] \d+ tokens, ", s) for s in sampled[1:])
+    # three sequences, then what it cost (time queued and running)
+    assert len(sampled) == 5 and all(re.match(r"  \[\d\] \d+ tokens, ", s) for s in sampled[1:4])
+    assert re.fullmatch(r"  queued [\d.]+ ms, ran [\d.]+ ms", sampled[4]), sampled
 
     save_id = cli(service, "save", run, "waited", "--no-wait").stdout.strip()
     saved = cli(service, "wait", save_id).stdout.splitlines()

@@ -281,3 +281,20 @@ def test_unembedding_logprobs_and_gradients_equal_full_logits() -> None:
     for x, y in zip(got_grads, want_grads, strict=True):
         assert math.isfinite(float(x.abs().max()))
         torch.testing.assert_close(x.double(), y, atol=1e-5, rtol=1e-5)
+
+
+def test_an_overflow_inside_the_model_is_pinned_on_the_call_that_caused_it(twins) -> None:
+    """Huge weights give a finite loss but a gradient that overflows inside the model: no
+    token shows it, so the run's calls are run again one by one; only the culprit fails."""
+    together, alone, base_model = twins
+    ok = _data(together, base_model, 0, "cross_entropy")
+    n = len(ok[0].tokens)
+    huge = [datum(ok[0].tokens, ok[0].loss_fn_inputs["target_tokens"], [1e30] * n)]
+    out = together.run_calls([CallSpec("r4", ok), CallSpec("r4", huge), CallSpec("r16", ok)])
+    assert isinstance(out[1], NonFiniteValue), out[1]
+    assert "largest |weights| 1e+30" in out[1].message
+    assert isinstance(out[0], ForwardBackwardOutput) and isinstance(out[2], ForwardBackwardOutput)
+    alone.forward_backward("r4", ok)
+    a, b = grads_copy(together, "r4"), grads_copy(alone, "r4")
+    for key in b:
+        assert rel_err(a[key], b[key]) <= GRAD_RTOL, key

@@ -247,3 +247,26 @@ def test_failed_op_resolves_with_user_error_and_run_still_trains(
     fb = http.post(f"/v1/runs/{run_id}/forward_backward", json={"data": [_datum(TOKENS)]})
     assert result_of(http, fb)["metrics"]["loss:sum"] < first
     assert http.get(f"/v1/runs/{run_id}").json()["step"] == before + 1
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "needle"),
+    [
+        ("/v1/runs", b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+        ("/v1/runs", b'{"rank": ' + b"9" * 5000 + b"}", "cannot be read"),
+        ("/v1/runs", b'{"base_model": "\\ud800"}', "surrogate"),
+        ("/v1/sample", b'{"prompt": "a\\udfffb", "max_tokens": 2}', "surrogate"),
+        ("/v1/tokenize", b'{"text": "\\uD83D"}', "surrogate"),
+    ],
+)
+def test_json_the_parser_chokes_on_is_a_user_error(
+    http: httpx.Client, path: str, raw: bytes, needle: str
+) -> None:
+    before = len(http.get("/v1/runs").json()["runs"])
+    r = http.post(path, content=raw, headers={"Content-Type": "application/json"})
+    _assert_envelope(r, 400, needle)
+    assert len(http.get("/v1/runs").json()["runs"]) == before
+    # A valid pair (an emoji) is text like any other.
+    ok = http.post("/v1/tokenize", content=b'{"text": "\\ud83d\\ude00"}',
+                   headers={"Content-Type": "application/json"})  # fmt: skip
+    assert ok.status_code == 200, ok.text

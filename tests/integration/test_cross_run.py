@@ -118,3 +118,22 @@ def test_results_show_their_pass_and_timing_in_sdk_and_cli(
     assert shown.exit_code == 0, shown.output
     assert "queued" in shown.stdout and "ran" in shown.stdout
     assert "pass: 1 run(s), 1 call(s)" in shown.stdout
+
+
+def test_a_call_answered_in_another_calls_pass_says_which(
+    service: Service, http: httpx.Client
+) -> None:
+    sdk = eztinker.ServiceClient(base_url=service.base_url)
+    runs = [sdk.create_lora_training_client("tiny-gpt2", rank=4, seed=30 + i) for i in range(3)]
+    busy = http.post(
+        "/v1/sample",
+        json={"run_id": runs[0].run_id, "prompt_tokens": [1, 2], "max_tokens": 200, "stop": []},
+    )
+    futures = [tc.forward_backward([_datum(i, 0)], "cross_entropy") for i, tc in enumerate(runs)]
+    result_of(http, busy)
+    for f in futures:
+        f.result()
+    shared = [f.timing for f in futures if f.timing and f.timing.get("in_pass_of")]
+    assert shared, [f.timing for f in futures]
+    lead = {t["in_pass_of"] for t in shared}
+    assert lead <= {f.future_id for f in futures}

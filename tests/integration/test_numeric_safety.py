@@ -203,3 +203,25 @@ def test_sampling_values_beyond_what_computes_are_4xx(
 def test_unknown_shaped_model_is_refused_at_submit(http: httpx.Client) -> None:
     r = http.post("/v1/runs", json={"base_model": "shaped:no-such-shape"})
     assert r.status_code == 400 and "shaped:llama-3.1-8b" in r.text
+
+
+def test_shaped_models_tokenize_with_the_built_in_tokenizer(http: httpx.Client) -> None:
+    """A shaped: model (random weights, real shape) samples and decodes with tiny-llama's
+    tokenizer, in the web process and on the worker alike (one TokenizerCache)."""
+    name = "shaped:llama-3.1-8b"
+    got = http.post("/v1/tokenize", json={"base_model": name, "text": "hello world"})
+    want = http.post("/v1/tokenize", json={"base_model": "tiny-llama", "text": "hello world"})
+    assert got.status_code == 200, got.text
+    assert got.json()["tokens"] == want.json()["tokens"]
+    files = http.get(f"/v1/models/{name}/tokenizer/tokenizer.json")
+    assert files.status_code == 200 and files.json()["model"]
+
+
+def test_a_run_from_a_state_refuses_a_shape_of_its_own(http: httpx.Client, run_id: str) -> None:
+    saved = result_of(http, http.post(f"/v1/runs/{run_id}/save", json={"name": "shape"}))
+    for extra in ({"rank": 4}, {"base_model": "tiny-llama"}, {"train_mlp": False}):
+        r = http.post("/v1/runs", json={"from_state": saved["path"], **extra})
+        assert r.status_code == 422, r.text
+        assert "takes the base model and LoRA shape of the state" in r.text
+    created = http.post("/v1/runs", json={"from_state": saved["path"]})
+    assert result_of(http, created)["lora"]["rank"] == 8
