@@ -25,7 +25,6 @@ class EngineConfig:
     max_sampler_adapters: int = 4  # saved sampler checkpoints kept loaded (LRU)
     sample_timeout_s: float = 600.0  # wall-clock limit of one sample call
     logprob_chunk_elements: int = 1 << 27  # float32 elements per chunk of the logprob kernel
-    tf32: bool = True  # TF32 for the float32 adapter matmuls when the base is bf16/fp16 on CUDA
     # Recompute activations in the backward: "auto" (when a pass would not fit), "always", "never"
     activation_checkpointing: str = "auto"
 

@@ -14,10 +14,8 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,18 +24,17 @@ import torch
 from torch import nn
 
 from eztinker_tasks import checkpoint_paths
-from eztinker_tasks.engine import adapters, checkpoints, losses, sampler, training
-from eztinker_tasks.engine.batching import check_length, token_array, validate_rows
+from eztinker_tasks.engine import adapters, checkpoints, sampler, training
+from eztinker_tasks.engine import calls as calls_mod
+from eztinker_tasks.engine.batching import check_length, token_array
+from eztinker_tasks.engine.checkpoint_adapters import CheckpointAdapters
 from eztinker_tasks.engine.config import EngineConfig, resolve_device, resolve_dtype
-from eztinker_tasks.engine.finite import GradientStash
-from eztinker_tasks.engine.memory import needs_checkpointing
 from eztinker_tasks.engine.models import LoadedBase, ModelRegistry
 from eztinker_tasks.engine.multilora import Adapter, LoraRoute, new_adapter
-from eztinker_tasks.engine.passes import LossCall, run_pass
+from eztinker_tasks.engine.passes import LossCall
 from eztinker_tasks.engine.runs import RunState, checked_lora_spec, make_optimizer
 from eztinker_tasks.errors import Conflict, EZTinkerError, InvalidRequest, UnknownRun
 from eztinker_tasks.limits import check_adam_params
-from eztinker_tasks.loss_specs import get_loss_spec, resolve_loss_config
 from eztinker_tasks.types import (
     AdamParams,
     CallSpec,
@@ -55,15 +52,6 @@ from eztinker_tasks.types import (
 )
 
 
-@dataclass
-class _SamplerAdapter:
-    """A saved checkpoint loaded as an extra adapter of its base, for sampling only."""
-
-    base: LoadedBase
-    adapter: Adapter
-    version: float  # the checkpoint's created_at: a re-saved checkpoint is reloaded
-
-
 class Engine:
     """LoRA training and sampling on shared, frozen base models (one worker's GPU state)."""
 
@@ -73,9 +61,13 @@ class Engine:
         self._dtype = resolve_dtype(config.dtype, self._device)
         self.models = ModelRegistry(Path(config.data_dir), self._device, self._dtype)
         self._runs: dict[str, RunState] = {}
-        self._samplers: OrderedDict[str, _SamplerAdapter] = OrderedDict()
+        self._samplers = CheckpointAdapters(
+            self.models,
+            self._new_adapter,
+            Path(config.checkpoints_dir),
+            config.max_sampler_adapters,
+        )
         self._names = itertools.count()
-        self._tf32 = config.tf32 and self._device.type == "cuda" and self._dtype != torch.float32
         self._generator = torch.Generator(self._device)
         self._generator.manual_seed(secrets.randbits(62))
 
@@ -212,48 +204,24 @@ class Engine:
         place and changes nothing; the others stand. ``progress`` is told each pass's
         ``forward`` / ``backward`` phases.
         """
-        results: list[ForwardBackwardOutput | EZTinkerError | None] = [None] * len(calls)
-        passes: dict[tuple[int, bool], list[tuple[int, LossCall]]] = {}
-        for i, spec in enumerate(calls):
+        validated: list[LossCall | EZTinkerError] = []
+        for spec in calls:
             try:
-                call = self._loss_call(spec)
+                validated.append(calls_mod.loss_call(self._run(spec.run_id), spec))
             except EZTinkerError as exc:
-                results[i] = exc
-                continue
-            passes.setdefault((id(call.run.base), spec.backward), []).append((i, call))
-        for (_, backward), members in passes.items():
-            base = members[0][1].run.base
-            with self._matmul_precision():
-                outcome = run_pass(
-                    base,
-                    [call for _, call in members],
-                    backward=backward,
-                    chunk_elements=self.config.logprob_chunk_elements,
-                    checkpoint=self._checkpoint_pass(base, members, backward),
-                    progress=progress,
-                )
-            for (i, _), value in zip(members, outcome, strict=True):
-                results[i] = value
-        return [r for r in results if r is not None]
+                validated.append(exc)
+        return calls_mod.run_calls(
+            validated,
+            [spec.backward for spec in calls],
+            chunk_elements=self.config.logprob_chunk_elements,
+            checkpointing=self.config.activation_checkpointing,
+            progress=progress,
+        )
 
     def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput:
         run = self._run(run_id)
         check_adam_params(params)
         return training.optim_step(run, params)
-
-    def _loss_call(self, spec: CallSpec) -> LossCall:
-        run = self._run(spec.run_id)
-        loss = get_loss_spec(spec.loss_fn)
-        config = resolve_loss_config(loss, spec.loss_fn_config)
-        if spec.loss_fn not in losses.LOSS_FNS:
-            raise InvalidRequest(
-                f"loss_fn {spec.loss_fn!r} is not implemented by this engine yet",
-                errors={"loss_fn": [f"not implemented: {spec.loss_fn}"]},
-            )
-        info = run.base.info
-        rows = validate_rows(spec.data, loss, info.vocab_size, info.max_context)
-        op = "forward_backward" if spec.backward else "forward"
-        return LossCall(run, rows, spec.loss_fn, config, op)
 
     def _calls_of_one_run(
         self,
@@ -266,46 +234,18 @@ class Engine:
         progress: ProgressFn | None = None,
     ) -> list[ForwardBackwardOutput]:
         """Consecutive calls of one run in one pass; the first error raised, nothing applied."""
-        self._run(run_id)
+        run = self._run(run_id)
         if not groups or any(len(g) == 0 for g in groups):
             raise InvalidRequest("data must be a non-empty list of datums", errors={"data": []})
         specs = [CallSpec(run_id, g, loss_fn, loss_fn_config, backward) for g in groups]
-        calls = [self._loss_call(spec) for spec in specs]  # validate all before running any
-        run = calls[0].run
-        # All or nothing: the pass may apply some calls and refuse others; set the earlier
-        # gradient and counters aside, and put back exactly them if any call fails.
-        outer = GradientStash(run.leaves)
-        counters = (run.tokens_trained, run.last_loss)
-        try:
-            with self._matmul_precision():
-                outcome = run_pass(
-                    run.base,
-                    calls,
-                    backward=backward,
-                    chunk_elements=self.config.logprob_chunk_elements,
-                    checkpoint=self._checkpoint_pass(run.base, list(enumerate(calls)), backward),
-                    progress=progress,
-                )
-        except BaseException:
-            outer.rollback()
-            run.tokens_trained, run.last_loss = counters
-            raise
-        errors = [o for o in outcome if isinstance(o, EZTinkerError)]
-        if errors:
-            outer.rollback()
-            run.tokens_trained, run.last_loss = counters
-            raise errors[0]
-        outer.commit()
-        return [o for o in outcome if isinstance(o, ForwardBackwardOutput)]
-
-    def _checkpoint_pass(
-        self, base: LoadedBase, members: Sequence[tuple[int, LossCall]], backward: bool
-    ) -> bool:
-        """Whether this pass recomputes activations in the backward (see ``memory``)."""
-        if not backward:
-            return False
-        tokens = sum(len(r.tokens) for _, call in members for r in call.rows)
-        return needs_checkpointing(self.config.activation_checkpointing, base, tokens)
+        calls = [calls_mod.loss_call(run, spec) for spec in specs]  # all validated first
+        return calls_mod.calls_of_one_run(
+            calls,
+            backward=backward,
+            chunk_elements=self.config.logprob_chunk_elements,
+            checkpointing=self.config.activation_checkpointing,
+            progress=progress,
+        )
 
     # ------------------------------------------------------------------ sampling
 
@@ -393,8 +333,7 @@ class Engine:
         return checkpoints.list_all(self._ckpt_dir, run_id)
 
     def delete_checkpoint(self, path: str) -> None:
-        directory = checkpoints.delete(self._ckpt_dir, path)
-        self._samplers.pop(str(directory), None)
+        self._samplers.forget(checkpoints.delete(self._ckpt_dir, path))
 
     # ------------------------------------------------------------------ memory
 
@@ -437,32 +376,7 @@ class Engine:
     def _weights(
         self, base: LoadedBase, adapter: Adapter | None
     ) -> Generator[nn.Module, None, None]:
-        """The module to call with exactly ``adapter`` active (None: the plain base)."""
-        with self._matmul_precision(), self._active(base, adapter) as model:
-            yield model
-
-    @contextmanager
-    def _matmul_precision(self) -> Generator[None, None, None]:
-        """TF32 for the float32 adapter matmuls while an op runs, if the base is bf16/fp16.
-
-        Their inputs are already bf16/fp16 activations, so TF32 only rounds the adapter
-        weights inside the product; master weights, gradients and AdamW stay float32. The
-        process-wide setting is restored when the op ends.
-        """
-        if not self._tf32:
-            yield
-            return
-        previous = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(previous)
-
-    @contextmanager
-    def _active(
-        self, base: LoadedBase, adapter: Adapter | None
-    ) -> Generator[nn.Module, None, None]:
+        """The module to call with every row through ``adapter`` (None: the plain base)."""
         base.context.route = None if adapter is None else LoraRoute.single(adapter, self._dtype)
         try:
             yield base.model
@@ -482,26 +396,5 @@ class Engine:
         if source.base_model is not None:
             return self.models.get(source.base_model), None, self._generator
         assert source.checkpoint is not None
-        cached = self._checkpoint_adapter(source.checkpoint)
+        cached = self._samplers.get(source.checkpoint)
         return cached.base, cached.adapter, self._generator
-
-    def _checkpoint_adapter(self, path: str) -> _SamplerAdapter:
-        """Load a saved checkpoint as an extra adapter (LRU of ``max_sampler_adapters``)."""
-        directory, meta = checkpoints.resolve_existing(self._ckpt_dir, path)
-        key, version = str(directory), float(meta["created_at"])
-        cached = self._samplers.get(key)
-        if cached is not None and cached.version == version:
-            self._samplers.move_to_end(key)
-            return cached
-        if cached is not None:
-            del self._samplers[key]
-        base = self.models.get(str(meta["base_model"]))
-        adapter = self._new_adapter(base, "s", checkpoints.lora_spec(meta), seed=0)
-        tensors = checkpoints.load_adapter_tensors(directory, dict(adapter.params))
-        with torch.no_grad():
-            for key_name, param in adapter.params.items():
-                param.copy_(tensors[key_name])
-        self._samplers[key] = _SamplerAdapter(base, adapter, version)
-        while len(self._samplers) > max(1, self.config.max_sampler_adapters):
-            self._samplers.popitem(last=False)
-        return self._samplers[key]

@@ -17,10 +17,9 @@ overflow inside the model), its calls are run again one by one to find it.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,11 +29,18 @@ from eztinker_tasks.engine import losses
 from eztinker_tasks.engine.attention import packed, packed_kwargs
 from eztinker_tasks.engine.batching import PackedBatch, Row, pack
 from eztinker_tasks.engine.checkpointing import activation_checkpointing
-from eztinker_tasks.engine.finite import GradientStash, describe_non_finite
+from eztinker_tasks.engine.finite import GradientStash
 from eztinker_tasks.engine.fused_logprobs import UnembedSegment, unembed_logprobs
 from eztinker_tasks.engine.logprobs import target_logprobs
 from eztinker_tasks.engine.models import LoadedBase
 from eztinker_tasks.engine.multilora import LoraRoute, MultiLoraLinear, Segment
+from eztinker_tasks.engine.pass_results import (
+    PassStats,
+    describe,
+    layout_of,
+    output,
+    run_spans,
+)
 from eztinker_tasks.engine.progress import Ticker
 from eztinker_tasks.engine.runs import RunState
 from eztinker_tasks.errors import EZTinkerError, NonFiniteValue
@@ -53,51 +59,6 @@ class LossCall:
     loss_fn: str
     config: dict[str, float]
     op: str = "forward_backward"  # for error messages
-
-
-@dataclass
-class PassStats:
-    """What a pass held: shown with each result (``batch``) so sharing is visible."""
-
-    runs: int
-    calls: int
-    tokens: int
-    sequences: int
-    checkpointed: bool = False
-
-    def to_dict(self) -> dict[str, int | bool]:
-        return {
-            "runs": self.runs,
-            "calls": self.calls,
-            "tokens": self.tokens,
-            "sequences": self.sequences,
-            "activation_checkpointing": self.checkpointed,
-        }
-
-
-@dataclass
-class _Layout:
-    """Where each call's rows and tokens sit in the packed batch."""
-
-    order: list[int]  # call indices in packed order (grouped by run, stable)
-    row_start: dict[int, int] = field(default_factory=dict)  # call -> first row (datum)
-    token_span: dict[int, tuple[int, int]] = field(default_factory=dict)  # call -> [a, b)
-
-
-def _layout(calls: Sequence[LossCall]) -> _Layout:
-    first_seen: dict[str, int] = {}
-    for i, call in enumerate(calls):
-        first_seen.setdefault(call.run.run_id, i)
-    order = sorted(range(len(calls)), key=lambda i: (first_seen[calls[i].run.run_id], i))
-    layout = _Layout(order)
-    row = token = 0
-    for i in order:
-        n_tokens = sum(len(r.tokens) for r in calls[i].rows)
-        layout.row_start[i] = row
-        layout.token_span[i] = (token, token + n_tokens)
-        row += len(calls[i].rows)
-        token += n_tokens
-    return layout
 
 
 def run_pass(
@@ -159,7 +120,7 @@ def _one_pass(
     checkpoint: bool,
     ticker: Ticker,
 ) -> list[ForwardBackwardOutput | EZTinkerError | _Innocent | _Suspect]:
-    layout = _layout(calls)
+    layout = layout_of(calls)
     rows = [row for i in layout.order for row in calls[i].rows]
     batch = pack(rows, base.device)
     size = {"tokens_total": batch.num_tokens, "sequences": len(batch.lengths)}
@@ -167,7 +128,7 @@ def _one_pass(
     runs: dict[str, RunState] = {}
     for i in layout.order:
         runs.setdefault(calls[i].run.run_id, calls[i].run)
-    spans = _run_spans(calls, layout)
+    spans = run_spans(calls, layout)
     stashes = {run_id: GradientStash(run.leaves) for run_id, run in runs.items()}
     if backward:
         for run in runs.values():
@@ -246,7 +207,7 @@ def _one_pass(
         bad_grad = grad_lp is not None and not np.isfinite(grad_lp[a:b]).all()
         run_ok = grads_ok.get(calls[i].run.run_id, True)
         if bad_loss or bad_grad or not run_ok:
-            error = _describe(calls[i], batch, layout, i, loss_rows, lp_host, grad_lp, call_losses)
+            error = describe(calls[i], batch, layout, i, loss_rows, lp_host, grad_lp, call_losses)
             if bad_loss or bad_grad:
                 guilty[i] = error
     failed_runs = {calls[i].run.run_id for i in guilty}
@@ -260,7 +221,7 @@ def _one_pass(
             if len(mine) > 1:
                 suspects.update(mine)
                 continue
-            guilty[mine[0]] = _describe(
+            guilty[mine[0]] = describe(
                 calls[mine[0]], batch, layout, mine[0], loss_rows, lp_host, grad_lp, call_losses
             )
     if not backward:  # nothing to roll back: only the guilty calls fail
@@ -281,7 +242,7 @@ def _one_pass(
             outputs.append(_Innocent())
         else:
             outputs.append(
-                _output(
+                output(
                     call,
                     batch,
                     layout,
@@ -297,84 +258,6 @@ def _one_pass(
                 call.run.tokens_trained += sum(len(r.tokens) for r in call.rows)
                 call.run.last_loss = call_losses[i]
     return outputs
-
-
-def _run_spans(calls: Sequence[LossCall], layout: _Layout) -> dict[str, tuple[int, int]]:
-    spans: dict[str, tuple[int, int]] = {}
-    for i in layout.order:
-        run_id = calls[i].run.run_id
-        a, b = layout.token_span[i]
-        spans[run_id] = (spans[run_id][0], b) if run_id in spans else (a, b)
-    return spans
-
-
-def _describe(
-    call: LossCall,
-    batch: PackedBatch,
-    layout: _Layout,
-    i: int,
-    loss_rows: np.ndarray,
-    lp_host: np.ndarray,
-    grad_lp: np.ndarray | None,
-    call_losses: dict[int, float],
-) -> NonFiniteValue:
-    first = layout.row_start[i]
-    lengths = batch.lengths[first : first + len(call.rows)]
-    a = layout.token_span[i][0]
-    width = max(lengths)
-
-    def rows_of(flat: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(lengths), width), dtype=np.float32)
-        for r, start in enumerate(itertools.accumulate([0, *lengths[:-1]])):
-            out[r, : lengths[r]] = flat[a + start : a + start + lengths[r]]
-        return out
-
-    inputs = {
-        key: rows_of(value.detach().float().cpu().numpy())
-        for key, value in batch.inputs.items()
-        if any(key in row.floats for row in call.rows)
-    }
-    return describe_non_finite(
-        call.op,
-        call.loss_fn,
-        lengths,
-        [0],
-        rows_of(loss_rows),
-        rows_of(lp_host),
-        rows_of(grad_lp) if grad_lp is not None else None,
-        inputs,
-        loss_finite=math.isfinite(call_losses[i]),
-    )
-
-
-def _output(
-    call: LossCall,
-    batch: PackedBatch,
-    layout: _Layout,
-    i: int,
-    lp_host: np.ndarray,
-    loss_rows: np.ndarray,
-    call_losses: dict[int, float],
-    stats: PassStats,
-    extra: dict[str, float],
-) -> ForwardBackwardOutput:
-    first = layout.row_start[i]
-    outputs = []
-    for r in range(first, first + len(call.rows)):
-        start, n = batch.starts[r], batch.lengths[r]
-        outputs.append(
-            {
-                "logprobs": lp_host[start : start + n].tolist(),
-                "elementwise_loss": loss_rows[start : start + n].tolist(),
-            }
-        )
-    metrics = {
-        "loss:sum": float(call_losses[i]),
-        "num_tokens:sum": float(sum(len(r.tokens) for r in call.rows)),
-        "num_sequences:sum": float(len(call.rows)),
-        **{key: float(value) for key, value in extra.items()},
-    }
-    return ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=metrics, batch=stats.to_dict())
 
 
 # --------------------------------------------------------------------------- logprobs

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Service, result_of, wait_future
+from tests.conftest import result_of, wait_future
 
 TOKENS = [5, 17, 42, 99, 7, 300, 12, 64]
 
@@ -16,14 +16,6 @@ def _datum(tokens: list[Any], targets: list[int] | None = None, **extra: Any) ->
     targets = targets if targets is not None else [*tokens[1:], 1]
     inputs = {"target_tokens": targets, "weights": [1.0] * len(targets), **extra}
     return {"model_input": {"tokens": tokens}, "loss_fn_inputs": inputs}
-
-
-@pytest.fixture(scope="module")
-def run_id(service: Service) -> str:
-    with service.http as http:
-        created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 8})
-        result_of(http, created)
-        return created.json()["run_id"]
 
 
 def _assert_envelope(response: httpx.Response, status: int, *needles: str) -> dict[str, Any]:

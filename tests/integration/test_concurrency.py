@@ -12,9 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
-import pytest
 
-from tests.conftest import Service, result_of, wait_future
+from tests.conftest import Service, wait_future
 
 TOKENS = [5, 17, 42, 99, 7, 300, 12, 64]
 ROUNDS = 50  # each round sends every case once; 50 rounds are ~800 requests
@@ -79,14 +78,6 @@ def _chunked(tokens: list[int]) -> dict[str, Any]:
         "chunks": [{"tokens": tokens[:half]}, {"type": "encoded_text", "tokens": tokens[half:]}]
     }
     return datum
-
-
-@pytest.fixture(scope="module")
-def run_id(service: Service) -> str:
-    with service.http as http:
-        created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 4})
-        result_of(http, created)
-        return created.json()["run_id"]
 
 
 def test_concurrent_requests_are_each_judged_on_their_own_body(

@@ -31,14 +31,6 @@ def _rl_datum(**inputs: list[float]) -> dict[str, Any]:
     return {"model_input": {"tokens": TOKENS}, "loss_fn_inputs": loss_inputs}
 
 
-@pytest.fixture(scope="module")
-def run_id(service: Service) -> str:
-    with service.http as http:
-        created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 8})
-        result_of(http, created)
-        return created.json()["run_id"]
-
-
 def _fb(http: httpx.Client, run: str, data: list[dict[str, Any]], loss_fn: str) -> httpx.Response:
     return http.post(f"/v1/runs/{run}/forward_backward", json={"data": data, "loss_fn": loss_fn})
 
