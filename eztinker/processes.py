@@ -41,7 +41,8 @@ def worker_argv(name: str, device: str | None, events: bool = False) -> list[str
 
 def flower_argv(redis_url: str, port: int) -> list[str]:
     return [
-        sys.executable, "-m", "celery", "--broker", redis_url, "flower",
+        # eztinker.flower_entry: Flower that exits at once on SIGTERM (see that module).
+        sys.executable, "-m", "eztinker.flower_entry", "--broker", redis_url, "flower",
         "--address=127.0.0.1", f"--port={port}",
         # A worker busy loading a model answers Flower's start-up inspection late: wait for it
         # (milliseconds) instead of logging "Inspect method ... failed".

@@ -113,3 +113,45 @@ def test_ctrl_c_under_honcho_stops_everything_promptly_and_quietly(
         if honcho.poll() is None:
             os.killpg(honcho.pid, signal.SIGKILL)
         end(ours)
+
+
+def test_flower_stops_at_once_while_an_inspection_waits(tmp_path: Path) -> None:
+    # Flower's inspection of workers waits up to --inspect_timeout (10 s) for replies; under
+    # honcho's Ctrl-C the workers stop at the same moment and never reply. Flower must still
+    # exit at once on SIGTERM (not outlive the broker, not be SIGKILLed after 5 s).
+    from eztinker.processes import flower_argv
+    from eztinker_tasks.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(tmp_path)
+    record = broker.start()
+    port = free_port()
+    log = tmp_path / "flower.log"
+    with open(log, "wb") as out:
+        flower = subprocess.Popen(
+            flower_argv(record.url, port), stdout=out, stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(signal.SIGKILL),
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert flower.poll() is None and time.monotonic() < deadline, log.read_text()
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthcheck", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        # The page answers at once; the inspection it starts (in Flower's executor threads)
+        # has no worker to answer it, so it waits the whole --inspect_timeout.
+        httpx.get(f"http://127.0.0.1:{port}/workers?refresh=1", timeout=10).raise_for_status()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        flower.send_signal(signal.SIGTERM)
+        rc = flower.wait(15)
+        took = time.monotonic() - t0
+        assert rc == 0, log.read_text()
+        assert took < 2.0, f"Flower took {took:.1f} s to stop:\n{log.read_text()}"
+        assert "shutting down" in log.read_text()
+    finally:
+        if flower.poll() is None:
+            flower.kill()
+        broker.stop()
