@@ -218,6 +218,18 @@ ProgressFn = Callable[[OpProgress], None]
 
 
 @dataclass(frozen=True)
+class SampleCall:
+    """One sample request for ``Engine.sample_many`` (the arguments of ``Engine.sample``)."""
+
+    source: SampleSource
+    prompt_tokens: Sequence[int]
+    num_samples: int
+    params: SamplingParams
+    prompt_logprobs: bool = False
+    progress: ProgressFn | None = None
+
+
+@dataclass(frozen=True)
 class CheckpointInfo:
     """A checkpoint on disk. ``path`` is the portable reference ``"<run_id>/<name>"``."""
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import itertools
 import secrets
-import time
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ import torch
 from torch import nn
 
 from eztinker_tasks import checkpoint_paths
-from eztinker_tasks.engine import adapters, checkpoints, sampler, training
+from eztinker_tasks.engine import adapters, checkpoints, sample_batches, sampler, training
 from eztinker_tasks.engine import calls as calls_mod
 from eztinker_tasks.engine.batching import check_length, token_array
 from eztinker_tasks.engine.checkpoint_adapters import CheckpointAdapters
@@ -46,6 +44,7 @@ from eztinker_tasks.types import (
     OptimStepOutput,
     ProgressFn,
     RunInfo,
+    SampleCall,
     SampleOutput,
     SampleSource,
     SamplingParams,
@@ -259,33 +258,22 @@ class Engine:
         progress: ProgressFn | None = None,
     ) -> SampleOutput:
         """Sample ``num_samples`` continuations; ``progress`` gets prefill/decode reports."""
-        base, adapter, default_generator = self._source(source)
-        tokens, stop = sampler.check_request(
-            prompt_tokens, num_samples, params, base.info, base.tokenizer is not None
-        )
-        generator = default_generator
-        if params.seed is not None:
-            generator = torch.Generator(self._device)
-            generator.manual_seed(params.seed)
-        decode: Callable[[list[int]], str] | None = None
-        if base.tokenizer is not None:
-            decode = partial(base.tokenizer.decode, skip_special_tokens=False)
-        deadline = time.monotonic() + self.config.sample_timeout_s
-        with self._weights(base, adapter) as model:
-            return sampler.generate(
-                model,
-                base.cache_kwarg,
-                tokens,
-                num_samples,
-                params,
-                stop,
-                decode=decode,
-                generator=generator,
-                deadline=deadline,
-                want_prompt_logprobs=prompt_logprobs,
-                chunk_elements=self.config.logprob_chunk_elements,
-                progress=progress,
-            )
+        call = SampleCall(source, prompt_tokens, num_samples, params, prompt_logprobs, progress)
+        [out] = self.sample_many([call])
+        if isinstance(out, EZTinkerError):
+            raise out
+        return out
+
+    def sample_many(self, calls: Sequence[SampleCall]) -> list[SampleOutput | EZTinkerError]:
+        """Sample many requests together: one decode batch per base model (``engine.decode``).
+
+        Requests on one base, from any mix of runs, checkpoints and the bare base, decode in
+        one batch (split only where the KV cache would not fit); each gets exactly what it
+        would get alone. Returns one result per call, in order: its ``SampleOutput``, or the
+        ``EZTinkerError`` that request alone raised (bad input, unknown source, its KV cache
+        too large for the device, a timeout of its batch). Other exceptions propagate.
+        """
+        return sample_batches.sample_many(self._source, calls, self.config)
 
     def compute_logprobs(self, source: SampleSource, tokens: Sequence[int]) -> list[float | None]:
         base, adapter, _ = self._source(source)

@@ -28,20 +28,20 @@ def cli(service: Service, *args: str):
 
 def test_sdk_progress_and_on_progress(sdk: ServiceClient) -> None:
     sampler = sdk.create_sampling_client(base_model="tiny-gpt2")
-    params = types.SamplingParams(max_tokens=400, temperature=1.0, stop=(), seed=0)
-    future = sampler.sample(types.ModelInput.from_ints([5, 17, 42]), 4, params)
+    params = types.SamplingParams(max_tokens=1000, temperature=1.0, stop=(), seed=0)
+    future = sampler.sample(types.ModelInput.from_ints([5, 17, 42]), 8, params)
     first = future.progress()
     assert isinstance(first, FutureProgress) and first.status in ("pending", "running")
 
     reports: list[FutureProgress] = []
     out = future.result(on_progress=reports.append)
-    assert [len(s.tokens) for s in out.sequences] == [400] * 4
+    assert [len(s.tokens) for s in out.sequences] == [1000] * 8
     assert all(isinstance(r, FutureProgress) for r in reports)
     decode = [r for r in reports if r.phase == "decode" and r.tokens_done]
     assert len({r.tokens_done for r in decode}) >= 2, reports
     fractions = [r.fraction or 0.0 for r in decode]
     assert fractions == sorted(fractions) and fractions[0] > 0 and fractions[-1] < 1
-    assert all((r.status, r.tokens_total, r.sequences) == ("running", 400, 4) for r in decode)
+    assert all((r.status, r.tokens_total, r.sequences) == ("running", 1000, 8) for r in decode)
     assert future.progress() is None and future.done()
 
     async def wait_async() -> list[FutureProgress]:
@@ -56,7 +56,7 @@ def test_sdk_progress_and_on_progress(sdk: ServiceClient) -> None:
 
 def test_cli_shows_a_progress_bar_on_a_terminal(service: Service) -> None:
     argv = [sys.executable, "-m", "eztinker", "sample", "Once upon a time,", "--model",
-            "tiny-gpt2", "--max-tokens", "500", "-n", "4", "--temperature", "0"]  # fmt: skip
+            "tiny-gpt2", "--max-tokens", "1000", "-n", "8", "--temperature", "0"]  # fmt: skip
     tty = {**service.env, "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "150"}
     proc = subprocess.run(argv, env=tty, capture_output=True, text=True, cwd=REPO, timeout=180)
     assert proc.returncode == 0, proc.stderr
@@ -64,7 +64,7 @@ def test_cli_shows_a_progress_bar_on_a_terminal(service: Service) -> None:
     frames = [ANSI.sub("", f).strip() for f in re.split(r"[\r\n]", proc.stderr)]
     frames = [f for f in frames if f]
     assert frames and all(f.split()[1] == "sampling" for f in frames), frames[:5]
-    tokens = [int(m.group(1)) for f in frames if (m := re.search(r"(\d+)/500 tokens x 4", f))]
+    tokens = [int(m.group(1)) for f in frames if (m := re.search(r"(\d+)/1000 tokens x 8", f))]
     assert len(set(tokens)) >= 2 and tokens == sorted(tokens), frames
     assert any(" decode " in f for f in frames)
     assert all(re.search(r"\d:\d\d:\d\d$", f) for f in frames)  # time elapsed, at the end

@@ -120,7 +120,8 @@ def test_num_samples_decoded_in_one_batch_with_one_prefill(trained) -> None:
     finally:
         handle.remove()
     assert len(out.sequences) == 8 and all(len(s.tokens) == 6 for s in out.sequences)
-    assert calls == [(1, 5)] + [(8, 1)] * 5
+    # One prefill of the prompt, then one packed forward per step for all 8 samples.
+    assert calls == [(1, 5)] + [(1, 8)] * 5
 
 
 def test_sampled_logprobs_match_the_learner(trained) -> None:

@@ -49,7 +49,7 @@ def watch(
 def test_sample_progress_queue_place_then_decode_tokens(service: Service, http: httpx.Client):
     run = new_run(http)
     long = {
-        "run_id": run, "prompt": "Once upon a time", "max_tokens": 500, "num_samples": 4,
+        "run_id": run, "prompt": "Once upon a time", "max_tokens": 1000, "num_samples": 8,
         "stop": [], "temperature": 1.0, "seed": 0,
     }  # fmt: skip
     short = {"run_id": run, "prompt": "Hi", "max_tokens": 1}
@@ -64,7 +64,7 @@ def test_sample_progress_queue_place_then_decode_tokens(service: Service, http: 
     tokens = [p["tokens_done"] for p in decode]
     assert len(set(tokens)) >= 3, running  # watched mid-way, several times
     assert tokens == sorted(tokens), tokens  # only ever grows
-    assert all(p["tokens_total"] == 500 and p["sequences"] == 4 for p in decode)
+    assert all(p["tokens_total"] == 1000 and p["sequences"] == 8 for p in decode)
     assert all(p["sequences_finished"] == 0 for p in decode)  # stop=[]: none stops early
     assert {p["phase"] for p in running} <= {"running", "prefill", "decode"}
     elapsed = [p["elapsed_s"] for p in running]
@@ -83,7 +83,7 @@ def test_sample_progress_queue_place_then_decode_tokens(service: Service, http: 
 
     final = wait_future(http, first)
     assert final["status"] == "succeeded" and final["progress"] is None
-    assert [len(s["tokens"]) for s in final["result"]["sequences"]] == [500] * 4
+    assert [len(s["tokens"]) for s in final["result"]["sequences"]] == [1000] * 8
     for future_id in (second, third):
         assert wait_future(http, future_id)["status"] == "succeeded"
     # Done: the worker deletes the progress it had published (off the op's thread, within a

@@ -1,0 +1,136 @@
+"""``Engine.sample_many``: many sample requests, one decode batch per base model.
+
+Each request is validated and resolved on its own (an error stays that request's), then the
+requests on one base decode together (``engine.decode``) in as few batches as their KV caches
+allow in the free device memory. Models ``engine.decode`` does not run use the
+transformers-cache sampler (``sampler.generate``), one request at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+
+from eztinker_tasks.engine import decode as decoding
+from eztinker_tasks.engine import sampler
+from eztinker_tasks.engine.config import EngineConfig
+from eztinker_tasks.engine.memory import free_bytes
+from eztinker_tasks.engine.models import LoadedBase
+from eztinker_tasks.engine.multilora import Adapter, LoraRoute
+from eztinker_tasks.errors import EZTinkerError, InvalidRequest
+from eztinker_tasks.types import SampleCall, SampleOutput, SampleSource
+
+Resolve = Callable[[SampleSource], tuple[LoadedBase, Adapter | None, torch.Generator]]
+Item = tuple[int, decoding.DecodeRequest]
+
+
+def sample_many(
+    resolve: Resolve, calls: Sequence[SampleCall], config: EngineConfig
+) -> list[SampleOutput | EZTinkerError]:
+    """One result per call, in order: its ``SampleOutput`` or the ``EZTinkerError`` it raised."""
+    results: list[SampleOutput | EZTinkerError | None] = [None] * len(calls)
+    batches: dict[str, tuple[LoadedBase, list[Item]]] = {}
+    for i, call in enumerate(calls):
+        try:
+            base, adapter, generator = resolve(call.source)
+            request = decode_request(base, adapter, generator, call)
+            if decoding.supports(base.model):
+                decoding.check_kv_fits(base.model, [request], free_bytes(base.device))
+                batches.setdefault(base.name, (base, []))[1].append((i, request))
+            else:
+                results[i] = generate_one(base, request, config)
+        except EZTinkerError as exc:
+            results[i] = exc
+    for base, items in batches.values():
+        for batch in kv_batches(base, items):
+            deadline = time.monotonic() + config.sample_timeout_s
+            try:
+                outs: list[SampleOutput | EZTinkerError] = list(
+                    decoding.decode(
+                        base.model,
+                        base.context,
+                        [request for _, request in batch],
+                        deadline=deadline,
+                        chunk_elements=config.logprob_chunk_elements,
+                    )
+                )
+            except EZTinkerError as exc:  # a timeout: every request of that batch
+                outs = [exc] * len(batch)
+            for (i, _), out in zip(batch, outs, strict=True):
+                results[i] = out
+    return [r for r in results if r is not None]
+
+
+def decode_request(
+    base: LoadedBase, adapter: Adapter | None, generator: torch.Generator, call: SampleCall
+) -> decoding.DecodeRequest:
+    """Validate ``call`` (``sampler.check_request``) into a request for ``engine.decode``.
+
+    A seeded call gets a generator of its own (on the model's device); otherwise it draws from
+    ``generator`` (its run's, or the engine's).
+    """
+    tokens, stop = sampler.check_request(
+        call.prompt_tokens, call.num_samples, call.params, base.info, base.tokenizer is not None
+    )
+    if call.params.seed is not None:
+        generator = torch.Generator(generator.device)
+        generator.manual_seed(call.params.seed)
+    decode_text: Callable[[list[int]], str] | None = None
+    if base.tokenizer is not None:
+        decode_text = partial(base.tokenizer.decode, skip_special_tokens=False)
+    return decoding.DecodeRequest(
+        prompt=tokens,
+        num_samples=call.num_samples,
+        params=call.params,
+        stop=stop,
+        adapter=adapter,
+        generator=generator,
+        want_prompt_logprobs=call.prompt_logprobs,
+        progress=call.progress,
+        decode_text=decode_text,
+    )
+
+
+def generate_one(
+    base: LoadedBase, request: decoding.DecodeRequest, config: EngineConfig
+) -> SampleOutput:
+    """The transformers-cache sampler, for models ``engine.decode`` does not run."""
+    dtype = base.dtype
+    adapter = request.adapter
+    base.context.route = None if adapter is None else LoraRoute.single(adapter, dtype)
+    try:
+        return sampler.generate(
+            base.model,
+            base.cache_kwarg,
+            request.prompt,
+            request.num_samples,
+            request.params,
+            request.stop,
+            decode=request.decode_text,
+            generator=request.generator,
+            deadline=time.monotonic() + config.sample_timeout_s,
+            want_prompt_logprobs=request.want_prompt_logprobs,
+            chunk_elements=config.logprob_chunk_elements,
+            progress=request.progress,
+        )
+    finally:
+        base.context.route = None
+
+
+def kv_batches(base: LoadedBase, items: list[Item]) -> list[list[Item]]:
+    """Split requests (each fits alone) into batches whose KV caches fit the free memory."""
+    free = free_bytes(base.device)
+    batches: list[list[Item]] = []
+    for item in items:
+        if batches:
+            try:
+                decoding.check_kv_fits(base.model, [r for _, r in [*batches[-1], item]], free)
+                batches[-1].append(item)
+                continue
+            except InvalidRequest:
+                pass
+        batches.append([item])
+    return batches

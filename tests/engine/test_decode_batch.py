@@ -1,0 +1,216 @@
+"""Many sample requests in one decode batch (``Engine.sample_many``): runs, checkpoints and the
+bare base together, each request getting exactly what it gets alone; errors stay per request;
+the KV budget splits a batch and refuses a request too large alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from engine_helpers import (
+    DEVICE,
+    DTYPE,
+    SENTENCE,
+    encode,
+    logprob_atol,
+    new_run,
+    sequence_datum,
+    train,
+)
+from transformers import PreTrainedModel
+
+from eztinker_tasks.engine import Engine, EngineConfig, sample_batches
+from eztinker_tasks.engine import decode as decoding
+from eztinker_tasks.errors import EZTinkerError, InvalidRequest, UnknownRun
+from eztinker_tasks.types import SampleCall, SampleOutput, SampleSource, SamplingParams
+
+
+@pytest.fixture(scope="module", params=["tiny-gpt2", "tiny-llama"])
+def setup(request, data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Two runs trained apart (ranks 8 and 16), a saved checkpoint of a third state of run a."""
+    base_model = request.param
+    engine = Engine(
+        EngineConfig(
+            data_dir=data_dir,
+            checkpoints_dir=tmp_path_factory.mktemp("ckpt"),
+            device=DEVICE,
+            dtype=DTYPE,
+        )
+    )
+    ids = encode(engine, base_model, SENTENCE)
+    new_run(engine, "a", base_model, rank=8)
+    new_run(engine, "b", base_model, rank=16)
+    train(engine, "a", [sequence_datum(ids)], steps=6, lr=3e-3)
+    checkpoint = engine.save_weights_for_sampler("a", "mid").path
+    train(engine, "a", [sequence_datum(ids)], steps=6, lr=3e-3)
+    train(engine, "b", [sequence_datum(ids[::-1])], steps=10, lr=3e-3)
+    return engine, base_model, ids, checkpoint
+
+
+def mixed_calls(base_model: str, ids: list[int], checkpoint: str) -> list[SampleCall]:
+    run_a, run_b = SampleSource(run_id="a"), SampleSource(run_id="b")
+    ckpt, base = SampleSource(checkpoint=checkpoint), SampleSource(base_model=base_model)
+    hot = SamplingParams(max_tokens=9, temperature=1.3, seed=11, stop=())
+    warm = SamplingParams(max_tokens=7, temperature=0.8, top_k=5, seed=4)
+    nucleus = SamplingParams(max_tokens=5, top_p=0.7, seed=9, stop=())
+    until_dog = SamplingParams(max_tokens=6, temperature=0.0, stop=(" dog",))
+    return [
+        SampleCall(run_b, ids[:3], 3, hot),
+        SampleCall(base, ids[:5], 2, SamplingParams(max_tokens=4, temperature=1.0, seed=2)),
+        SampleCall(run_a, ids[:1], 1, SamplingParams(max_tokens=12, temperature=0.0, stop=())),
+        SampleCall(ckpt, ids[:2], 4, warm),
+        SampleCall(run_a, ids[:6], 2, nucleus, prompt_logprobs=True),
+        SampleCall(run_b, ids[:4], 1, until_dog),
+    ]
+
+
+def assert_same(got: SampleOutput, alone: SampleOutput, atol: float) -> None:
+    assert len(got.sequences) == len(alone.sequences)
+    for g, a in zip(got.sequences, alone.sequences, strict=True):
+        assert g.tokens == a.tokens and g.stop_reason == a.stop_reason
+        assert g.logprobs == pytest.approx(a.logprobs, abs=atol)
+    if alone.prompt_logprobs is None:
+        assert got.prompt_logprobs is None
+    else:
+        assert got.prompt_logprobs is not None
+        assert got.prompt_logprobs[0] is None and alone.prompt_logprobs[0] is None
+        assert got.prompt_logprobs[1:] == pytest.approx(alone.prompt_logprobs[1:], abs=atol)
+
+
+def test_a_mixed_batch_gives_each_request_what_it_gets_alone(setup) -> None:
+    engine, base_model, ids, checkpoint = setup
+    calls = mixed_calls(base_model, ids, checkpoint)
+    alone = [engine.sample_many([call])[0] for call in calls]
+    assert all(isinstance(out, SampleOutput) for out in alone)
+    # The sources really differ: the two runs and the base do not all say the same.
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, stop=())
+    texts = {
+        tuple(engine.sample(src, ids[:2], 1, greedy).sequences[0].tokens)
+        for src in (
+            SampleSource(run_id="a"),
+            SampleSource(run_id="b"),
+            SampleSource(base_model=base_model),
+        )
+    }
+    assert len(texts) == 3
+    together = engine.sample_many(calls)
+    atol = logprob_atol(engine)
+    for got, one in zip(together, alone, strict=True):
+        assert isinstance(got, SampleOutput) and isinstance(one, SampleOutput)
+        assert_same(got, one, atol)
+    # The same batch in another order: still the same per request.
+    backwards = engine.sample_many(calls[::-1])[::-1]
+    for got, one in zip(backwards, alone, strict=True):
+        assert isinstance(got, SampleOutput) and isinstance(one, SampleOutput)
+        assert_same(got, one, atol)
+
+
+def test_the_batch_runs_as_one_prefill_and_one_forward_per_step(setup) -> None:
+    engine, base_model, ids, checkpoint = setup
+    calls = mixed_calls(base_model, ids, checkpoint)
+    forwards: list[tuple[int, ...]] = []
+    model = engine.models.get(base_model).model
+    assert isinstance(model, PreTrainedModel)
+    handle = model.get_input_embeddings().register_forward_pre_hook(
+        lambda _m, args: forwards.append(tuple(args[0].shape))
+    )
+    try:
+        outs = engine.sample_many(calls)
+    finally:
+        handle.remove()
+    longest = max(
+        max(len(s.tokens) for s in out.sequences) for out in outs if isinstance(out, SampleOutput)
+    )
+    prompts = sum(len(c.prompt_tokens) for c in calls)
+    assert forwards[0] == (1, prompts)  # every prompt once, packed, whatever num_samples
+    assert len(forwards) == longest  # then one forward per sampled position
+    rows = sum(c.num_samples for c in calls)
+    assert forwards[1] == (1, rows)  # every row of every request in that forward
+
+
+def test_sampled_logprobs_in_a_batch_match_the_learner(setup) -> None:
+    engine, base_model, ids, checkpoint = setup
+    calls = mixed_calls(base_model, ids, checkpoint)
+    outs = engine.sample_many(calls)
+    for call, out in zip(calls, outs, strict=True):
+        if call.params.temperature != 1.0 or call.params.top_k or call.params.top_p < 1.0:
+            continue  # the reported logprob is of the temperature-scaled distribution
+        assert isinstance(out, SampleOutput)
+        prompt = list(call.prompt_tokens)
+        for seq in out.sequences:
+            expected = engine.compute_logprobs(call.source, prompt + seq.tokens)[len(prompt) :]
+            assert seq.logprobs == pytest.approx(expected, abs=logprob_atol(engine))
+
+
+def test_a_bad_request_fails_alone(setup) -> None:
+    engine, base_model, ids, checkpoint = setup
+    calls = mixed_calls(base_model, ids, checkpoint)
+    info = engine.model_info(base_model)
+    bad = [
+        SampleCall(SampleSource(run_id="nobody"), ids[:2], 1, SamplingParams(max_tokens=3)),
+        SampleCall(SampleSource(run_id="a"), [info.vocab_size], 1, SamplingParams(max_tokens=3)),
+        SampleCall(
+            SampleSource(run_id="a"), ids[:2], 1, SamplingParams(max_tokens=info.max_context)
+        ),
+    ]
+    outs = engine.sample_many([bad[0], *calls[:2], bad[1], calls[2], bad[2]])
+    assert isinstance(outs[0], UnknownRun)
+    assert isinstance(outs[3], InvalidRequest) and isinstance(outs[5], InvalidRequest)
+    alone = [engine.sample_many([c])[0] for c in calls[:3]]
+    for got, one in zip([outs[1], outs[2], outs[4]], alone, strict=True):
+        assert isinstance(got, SampleOutput) and isinstance(one, SampleOutput)
+        assert_same(got, one, logprob_atol(engine))
+
+
+def test_the_kv_budget_splits_a_batch_and_refuses_a_request_too_large_alone(
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, base_model, ids, checkpoint = setup
+    calls = mixed_calls(base_model, ids, checkpoint)
+    alone = [engine.sample_many([call])[0] for call in calls]
+    model = engine.models.get(base_model).model
+    per_token = decoding.kv_bytes_per_token(model)
+    # Free memory for about 40 cached positions: no two of these requests fit together.
+    free = int(40 * per_token / decoding.KV_HEADROOM)
+    huge = SampleCall(SampleSource(run_id="a"), ids[:2], 8, SamplingParams(max_tokens=30))
+    monkeypatch.setattr(sample_batches, "free_bytes", lambda device: free)
+    batches: list[int] = []
+    real = decoding.decode
+
+    def counting(model, context, requests, **kwargs):
+        batches.append(len(requests))
+        return real(model, context, requests, **kwargs)
+
+    monkeypatch.setattr(decoding, "decode", counting)
+    outs = engine.sample_many([*calls, huge])
+    refused = outs[-1]
+    assert isinstance(refused, InvalidRequest) and refused.category == "user"
+    assert "KV cache" in refused.message and "fewer" in refused.message
+    assert len(batches) > 1 and sum(batches) == len(calls)
+    for got, one in zip(outs[:-1], alone, strict=True):
+        assert isinstance(got, SampleOutput) and isinstance(one, SampleOutput)
+        assert_same(got, one, logprob_atol(engine))
+
+
+def test_errors_in_results_are_eztinker_errors(setup) -> None:
+    engine, _, ids, _ = setup
+    [out] = engine.sample_many(
+        [SampleCall(SampleSource(), ids[:2], 1, SamplingParams(max_tokens=2))]
+    )
+    assert isinstance(out, EZTinkerError) and out.category == "user"
+
+
+def test_decode_equals_the_transformers_cache_sampler(
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Models engine.decode does not run keep the transformers-cache sampler: both give the
+    # same samples (an independent check of the decode loop, and of the fallback).
+    engine, base_model, ids, checkpoint = setup
+    calls = mixed_calls(base_model, ids, checkpoint)
+    ours = [engine.sample_many([call])[0] for call in calls]
+    monkeypatch.setattr(decoding, "SUPPORTED_MODEL_TYPES", frozenset())
+    assert not decoding.supports(engine.models.get(base_model).model)
+    theirs = engine.sample_many(calls)
+    for got, reference in zip(ours, theirs, strict=True):
+        assert isinstance(got, SampleOutput) and isinstance(reference, SampleOutput)
+        assert_same(got, reference, logprob_atol(engine))
