@@ -97,6 +97,11 @@ class Settings:
         True,
         "Queued calls of a worker's other runs on the same base join a starting pass (1/0).",
     )
+    sample_batch_max: int = _setting(
+        "EZTINKER_SAMPLE_BATCH_MAX",
+        64,
+        "Most sample requests decoded in one batch with a starting one (1 = off).",
+    )
     activation_checkpointing: str = _setting(
         "EZTINKER_ACTIVATION_CHECKPOINTING",
         "auto",
@@ -267,6 +272,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "worker_ttl_s": _positive_float,
     "min_free_bytes": _positive_int,
     "coalesce_max_ops": _positive_int,
+    "sample_batch_max": _positive_int,
     "coalesce_max_tokens": _positive_int,
     "cross_run_batching": _flag,
     "activation_checkpointing": _checkpointing,

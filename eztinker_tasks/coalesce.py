@@ -46,7 +46,7 @@ class QueuedOp:
         return sum(len(d["tokens"]) for d in self.data)
 
 
-def _decode(raw: bytes | str) -> tuple[str, str, dict[str, Any]] | None:
+def decode_message(raw: bytes | str) -> tuple[str, str, dict[str, Any]] | None:
     """(task name, task id, kwargs) of a kombu Redis message, or None if it is not ours."""
     try:
         message = json.loads(raw)
@@ -90,7 +90,7 @@ def head_calls(
     for raw in reversed(oldest_last):  # oldest first: the order they will run in
         if len(calls) >= max_ops:
             break
-        decoded = _decode(raw)
+        decoded = decode_message(raw)
         if decoded is None:
             break
         name, task_id, kwargs = decoded
@@ -119,7 +119,7 @@ def head_optim_step(
     """The ``optim_step`` at the head of run ``run_id``'s queue, if that is what comes next."""
     if not oldest_last:
         return None
-    decoded = _decode(oldest_last[-1])
+    decoded = decode_message(oldest_last[-1])
     if decoded is None:
         return None
     name, task_id, kwargs = decoded

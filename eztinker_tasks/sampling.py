@@ -2,38 +2,50 @@
 
 Kept beside ``tasks`` (which stays a list of thin task wrappers): the engine samples; this adds
 what the HTTP result carries besides tokens (each sequence's text, the prompt tokens, the base
-model) and publishes the decode progress under the sample's future.
+model) and publishes the decode progress under the sample's future. The samples waiting behind
+the starting one in its queue run in the same decode batch (``sample_batch``).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
-from eztinker_tasks.errors import CheckpointNotFound, UnknownRun
+from eztinker_tasks import sample_batch
+from eztinker_tasks.errors import CheckpointNotFound, EZTinkerError, UnknownRun
+from eztinker_tasks.result_backend import ResultBackend
 from eztinker_tasks.runtime import WorkerRuntime
-from eztinker_tasks.types import SampleSource, SamplingParams
+from eztinker_tasks.types import SampleOutput, SampleSource
+
+log = logging.getLogger(__name__)
 
 
 def sample_body(
-    rt: WorkerRuntime,
-    future_id: str,
-    source: SampleSource,
-    prompt_tokens: list[int] | None,
-    prompt_text: str | None,
-    num_samples: int,
-    params: SamplingParams,
-    prompt_logprobs: bool,
+    rt: WorkerRuntime, backend: ResultBackend, lead: sample_batch.SampleRequest
 ) -> dict[str, Any]:
-    base = base_model_of(rt, source)
-    if prompt_tokens is None:
-        # A hub or local model's tokenizer is written when this worker first loads the model:
-        # describe it first (or fail with why it cannot be loaded), then tokenize.
-        rt.engine.model_info(base)
-        prompt_tokens = rt.tokenizers.encode(base, prompt_text or "")
-    with rt.progress.track([future_id]) as report:
-        out = rt.engine.sample(
-            source, prompt_tokens, num_samples, params, prompt_logprobs, progress=report
-        )
+    """The lead request's result; the requests it gathered are answered under their futures.
+
+    Raises the lead's own ``EZTinkerError`` (after the others are answered).
+    """
+    others = sample_batch.gather(rt, lead, time.time())
+    try:
+        outcomes = sample_batch.run_batch(rt, [lead, *others])
+    except BaseException as exc:  # nothing claimed may hang: fail them with the batch
+        sample_batch.store_answers(rt, backend, [(o, exc) for o in others])
+        raise
+    sample_batch.store_answers(rt, backend, list(zip(others, outcomes[1:], strict=True)))
+    if others:
+        log.info("sampled %d waiting requests in the batch of %s", len(others), lead.task_id)
+    if isinstance(outcomes[0], EZTinkerError):
+        raise outcomes[0]
+    return outcomes[0]
+
+
+def result_of(
+    rt: WorkerRuntime, base: str, prompt_tokens: list[int], out: SampleOutput
+) -> dict[str, Any]:
+    """The HTTP result of a sample: the engine's output plus texts, prompt tokens, base."""
     result = out.to_dict()
     for seq in result["sequences"]:
         seq["text"] = rt.tokenizers.decode(base, seq["tokens"])  # without EOS etc.

@@ -29,6 +29,7 @@ from eztinker_tasks.errors import (
 from eztinker_tasks.prefetch import BeginSpec
 from eztinker_tasks.result_backend import ResultBackend
 from eztinker_tasks.runtime import WorkerRuntime, get_runtime, report_now
+from eztinker_tasks.sample_batch import SampleRequest
 from eztinker_tasks.sampling import sample_body
 from eztinker_tasks.types import (
     AdamParams,
@@ -350,13 +351,18 @@ def sample(
     prompt_logprobs: bool = False,
 ) -> dict[str, Any]:
     src = SampleSource.from_dict(source)
-    sp = SamplingParams.from_dict(params)
+    lead = SampleRequest(
+        task_id=str(self.request.id),
+        source=src,
+        num_samples=num_samples,
+        params=SamplingParams.from_dict(params),
+        prompt_tokens=prompt_tokens,
+        prompt_text=prompt_text,
+        prompt_logprobs=prompt_logprobs,
+    )
 
     def op(rt: WorkerRuntime) -> dict[str, Any]:
-        return sample_body(
-            rt, str(self.request.id), src, prompt_tokens, prompt_text, num_samples, sp,
-            prompt_logprobs,
-        )  # fmt: skip
+        return sample_body(rt, self.app.backend, lead)
 
     if src.run_id:
         return _run_op(self, src.run_id, None, lambda rt, _: op(rt))

@@ -21,6 +21,7 @@ from eztinker_tasks.types import (
     OptimStepOutput,
     ProgressFn,
     RunInfo,
+    SampleCall,
     SampleOutput,
     SampleSource,
     SamplingParams,
@@ -82,6 +83,7 @@ class Backend(Protocol):
         prompt_logprobs: bool = False,
         progress: ProgressFn | None = None,
     ) -> SampleOutput: ...
+    def sample_many(self, calls: Sequence[SampleCall]) -> list[SampleOutput | EZTinkerError]: ...
     def compute_logprobs(
         self, source: SampleSource, tokens: Sequence[int]
     ) -> list[float | None]: ...

@@ -54,6 +54,12 @@ def test_sample_progress_queue_place_then_decode_tokens(service: Service, http: 
     }  # fmt: skip
     short = {"run_id": run, "prompt": "Hi", "max_tokens": 1}
     first = submit(http, "/v1/sample", long)
+    # Submitted once the first runs, the short ones wait behind it (a sample that is already
+    # waiting when another starts would join its decode batch instead).
+    deadline = time.monotonic() + 60
+    while http.get(f"/v1/futures/{first}").json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     second, third = submit(http, "/v1/sample", short), submit(http, "/v1/sample", short)
     single = http.get(f"/v1/futures/{third}").json()  # the one-future endpoint has it too
     assert single["status"] == "pending" and single["progress"]["phase"] == "queued"

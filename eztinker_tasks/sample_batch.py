@@ -1,0 +1,179 @@
+"""Sample requests waiting in a queue join the one that starts: ONE decode batch.
+
+When a ``sample`` task starts on a worker, the sample messages waiting at the head of the
+queue it came from join it (``Settings.sample_batch_max`` requests in all): the shared sample
+queue (base models and saved checkpoints, any mix) or, for a run's live weights, that run's
+own queue (only the samples right at its head, so none overtakes a training op submitted
+before it). The engine decodes them together (``Engine.sample_many``): each request gets
+exactly the result it would get alone, under its own future.
+
+Claiming a waiting message is atomic (a Lua script: ``LREM`` of the exact message, then the
+start marker of its future naming this worker and the lead task's pass), so a message another
+worker has already taken is skipped, and a claimed request never hangs: its result or error
+is stored when the batch ends, whatever happens to the lead, and if the worker dies the
+future's start marker makes the web report ``worker_gone``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from eztinker_tasks import names
+from eztinker_tasks.coalesce import decode_message
+from eztinker_tasks.errors import EZTinkerError, InternalError, OperationFailed
+from eztinker_tasks.result_backend import ResultBackend
+from eztinker_tasks.runtime import WorkerRuntime
+from eztinker_tasks.types import SampleCall, SampleSource, SamplingParams
+
+log = logging.getLogger(__name__)
+
+# KEYS: the queue, the future's start-marker key; ARGV: the message, the marker, its TTL (s).
+CLAIM = """
+if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 1 then
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', tonumber(ARGV[3]))
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """A ``sample`` task's arguments (the starting one's, or a waiting message's)."""
+
+    task_id: str
+    source: SampleSource
+    num_samples: int
+    params: SamplingParams
+    prompt_tokens: list[int] | None = None
+    prompt_text: str | None = None
+    prompt_logprobs: bool = False
+    raw: bytes = b""  # the message as it sits in its queue ("" for the starting task)
+
+
+def head_samples(
+    oldest_last: Sequence[bytes], run_id: str | None, max_requests: int
+) -> list[SampleRequest]:
+    """The ``sample`` messages at the head of a queue (``LRANGE q -n -1``), oldest first.
+
+    Stops at the first message that is another operation, malformed, or (``run_id`` given)
+    not a sample of that run's live weights; ``run_id`` None takes samples of bases and
+    checkpoints only.
+    """
+    found: list[SampleRequest] = []
+    for raw in reversed(oldest_last):
+        if len(found) >= max_requests:
+            break
+        decoded = decode_message(raw)
+        if decoded is None or decoded[0] != names.SAMPLE:
+            break
+        _, task_id, kwargs = decoded
+        try:
+            source = SampleSource.from_dict(kwargs["source"])
+            params = SamplingParams.from_dict(kwargs["params"])
+            request = SampleRequest(
+                task_id=task_id,
+                source=source,
+                num_samples=kwargs["num_samples"],
+                params=params,
+                prompt_tokens=kwargs.get("prompt_tokens"),
+                prompt_text=kwargs.get("prompt_text"),
+                prompt_logprobs=bool(kwargs.get("prompt_logprobs", False)),
+                raw=raw,
+            )
+        except (KeyError, TypeError, ValueError):
+            break
+        if source.run_id != run_id:
+            break
+        found.append(request)
+    return found
+
+
+def claim(
+    rt: WorkerRuntime, queue: str, waiting: Sequence[SampleRequest], lead_task_id: str, at: float
+) -> list[SampleRequest]:
+    """Take ``waiting`` out of ``queue`` (one round trip); those another worker took are left."""
+    if not waiting:
+        return []
+    started = json.dumps({"at": at, "worker": rt.worker_name, "pass": lead_task_id})
+    ttl = int(rt.settings.result_ttl_s)
+    script = rt.store.r.register_script(CLAIM)
+    pipe = rt.store.r.pipeline(transaction=False)
+    for request in waiting:
+        marker = rt.store.future_key(request.task_id) + ":started"
+        script(keys=[queue, marker], args=[request.raw, started, ttl], client=pipe)
+    taken = pipe.execute()
+    return [r for r, ok in zip(waiting, taken, strict=True) if ok == 1]
+
+
+def gather(rt: WorkerRuntime, lead: SampleRequest, at: float) -> list[SampleRequest]:
+    """Claim the samples waiting behind ``lead`` in its queue (none when batching is off)."""
+    most = rt.settings.sample_batch_max - 1
+    if most <= 0:
+        return []
+    run_id = lead.source.run_id
+    queue = names.run_queue(run_id) if run_id else names.SAMPLE_QUEUE
+    head = rt.store.queue_heads([queue], most).get(queue, [])
+    return claim(rt, queue, head_samples(head, run_id, most), lead.task_id, at)
+
+
+def run_batch(rt: WorkerRuntime, requests: Sequence[SampleRequest]) -> list[Any]:
+    """Sample ``requests`` together; per request its result dict or its ``EZTinkerError``."""
+    from eztinker_tasks.sampling import base_model_of, result_of
+
+    outcomes: list[Any] = [None] * len(requests)
+    calls: list[tuple[int, str, list[int], SampleCall]] = []
+    with ExitStack() as stack:
+        for i, request in enumerate(requests):
+            try:
+                base = base_model_of(rt, request.source)
+                tokens = request.prompt_tokens
+                if tokens is None:
+                    rt.engine.model_info(base)  # writes a hub model's tokenizer first
+                    tokens = rt.tokenizers.encode(base, request.prompt_text or "")
+            except EZTinkerError as exc:
+                outcomes[i] = exc
+                continue
+            report = stack.enter_context(rt.progress.track([request.task_id]))
+            call = SampleCall(
+                request.source,
+                tokens,
+                request.num_samples,
+                request.params,
+                request.prompt_logprobs,
+                progress=report,
+            )
+            calls.append((i, base, list(tokens), call))
+        outs = rt.engine.sample_many([call for *_, call in calls])
+    for (i, base, tokens, _), out in zip(calls, outs, strict=True):
+        outcomes[i] = out if isinstance(out, EZTinkerError) else result_of(rt, base, tokens, out)
+    return outcomes
+
+
+def store_answers(
+    rt: WorkerRuntime, backend: ResultBackend, answered: Sequence[tuple[SampleRequest, Any]]
+) -> None:
+    """Store each claimed request's result or error under its future (one MULTI/EXEC)."""
+    if not answered:
+        return
+    ttl = int(rt.settings.result_ttl_s)
+    with backend.client.pipeline(transaction=True) as pipe:
+        for request, outcome in answered:
+            if isinstance(outcome, BaseException):
+                error = outcome if isinstance(outcome, EZTinkerError) else _server(outcome)
+                key, value = backend.failure_record(request.task_id, OperationFailed.wrap(error))
+            else:
+                key, value = backend.result_record(request.task_id, outcome)
+            rt.store.answer_call("", None, request.task_id, key, value, ttl, pipe)
+        pipe.execute()
+
+
+def _server(exc: BaseException) -> EZTinkerError:
+    return InternalError(
+        f"the sample batch this request ran in failed: {type(exc).__name__}: {exc}"
+    )

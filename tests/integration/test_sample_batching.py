@@ -1,0 +1,139 @@
+"""Sample requests waiting in a queue run in ONE decode batch with the one that starts (web,
+Redis, a real worker): each gets exactly what it gets alone, under its own future; a bad one
+fails alone; a run's samples never overtake its training ops."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from tests.conftest import Service, result_of, wait_future
+
+
+def submit(http: httpx.Client, path: str, body: dict[str, Any]) -> str:
+    response = http.post(path, json=body)
+    assert response.status_code == 202, response.text
+    return response.json()["future_id"]
+
+
+def wait_running(http: httpx.Client, future_id: str) -> None:
+    deadline = time.monotonic() + 60
+    while http.get(f"/v1/futures/{future_id}").json()["status"] != "running":
+        assert time.monotonic() < deadline, "the blocker never ran"
+        time.sleep(0.05)
+
+
+def blocker(http: httpx.Client, body: dict[str, Any]) -> str:
+    """A long sample that holds the worker while the requests under test queue up."""
+    long = {**body, "max_tokens": 1000, "num_samples": 8, "stop": [], "temperature": 1.0}
+    future = submit(http, "/v1/sample", long)
+    wait_running(http, future)
+    return future
+
+
+def sequences(body: dict[str, Any]) -> list[tuple[list[int], list[float]]]:
+    return [(s["tokens"], s["logprobs"]) for s in body["result"]["sequences"]]
+
+
+def same(got: dict[str, Any], alone: dict[str, Any]) -> bool:
+    """Same tokens, logprobs within 1e-5 (fp32 on the CPU)."""
+    pairs = list(zip(sequences(got), sequences(alone), strict=True))
+    return all(
+        tokens == tokens_alone
+        and max((abs(a - b) for a, b in zip(lps, lps_alone, strict=True)), default=0) <= 1e-5
+        for (tokens, lps), (tokens_alone, lps_alone) in pairs
+    )
+
+
+def assert_same(got: dict[str, Any], alone: dict[str, Any]) -> None:
+    assert got["status"] == alone["status"] == "succeeded", (got, alone)
+    assert same(got, alone), (sequences(got), sequences(alone))
+
+
+def test_waiting_samples_of_bases_and_checkpoints_decode_in_one_batch(
+    service: Service, http: httpx.Client
+) -> None:
+    created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 4, "seed": 3})
+    run = result_of(http, created)["run_id"]
+    datum = {
+        "model_input": {"tokens": [5, 6, 7, 8]},
+        "loss_fn_inputs": {"target_tokens": [6, 7, 8, 9]},
+    }
+    for _ in range(3):
+        submit(http, f"/v1/runs/{run}/forward_backward", {"data": [datum]})
+        submit(http, f"/v1/runs/{run}/optim_step", {"learning_rate": 1e-2})
+    saved = submit(http, f"/v1/runs/{run}/save", {"name": "s", "kind": "sampler"})
+    checkpoint = wait_future(http, saved)["result"]["path"]
+
+    requests = [
+        {"base_model": "tiny-gpt2", "prompt_tokens": [5, 17, 42], "max_tokens": 12,
+         "num_samples": 3, "temperature": 1.2, "seed": 1, "stop": []},
+        {"checkpoint": checkpoint, "prompt": "Once upon", "max_tokens": 9, "seed": 2,
+         "prompt_logprobs": True},
+        {"base_model": "tiny-llama", "prompt_tokens": [9, 8, 7, 6], "max_tokens": 7,
+         "temperature": 0.0, "stop": []},
+        {"base_model": "tiny-gpt2", "prompt_tokens": [2, 2048 * 1024], "max_tokens": 4},
+        {"checkpoint": checkpoint, "prompt_tokens": [11], "max_tokens": 15, "num_samples": 2,
+         "top_k": 4, "seed": 3, "stop": ["e"]},
+    ]  # fmt: skip
+    block = blocker(http, {"base_model": "tiny-gpt2", "prompt_tokens": [1]})
+    futures = []
+    for body in requests:
+        response = http.post("/v1/sample", json=body)
+        if response.status_code != 202:  # the web may refuse the bad one at submit
+            assert response.status_code in (400, 422), response.text
+            futures.append(None)
+            continue
+        futures.append(response.json()["future_id"])
+    assert wait_future(http, block)["status"] == "succeeded"
+    together = [None if f is None else wait_future(http, f) for f in futures]
+
+    bad = together[3]
+    if bad is not None:  # refused by the worker: its own user error, nothing else failed
+        assert bad["status"] == "failed" and bad["error"]["category"] == "user", bad
+    good = [i for i in range(len(requests)) if i != 3]
+    answers: dict[int, dict[str, Any]] = {}
+    for i in good:
+        answer = together[i]
+        assert answer is not None
+        answers[i] = answer
+    # The first waiting request led the batch; every other good one ran in its pass.
+    lead = futures[0]
+    for i in good[1:]:
+        timing = answers[i]["timing"]
+        assert timing is not None and timing.get("in_pass_of") == lead, (i, timing)
+
+    # Each alone (one at a time) gives exactly the same.
+    for i in good:
+        alone = wait_future(http, submit(http, "/v1/sample", requests[i]))
+        assert_same(answers[i], alone)
+        if requests[i].get("prompt_logprobs"):
+            assert answers[i]["result"]["prompt_logprobs"] == alone["result"]["prompt_logprobs"]
+
+
+def test_a_runs_samples_batch_only_up_to_its_next_training_op(
+    service: Service, http: httpx.Client
+) -> None:
+    created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 4, "seed": 5})
+    run = result_of(http, created)["run_id"]
+    greedy = {"run_id": run, "prompt_tokens": [5, 6], "max_tokens": 6, "temperature": 0.0}
+    before = wait_future(http, submit(http, "/v1/sample", greedy))
+    block = blocker(http, {"run_id": run, "prompt_tokens": [1]})
+    first = [submit(http, "/v1/sample", {**greedy, "seed": s}) for s in range(3)]
+    datum = {"model_input": {"tokens": [5, 6, 7]}, "loss_fn_inputs": {"target_tokens": [6, 7, 8]}}
+    fb = submit(http, f"/v1/runs/{run}/forward_backward", {"data": [datum] * 4})
+    step = submit(http, f"/v1/runs/{run}/optim_step", {"learning_rate": 0.5})
+    after = submit(http, "/v1/sample", greedy)
+    assert wait_future(http, block)["status"] == "succeeded"
+
+    batch = [wait_future(http, f) for f in first]
+    assert [b["timing"].get("in_pass_of") for b in batch[1:]] == [first[0]] * 2
+    for body in batch:  # the weights before the step
+        assert_same(body, before)
+    assert wait_future(http, fb)["status"] == "succeeded"
+    assert wait_future(http, step)["status"] == "succeeded"
+    late = wait_future(http, after)
+    assert late["timing"].get("in_pass_of") in (None, after)  # not in the earlier batch
+    assert not same(late, before)  # it saw the step (lr 0.5 moves greedy)
