@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ from eztinker_tasks.coalesce import decode_message
 from eztinker_tasks.errors import EZTinkerError, InternalError, OperationFailed
 from eztinker_tasks.result_backend import ResultBackend
 from eztinker_tasks.runtime import WorkerRuntime
-from eztinker_tasks.types import SampleCall, SampleSource, SamplingParams
+from eztinker_tasks.types import SampleCall, SampleOutput, SampleSource, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,8 @@ def claim(
     return [r for r, ok in zip(waiting, taken, strict=True) if ok == 1]
 
 
-def gather(rt: WorkerRuntime, lead: SampleRequest, at: float) -> list[SampleRequest]:
-    """Claim the samples waiting behind ``lead`` in its queue (none when batching is off)."""
-    most = rt.settings.sample_batch_max - 1
+def gather(rt: WorkerRuntime, lead: SampleRequest, at: float, most: int) -> list[SampleRequest]:
+    """Claim up to ``most`` samples waiting at the head of ``lead``'s queue."""
     if most <= 0:
         return []
     run_id = lead.source.run_id
@@ -122,37 +122,84 @@ def gather(rt: WorkerRuntime, lead: SampleRequest, at: float) -> list[SampleRequ
     return claim(rt, queue, head_samples(head, run_id, most), lead.task_id, at)
 
 
-def run_batch(rt: WorkerRuntime, requests: Sequence[SampleRequest]) -> list[Any]:
-    """Sample ``requests`` together; per request its result dict or its ``EZTinkerError``."""
-    from eztinker_tasks.sampling import base_model_of, result_of
+class Batch:
+    """The requests of one decode batch on a worker: the lead, those waiting behind it when
+    it started, and those that arrive while it runs (until the lead ends, at most
+    ``Settings.sample_batch_max`` in all). ``outcomes[i]`` is request ``i``'s result dict or
+    ``EZTinkerError``, set as it ends; ``on_answer(i, outcome)`` is called then."""
 
-    outcomes: list[Any] = [None] * len(requests)
-    calls: list[tuple[int, str, list[int], SampleCall]] = []
-    with ExitStack() as stack:
-        for i, request in enumerate(requests):
+    def __init__(
+        self, rt: WorkerRuntime, lead: SampleRequest, on_answer: Callable[[int, Any], None]
+    ) -> None:
+        self.rt, self.lead, self.on_answer = rt, lead, on_answer
+        self.requests: list[SampleRequest] = [lead]
+        self.outcomes: dict[int, Any] = {}
+        self._engine_index: list[int] = []  # the engine's request k is our request i
+        self._prompts: dict[int, tuple[str, list[int]]] = {}  # i -> (base, prompt tokens)
+
+    def run(self) -> None:
+        """Decode the lead with what waits behind it, taking more while the lead runs."""
+        rt = self.rt
+        with ExitStack() as stack:
+            self._stack = stack
+            self.requests += gather(rt, self.lead, time.time(), self._room())
+            calls = self._calls(range(len(self.requests)))
+            rt.engine.sample_many(calls, poll=self._poll, on_done=self._done)
+
+    def _room(self) -> int:
+        return self.rt.settings.sample_batch_max - len(self.requests)
+
+    def _poll(self) -> list[SampleCall]:
+        if self._room() <= 0:
+            return []
+        start = len(self.requests)
+        self.requests += gather(self.rt, self.lead, time.time(), self._room())
+        return self._calls(range(start, len(self.requests)))
+
+    def _calls(self, indices: range) -> list[SampleCall]:
+        """Engine calls of requests ``indices`` (a request that cannot be one is answered)."""
+        from eztinker_tasks.sampling import base_model_of
+
+        calls = []
+        for i in indices:
+            request = self.requests[i]
             try:
-                base = base_model_of(rt, request.source)
+                base = base_model_of(self.rt, request.source)
                 tokens = request.prompt_tokens
                 if tokens is None:
-                    rt.engine.model_info(base)  # writes a hub model's tokenizer first
-                    tokens = rt.tokenizers.encode(base, request.prompt_text or "")
+                    self.rt.engine.model_info(base)  # writes a hub model's tokenizer first
+                    tokens = self.rt.tokenizers.encode(base, request.prompt_text or "")
             except EZTinkerError as exc:
-                outcomes[i] = exc
+                self._answer(i, exc)
                 continue
-            report = stack.enter_context(rt.progress.track([request.task_id]))
-            call = SampleCall(
-                request.source,
-                tokens,
-                request.num_samples,
-                request.params,
-                request.prompt_logprobs,
-                progress=report,
+            report = self._stack.enter_context(self.rt.progress.track([request.task_id]))
+            self._prompts[i] = (base, list(tokens))
+            self._engine_index.append(i)
+            calls.append(
+                SampleCall(
+                    request.source,
+                    tokens,
+                    request.num_samples,
+                    request.params,
+                    request.prompt_logprobs,
+                    progress=report,
+                )
             )
-            calls.append((i, base, list(tokens), call))
-        outs = rt.engine.sample_many([call for *_, call in calls])
-    for (i, base, tokens, _), out in zip(calls, outs, strict=True):
-        outcomes[i] = out if isinstance(out, EZTinkerError) else result_of(rt, base, tokens, out)
-    return outcomes
+        return calls
+
+    def _done(self, k: int, out: SampleOutput | EZTinkerError) -> None:
+        from eztinker_tasks.sampling import result_of
+
+        i = self._engine_index[k]
+        if isinstance(out, EZTinkerError):
+            self._answer(i, out)
+        else:
+            base, tokens = self._prompts[i]
+            self._answer(i, result_of(self.rt, base, tokens, out))
+
+    def _answer(self, i: int, outcome: Any) -> None:
+        self.outcomes[i] = outcome
+        self.on_answer(i, outcome)
 
 
 def store_answers(

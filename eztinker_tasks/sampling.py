@@ -9,7 +9,6 @@ the starting one in its queue run in the same decode batch (``sample_batch``).
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from eztinker_tasks import sample_batch
@@ -24,22 +23,41 @@ log = logging.getLogger(__name__)
 def sample_body(
     rt: WorkerRuntime, backend: ResultBackend, lead: sample_batch.SampleRequest
 ) -> dict[str, Any]:
-    """The lead request's result; the requests it gathered are answered under their futures.
+    """The lead request's result; the requests that joined its batch are answered under their
+    own futures as each ends (the lead's too, so it need not wait for them).
 
-    Raises the lead's own ``EZTinkerError`` (after the others are answered).
+    Raises the lead's own ``EZTinkerError``. Should the batch itself fail, every request not
+    yet answered fails with it, and nothing claimed is left hanging.
     """
-    others = sample_batch.gather(rt, lead, time.time())
+
+    def on_answer(i: int, outcome: Any) -> None:
+        if i == 0 and isinstance(outcome, EZTinkerError):
+            return  # the task itself raises it
+        sample_batch.store_answers(rt, backend, [(batch.requests[i], outcome)])
+
+    batch = sample_batch.Batch(rt, lead, on_answer)
     try:
-        outcomes = sample_batch.run_batch(rt, [lead, *others])
-    except BaseException as exc:  # nothing claimed may hang: fail them with the batch
-        sample_batch.store_answers(rt, backend, [(o, exc) for o in others])
-        raise
-    sample_batch.store_answers(rt, backend, list(zip(others, outcomes[1:], strict=True)))
-    if others:
-        log.info("sampled %d waiting requests in the batch of %s", len(others), lead.task_id)
-    if isinstance(outcomes[0], EZTinkerError):
-        raise outcomes[0]
-    return outcomes[0]
+        batch.run()
+    except BaseException as exc:
+        unanswered = [
+            (request, exc)
+            for i, request in enumerate(batch.requests)
+            if i > 0 and i not in batch.outcomes
+        ]
+        sample_batch.store_answers(rt, backend, unanswered)
+        lead_out = batch.outcomes.get(0)
+        if lead_out is None or isinstance(lead_out, EZTinkerError):
+            raise
+        log.exception("the sample batch of %s failed after it was answered", lead.task_id)
+        return lead_out
+    if len(batch.requests) > 1:
+        log.info(
+            "sampled %d more requests in the batch of %s", len(batch.requests) - 1, lead.task_id
+        )
+    lead_out = batch.outcomes[0]
+    if isinstance(lead_out, EZTinkerError):
+        raise lead_out
+    return lead_out
 
 
 def result_of(

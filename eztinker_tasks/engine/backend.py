@@ -6,7 +6,7 @@ backend can replace it by providing the same methods, without touching the tasks
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from eztinker_tasks.errors import EZTinkerError
@@ -83,7 +83,13 @@ class Backend(Protocol):
         prompt_logprobs: bool = False,
         progress: ProgressFn | None = None,
     ) -> SampleOutput: ...
-    def sample_many(self, calls: Sequence[SampleCall]) -> list[SampleOutput | EZTinkerError]: ...
+    def sample_many(
+        self,
+        calls: Sequence[SampleCall],
+        *,
+        poll: Callable[[], Sequence[SampleCall]] | None = None,
+        on_done: Callable[[int, SampleOutput | EZTinkerError], None] | None = None,
+    ) -> list[SampleOutput | EZTinkerError]: ...
     def compute_logprobs(
         self, source: SampleSource, tokens: Sequence[int]
     ) -> list[float | None]: ...

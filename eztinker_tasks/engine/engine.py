@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -264,16 +264,27 @@ class Engine:
             raise out
         return out
 
-    def sample_many(self, calls: Sequence[SampleCall]) -> list[SampleOutput | EZTinkerError]:
+    def sample_many(
+        self,
+        calls: Sequence[SampleCall],
+        *,
+        poll: Callable[[], Sequence[SampleCall]] | None = None,
+        on_done: Callable[[int, SampleOutput | EZTinkerError], None] | None = None,
+    ) -> list[SampleOutput | EZTinkerError]:
         """Sample many requests together: one decode batch per base model (``engine.decode``).
 
         Requests on one base, from any mix of runs, checkpoints and the bare base, decode in
         one batch (split only where the KV cache would not fit); each gets exactly what it
-        would get alone. Returns one result per call, in order: its ``SampleOutput``, or the
+        would get alone. ``poll`` is asked, while the first batch runs, for calls to join it
+        at its next step (continuous batching); ``on_done(index, outcome)`` gets each
+        request's outcome as soon as it ends. Returns one outcome per request (``calls``, then
+        the joined ones in the order ``poll`` gave them): its ``SampleOutput``, or the
         ``EZTinkerError`` that request alone raised (bad input, unknown source, its KV cache
-        too large for the device, a timeout of its batch). Other exceptions propagate.
+        too large for the device, its timeout). Other exceptions propagate.
         """
-        return sample_batches.sample_many(self._source, calls, self.config)
+        return sample_batches.sample_many(
+            self._source, calls, self.config, poll=poll, on_done=on_done
+        )
 
     def compute_logprobs(self, source: SampleSource, tokens: Sequence[int]) -> list[float | None]:
         base, adapter, _ = self._source(source)

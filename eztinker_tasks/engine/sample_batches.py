@@ -25,43 +25,92 @@ from eztinker_tasks.types import SampleCall, SampleOutput, SampleSource
 
 Resolve = Callable[[SampleSource], tuple[LoadedBase, Adapter | None, torch.Generator]]
 Item = tuple[int, decoding.DecodeRequest]
+Outcome = SampleOutput | EZTinkerError
 
 
 def sample_many(
-    resolve: Resolve, calls: Sequence[SampleCall], config: EngineConfig
-) -> list[SampleOutput | EZTinkerError]:
-    """One result per call, in order: its ``SampleOutput`` or the ``EZTinkerError`` it raised."""
-    results: list[SampleOutput | EZTinkerError | None] = [None] * len(calls)
+    resolve: Resolve,
+    calls: Sequence[SampleCall],
+    config: EngineConfig,
+    *,
+    poll: Callable[[], Sequence[SampleCall]] | None = None,
+    on_done: Callable[[int, Outcome], None] | None = None,
+) -> list[Outcome]:
+    """One outcome per call, in order: its ``SampleOutput`` or the ``EZTinkerError`` it raised.
+
+    ``poll`` (optional) is asked, while the first batch runs, for more calls to join it
+    (``engine.decode``); their outcomes follow those of ``calls``, in the order ``poll``
+    returned them. ``on_done(index, outcome)`` is called as each request ends.
+    """
+    outcomes: dict[int, Outcome] = {}
+    total = len(calls)
+    later: list[tuple[int, SampleCall]] = []  # joined calls that cannot join this batch
+
+    def done(index: int, outcome: Outcome) -> None:
+        outcomes[index] = outcome
+        if on_done is not None:
+            on_done(index, outcome)
+
     batches: dict[str, tuple[LoadedBase, list[Item]]] = {}
     for i, call in enumerate(calls):
         try:
-            base, adapter, generator = resolve(call.source)
-            request = decode_request(base, adapter, generator, call)
+            base, request = prepare(resolve, call)
             if decoding.supports(base.model):
-                decoding.check_kv_fits(base.model, [request], free_bytes(base.device))
                 batches.setdefault(base.name, (base, []))[1].append((i, request))
             else:
-                results[i] = generate_one(base, request, config)
+                done(i, generate_one(base, request, config))
         except EZTinkerError as exc:
-            results[i] = exc
+            done(i, exc)
+    polling = poll
     for base, items in batches.values():
         for batch in kv_batches(base, items):
-            deadline = time.monotonic() + config.sample_timeout_s
-            try:
-                outs: list[SampleOutput | EZTinkerError] = list(
-                    decoding.decode(
-                        base.model,
-                        base.context,
-                        [request for _, request in batch],
-                        deadline=deadline,
-                        chunk_elements=config.logprob_chunk_elements,
-                    )
-                )
-            except EZTinkerError as exc:  # a timeout: every request of that batch
-                outs = [exc] * len(batch)
-            for (i, _), out in zip(batch, outs, strict=True):
-                results[i] = out
-    return [r for r in results if r is not None]
+            index_of = [i for i, _ in batch]
+
+            def join(base: LoadedBase = base, index_of: list[int] = index_of) -> list:
+                nonlocal total
+                assert poll is not None
+                joined = []
+                for call in poll():
+                    i, total = total, total + 1
+                    try:
+                        call_base, request = prepare(resolve, call)
+                    except EZTinkerError as exc:
+                        done(i, exc)
+                        continue
+                    if call_base is not base:
+                        later.append((i, call))
+                        continue
+                    index_of.append(i)
+                    joined.append(request)
+                return joined
+
+            decoding.decode(
+                base.model,
+                base.context,
+                [request for _, request in batch],
+                timeout_s=config.sample_timeout_s,
+                chunk_elements=config.logprob_chunk_elements,
+                poll=join if polling is not None else None,
+                on_done=lambda k, outcome, index_of=index_of: done(index_of[k], outcome),
+                free_bytes=lambda base=base: free_bytes(base.device),
+            )
+            polling = None  # only the first batch takes new calls
+    for i, call in later:
+        [outcome] = sample_many(resolve, [call], config)
+        done(i, outcome)
+    return [outcomes[i] for i in range(total)]
+
+
+def prepare(resolve: Resolve, call: SampleCall) -> tuple[LoadedBase, decoding.DecodeRequest]:
+    """Resolve and validate ``call``, and check that its KV cache fits alone.
+
+    Raises ``EZTinkerError`` (unknown source, bad input, too large for the device).
+    """
+    base, adapter, generator = resolve(call.source)
+    request = decode_request(base, adapter, generator, call)
+    if decoding.supports(base.model):
+        decoding.check_kv_fits(base.model, [request], free_bytes(base.device))
+    return base, request
 
 
 def decode_request(

@@ -4,6 +4,7 @@ the KV budget splits a batch and refuses a request too large alone."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,104 @@ def test_decode_equals_the_transformers_cache_sampler(
     for got, reference in zip(ours, theirs, strict=True):
         assert isinstance(got, SampleOutput) and isinstance(reference, SampleOutput)
         assert_same(got, reference, logprob_atol(engine))
+
+
+# --------------------------------------------------------------------------- joining
+
+
+def long_call(ids: list[int], max_tokens: int = 300) -> SampleCall:
+    params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=21, stop=())
+    return SampleCall(SampleSource(run_id="a"), ids[:2], 2, params)
+
+
+def joining(calls: list[SampleCall], after_polls: int = 2):
+    """A ``poll`` that hands over ``calls`` at its ``after_polls``-th call, then nothing."""
+    polls = []
+
+    def poll() -> list[SampleCall]:
+        polls.append(len(polls))
+        return calls if len(polls) == after_polls else []
+
+    return poll, polls
+
+
+def test_requests_joining_a_running_batch_get_what_they_get_alone(setup) -> None:
+    engine, base_model, ids, checkpoint = setup
+    lead = long_call(ids)
+    calls = mixed_calls(base_model, ids, checkpoint)
+    alone = [engine.sample_many([call])[0] for call in [lead, *calls]]
+    poll, polls = joining(calls)
+    order: list[int] = []
+    outs = engine.sample_many([lead], poll=poll, on_done=lambda i, outcome: order.append(i))
+    assert len(polls) >= 2 and len(outs) == 1 + len(calls)
+    # They joined the running batch: every short one ended before the long one.
+    assert order[-1] == 0 and sorted(order) == list(range(len(outs))), order
+    for got, one in zip(outs, alone, strict=True):
+        assert isinstance(got, SampleOutput) and isinstance(one, SampleOutput)
+        assert_same(got, one, logprob_atol(engine))
+
+
+def test_a_joining_request_that_cannot_join_still_gets_its_answer(
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, base_model, ids, checkpoint = setup
+    other_base = "tiny-llama" if base_model == "tiny-gpt2" else "tiny-gpt2"
+    good = mixed_calls(base_model, ids, checkpoint)[1]
+    elsewhere = SampleCall(
+        SampleSource(base_model=other_base), [3, 4], 2, SamplingParams(max_tokens=5, seed=1)
+    )
+    unknown = SampleCall(SampleSource(run_id="nobody"), [3], 1, SamplingParams(max_tokens=2))
+    alone = [engine.sample_many([c])[0] for c in (long_call(ids, 200), good, elsewhere)]
+    poll, _ = joining([good, elsewhere, unknown])
+    order: list[int] = []
+    outs = engine.sample_many(
+        [long_call(ids, 200)], poll=poll, on_done=lambda i, outcome: order.append(i)
+    )
+    assert isinstance(outs[3], UnknownRun)
+    for got, one in zip(outs[:3], alone, strict=True):
+        assert isinstance(got, SampleOutput) and isinstance(one, SampleOutput)
+        assert_same(got, one, logprob_atol(engine))
+    assert order.index(2) > order.index(0)  # another base: after the batch, on its own
+
+    # No memory to grow the cache (4 more rows of the batch's 202 positions) for a request
+    # that fits alone (4 rows of 9): it runs after the batch, still right.
+    wide = replace(good, num_samples=4)
+    [wide_alone] = engine.sample_many([wide])
+    model = engine.models.get(base_model).model
+    free = int(410 * decoding.kv_bytes_per_token(model) / decoding.KV_HEADROOM)
+    monkeypatch.setattr(sample_batches, "free_bytes", lambda device: free)
+    poll, _ = joining([wide])
+    order.clear()
+    outs = engine.sample_many(
+        [long_call(ids, 200)], poll=poll, on_done=lambda i, outcome: order.append(i)
+    )
+    assert order == [0, 1]
+    assert isinstance(outs[1], SampleOutput) and isinstance(wide_alone, SampleOutput)
+    assert_same(outs[1], wide_alone, logprob_atol(engine))
+
+
+def test_a_request_past_its_timeout_fails_alone(setup, data_dir: Path, tmp_path: Path) -> None:
+    _, base_model, ids, _ = setup
+    engine = Engine(
+        EngineConfig(
+            data_dir=data_dir,
+            checkpoints_dir=tmp_path,
+            device=DEVICE,
+            dtype=DTYPE,
+            sample_timeout_s=0.5,
+        )
+    )
+    short = SampleCall(
+        SampleSource(base_model=base_model), ids[:3], 1, SamplingParams(max_tokens=4, seed=0)
+    )
+    never = SampleCall(
+        SampleSource(base_model=base_model),
+        ids[:2],
+        2,
+        SamplingParams(max_tokens=1000, stop=(), seed=0),
+    )
+    # Time-bound: a CPU much faster than today's could finish 1,000 tokens in 0.5 s; the
+    # request is sized so that it cannot (about 3 ms a step here).
+    outs = engine.sample_many([never, short])
+    assert isinstance(outs[0], EZTinkerError) and outs[0].code == "timeout"
+    assert isinstance(outs[1], SampleOutput)

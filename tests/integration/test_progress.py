@@ -52,15 +52,15 @@ def test_sample_progress_queue_place_then_decode_tokens(service: Service, http: 
         "run_id": run, "prompt": "Once upon a time", "max_tokens": 1000, "num_samples": 8,
         "stop": [], "temperature": 1.0, "seed": 0,
     }  # fmt: skip
-    short = {"run_id": run, "prompt": "Hi", "max_tokens": 1}
     first = submit(http, "/v1/sample", long)
-    # Submitted once the first runs, the short ones wait behind it (a sample that is already
-    # waiting when another starts would join its decode batch instead).
-    deadline = time.monotonic() + 60
-    while http.get(f"/v1/futures/{first}").json()["status"] != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    second, third = submit(http, "/v1/sample", short), submit(http, "/v1/sample", short)
+    # Behind it, two operations that must wait for it (a sample would join its decode batch):
+    # forward calls of the same run.
+    datum = {"model_input": {"tokens": [5, 6, 7]}, "loss_fn_inputs": {"target_tokens": [6, 7, 8]}}
+    forward = f"/v1/runs/{run}/forward"
+    second, third = (
+        submit(http, forward, {"data": [datum]}),
+        submit(http, forward, {"data": [datum]}),
+    )
     single = http.get(f"/v1/futures/{third}").json()  # the one-future endpoint has it too
     assert single["status"] == "pending" and single["progress"]["phase"] == "queued"
 

@@ -26,9 +26,20 @@ def wait_running(http: httpx.Client, future_id: str) -> None:
 
 
 def blocker(http: httpx.Client, body: dict[str, Any]) -> str:
-    """A long sample that holds the worker while the requests under test queue up."""
+    """A long sample running on the worker (samples submitted now join its batch)."""
     long = {**body, "max_tokens": 1000, "num_samples": 8, "stop": [], "temperature": 1.0}
     future = submit(http, "/v1/sample", long)
+    wait_running(http, future)
+    return future
+
+
+def training_blocker(http: httpx.Client) -> str:
+    """A big forward_backward of a run of its own: it holds the (only) worker, so samples
+    submitted now wait in their queue, and the first to start takes the others with it."""
+    created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 4, "seed": 9})
+    run = result_of(http, created)["run_id"]
+    datum = {"model_input": {"tokens": [5] * 512}, "loss_fn_inputs": {"target_tokens": [6] * 512}}
+    future = submit(http, f"/v1/runs/{run}/forward_backward", {"data": [datum] * 24})
     wait_running(http, future)
     return future
 
@@ -78,7 +89,7 @@ def test_waiting_samples_of_bases_and_checkpoints_decode_in_one_batch(
         {"checkpoint": checkpoint, "prompt_tokens": [11], "max_tokens": 15, "num_samples": 2,
          "top_k": 4, "seed": 3, "stop": ["e"]},
     ]  # fmt: skip
-    block = blocker(http, {"base_model": "tiny-gpt2", "prompt_tokens": [1]})
+    block = training_blocker(http)
     futures = []
     for body in requests:
         response = http.post("/v1/sample", json=body)
@@ -87,6 +98,7 @@ def test_waiting_samples_of_bases_and_checkpoints_decode_in_one_batch(
             futures.append(None)
             continue
         futures.append(response.json()["future_id"])
+    assert http.get(f"/v1/futures/{block}").json()["status"] == "running", "too short a block"
     assert wait_future(http, block)["status"] == "succeeded"
     together = [None if f is None else wait_future(http, f) for f in futures]
 
@@ -129,7 +141,8 @@ def test_a_runs_samples_batch_only_up_to_its_next_training_op(
     assert wait_future(http, block)["status"] == "succeeded"
 
     batch = [wait_future(http, f) for f in first]
-    assert [b["timing"].get("in_pass_of") for b in batch[1:]] == [first[0]] * 2
+    # They joined the run's sample that was decoding; the samples after the step did not.
+    assert [b["timing"].get("in_pass_of") for b in batch] == [block] * 3
     for body in batch:  # the weights before the step
         assert_same(body, before)
     assert wait_future(http, fb)["status"] == "succeeded"
@@ -137,3 +150,21 @@ def test_a_runs_samples_batch_only_up_to_its_next_training_op(
     late = wait_future(http, after)
     assert late["timing"].get("in_pass_of") in (None, after)  # not in the earlier batch
     assert not same(late, before)  # it saw the step (lr 0.5 moves greedy)
+
+
+def test_a_short_sample_joins_a_long_decode_and_returns_long_before_it(
+    service: Service, http: httpx.Client
+) -> None:
+    short = {"base_model": "tiny-gpt2", "prompt_tokens": [5, 6], "max_tokens": 16, "seed": 4}
+    alone = wait_future(http, submit(http, "/v1/sample", short))
+    block = blocker(http, {"base_model": "tiny-gpt2", "prompt_tokens": [1]})
+    started = time.monotonic()
+    joined = wait_future(http, submit(http, "/v1/sample", short))
+    took = time.monotonic() - started
+    # Answered while the long one still decodes, in its batch.
+    assert http.get(f"/v1/futures/{block}").json()["status"] == "running", took
+    assert joined["timing"]["in_pass_of"] == block
+    assert_same(joined, alone)
+    long = wait_future(http, block)
+    assert long["status"] == "succeeded"
+    assert [len(s["tokens"]) for s in long["result"]["sequences"]] == [1000] * 8
