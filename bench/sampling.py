@@ -12,6 +12,9 @@ temperature 1, no stop (every sequence runs to the end):
 - ``many``: 32 requests (1 sample each) from 32 different runs' adapters: ONE ``sample_many``
   batch against the same requests one after another (``Engine.sample``).
 - ``single``: one sequence: engine against ``model.generate``.
+- ``join``: a 1 x 16 request arriving while a 64 x 1,024 job decodes (8 x 400 with
+  ``--small``): its time from arrival to its last token, joining the running batch
+  (continuous batching) against waiting for the job to end (as a queue would).
 
 Throughput is new tokens per second of wall time (prefill included).
 
@@ -197,6 +200,46 @@ class Bench:
             self.engine.delete_run(f"r{i}")
         reset(self.device)
 
+    def join(self, shape: str, rows: int, new: int) -> None:
+        name = self.model_name(shape)
+        prompt = self.prompt(shape, 128 if not self.small else 32)
+        job = SampleCall(
+            SampleSource(base_model=name),
+            prompt,
+            rows,
+            SamplingParams(max_tokens=new, temperature=1.0, stop=()),
+        )
+        short = SampleCall(
+            SampleSource(base_model=name), prompt[:16], 1, SamplingParams(max_tokens=16, stop=())
+        )
+        self.engine.sample_many([short])  # warm-up
+        arrived: list[float] = []
+        ended: dict[int, float] = {}
+
+        def poll() -> list[SampleCall]:
+            if arrived or time.perf_counter() - started < 1.0:
+                return []
+            arrived.append(time.perf_counter())
+            return [short]
+
+        def done(index: int, _outcome: object) -> None:
+            sync(self.device)
+            ended[index] = time.perf_counter()
+
+        started = time.perf_counter()
+        self.engine.sample_many([job], poll=poll, on_done=done)
+        waited = ended[0] - arrived[0]  # a queue: it would start after the job
+        alone = timed(lambda: self.engine.sample_many([short]), self.device, self.repeats)
+        self.row(
+            section="join",
+            shape=shape if not self.small else "tiny-llama",
+            job=f"{rows} x {new}",
+            arrival_to_answer_joined_s=round(ended[1] - arrived[0], 3),
+            arrival_to_answer_queued_s=round(waited + alone, 3),
+            alone_s=round(alone, 3),
+        )
+        reset(self.device)
+
 
 def reset(device: torch.device) -> None:
     gc.collect()
@@ -210,7 +253,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="the tiny Llama, a quick run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--only", nargs="*", default=["base", "adapter", "many", "single", "adapter1b"]
+        "--only", nargs="*", default=["base", "adapter", "many", "single", "join", "adapter1b"]
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
@@ -230,6 +273,9 @@ def main() -> None:
         "adapter1b": lambda: bench.one_source("adapter1b", "llama-3.2-1b", True, 32, new),
         "single1b": lambda: bench.one_source("single1b", "llama-3.2-1b", True, 1, new),
         "many1b": lambda: bench.many("llama-3.2-1b", 32, new),
+        "join": lambda: bench.join(
+            "llama-3.1-8b", 8 if args.small else 64, 400 if args.small else 1024
+        ),
     }
     for key in args.only:
         started = time.perf_counter()

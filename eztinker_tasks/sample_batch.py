@@ -1,17 +1,20 @@
-"""Sample requests waiting in a queue join the one that starts: ONE decode batch.
+"""Samples on a worker decode together: those waiting when one starts, and those arriving
+while it runs (continuous batching), in ONE decode batch.
 
 When a ``sample`` task starts on a worker, the sample messages waiting at the head of the
-queue it came from join it (``Settings.sample_batch_max`` requests in all): the shared sample
-queue (base models and saved checkpoints, any mix) or, for a run's live weights, that run's
-own queue (only the samples right at its head, so none overtakes a training op submitted
-before it). The engine decodes them together (``Engine.sample_many``): each request gets
-exactly the result it would get alone, under its own future.
+queue it came from join it, and while it decodes the worker looks again (every 50 ms, until
+the lead ends; ``Settings.sample_batch_max`` requests in all) and new ones join the running
+batch at its next step. The queue is the shared sample queue (base models and saved
+checkpoints, any mix) or, for a run's live weights, that run's own queue (only the samples
+right at its head, so none overtakes a training op submitted before it). The engine decodes
+them together (``Engine.sample_many``): each request gets exactly the result it would get
+alone, stored under its own future as soon as it ends.
 
 Claiming a waiting message is atomic (a Lua script: ``LREM`` of the exact message, then the
 start marker of its future naming this worker and the lead task's pass), so a message another
 worker has already taken is skipped, and a claimed request never hangs: its result or error
-is stored when the batch ends, whatever happens to the lead, and if the worker dies the
-future's start marker makes the web report ``worker_gone``.
+is stored when it ends or when the batch fails, and if the worker dies the future's start
+marker makes the web report ``worker_gone``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
+
+import redis
 
 from eztinker_tasks import names
 from eztinker_tasks.coalesce import decode_message
@@ -136,15 +141,18 @@ class Batch:
         self.outcomes: dict[int, Any] = {}
         self._engine_index: list[int] = []  # the engine's request k is our request i
         self._prompts: dict[int, tuple[str, list[int]]] = {}  # i -> (base, prompt tokens)
+        self._tracking: dict[int, ExitStack] = {}  # i -> its progress publication
 
     def run(self) -> None:
         """Decode the lead with what waits behind it, taking more while the lead runs."""
         rt = self.rt
-        with ExitStack() as stack:
-            self._stack = stack
+        try:
             self.requests += gather(rt, self.lead, time.time(), self._room())
             calls = self._calls(range(len(self.requests)))
             rt.engine.sample_many(calls, poll=self._poll, on_done=self._done)
+        finally:
+            for tracking in self._tracking.values():
+                tracking.close()
 
     def _room(self) -> int:
         return self.rt.settings.sample_batch_max - len(self.requests)
@@ -153,7 +161,11 @@ class Batch:
         if self._room() <= 0:
             return []
         start = len(self.requests)
-        self.requests += gather(self.rt, self.lead, time.time(), self._room())
+        try:
+            self.requests += gather(self.rt, self.lead, time.time(), self._room())
+        except redis.RedisError:  # joining is best-effort: the batch goes on without them
+            log.warning("could not read the queue for samples to join", exc_info=True)
+            return []
         return self._calls(range(start, len(self.requests)))
 
     def _calls(self, indices: range) -> list[SampleCall]:
@@ -172,7 +184,9 @@ class Batch:
             except EZTinkerError as exc:
                 self._answer(i, exc)
                 continue
-            report = self._stack.enter_context(self.rt.progress.track([request.task_id]))
+            tracking = ExitStack()
+            report = tracking.enter_context(self.rt.progress.track([request.task_id]))
+            self._tracking[i] = tracking
             self._prompts[i] = (base, list(tokens))
             self._engine_index.append(i)
             calls.append(
@@ -198,6 +212,9 @@ class Batch:
             self._answer(i, result_of(self.rt, base, tokens, out))
 
     def _answer(self, i: int, outcome: Any) -> None:
+        tracking = self._tracking.pop(i, None)
+        if tracking is not None:
+            tracking.close()  # its progress ends with it
         self.outcomes[i] = outcome
         self.on_answer(i, outcome)
 
