@@ -94,8 +94,8 @@ def _stall_reason(
         if worker is None:
             return _error(
                 "worker_gone",
-                f"worker {worker_name} died while running this operation (no heartbeat for "
-                f"{svc.settings.worker_ttl_s:.0f} s)",
+                f"worker {worker_name} died while running this operation (it no longer "
+                "reports itself alive: its heartbeat lapsed, or it was replaced after dying)",
             )
         if worker.started_at > float(started["at"]):
             return _error(
@@ -107,9 +107,9 @@ def _stall_reason(
         if svc.store.worker(record.worker) is None:
             return _error(
                 "worker_gone",
-                f"worker {record.worker} that holds run {record.run_id} is not alive (no "
-                f"heartbeat for {svc.settings.worker_ttl_s:.0f} s), so the operation cannot "
-                "run; load a saved state to move the run to a live worker",
+                f"worker {record.worker} that holds run {record.run_id} is not alive (it no "
+                "longer reports itself alive), so the operation cannot run; load a saved state "
+                "to move the run to a live worker",
             )
     elif not svc.store.live_workers():
         return _error("worker_gone", "no live worker to run this operation")

@@ -4,12 +4,16 @@ fails alone; a run's samples never overtake its training ops."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.conftest import Service, result_of, wait_future
+from tests.conftest import Service, result_of, start_service, wait_future
 
 
 def submit(http: httpx.Client, path: str, body: dict[str, Any]) -> str:
@@ -168,3 +172,30 @@ def test_a_short_sample_joins_a_long_decode_and_returns_long_before_it(
     long = wait_future(http, block)
     assert long["status"] == "succeeded"
     assert [len(s["tokens"]) for s in long["result"]["sequences"]] == [1000] * 8
+
+
+def test_samples_in_a_batch_whose_worker_dies_fail_promptly_none_hang(
+    tmp_path_factory: pytest.TempPathFactory, model_cache: Path
+) -> None:
+    svc = start_service(tmp_path_factory.mktemp("dying"), model_cache, workers=1)
+    try:
+        with svc.http as http:
+            long = {"base_model": "tiny-gpt2", "prompt_tokens": [1], "max_tokens": 1000,
+                    "num_samples": 8, "stop": []}  # fmt: skip
+            lead = blocker(http, long)
+            joined = [submit(http, "/v1/sample", {**long, "seed": s}) for s in range(2)]
+            deadline = time.monotonic() + 30
+            while not all(http.get(f"/v1/futures/{f}").json()["status"] == "running"
+                          for f in joined):  # fmt: skip
+                assert time.monotonic() < deadline, "they never joined"
+                time.sleep(0.05)
+            (worker,) = svc.wait_workers(1)
+            os.kill(worker["pid"], signal.SIGKILL)
+            killed = time.monotonic()
+            bodies = [wait_future(http, f, timeout=60) for f in [lead, *joined]]
+            assert time.monotonic() - killed < 30
+            for body in bodies:
+                assert body["status"] == "failed", body
+                assert body["error"]["code"] == "worker_gone", body
+    finally:
+        svc.stop()
