@@ -33,11 +33,19 @@ class ResultBackend(RedisBackend):
         super().__init__(*args, **kwargs)
         self._lock = threading.Lock()
         self._with_result: dict[str, list[Writes]] = {}
+        self._answered: set[str] = set()
 
     def write_with_result(self, task_id: str, writes: Writes) -> None:
         """Have ``writes`` go with the task's successful result (dropped with any other)."""
         with self._lock:
             self._with_result.setdefault(task_id, []).append(writes)
+
+    def answered_early(self, task_id: str) -> None:
+        """The task's answer is stored already (a sample answered when it ended, before its
+        batch): Celery's store at the task's end keeps that record, writing only what rides
+        with it (``write_with_result``)."""
+        with self._lock:
+            self._answered.add(task_id)
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         return None
@@ -77,6 +85,15 @@ class ResultBackend(RedisBackend):
         key, value = self.result_record(task_id, result, state, traceback, request)
         with self._lock:
             writes = self._with_result.pop(task_id, None)
+            early = task_id in self._answered
+            self._answered.discard(task_id)
+        if early:
+            if writes is not None and state == "SUCCESS":
+                with self.client.pipeline(transaction=True) as pipe:
+                    for write in writes:
+                        write(pipe)
+                    pipe.execute()
+            return result
         try:
             if writes is not None and state == "SUCCESS":
                 self.ensure(self._set_with, (key, value, writes), **self.retry_policy)

@@ -63,13 +63,16 @@ class SampleRequest:
 
 
 def head_samples(
-    oldest_last: Sequence[bytes], run_id: str | None, max_requests: int
+    oldest_last: Sequence[bytes],
+    run_id: str | None,
+    max_requests: int,
+    same_base: Callable[[SampleSource], bool] = lambda source: True,
 ) -> list[SampleRequest]:
     """The ``sample`` messages at the head of a queue (``LRANGE q -n -1``), oldest first.
 
-    Stops at the first message that is another operation, malformed, or (``run_id`` given)
-    not a sample of that run's live weights; ``run_id`` None takes samples of bases and
-    checkpoints only.
+    Stops at the first message that is another operation, malformed, on another base
+    (``same_base``), or (``run_id`` given) not a sample of that run's live weights; ``run_id``
+    None takes samples of bases and checkpoints only.
     """
     found: list[SampleRequest] = []
     for raw in reversed(oldest_last):
@@ -94,7 +97,7 @@ def head_samples(
             )
         except (KeyError, TypeError, ValueError):
             break
-        if source.run_id != run_id:
+        if source.run_id != run_id or not same_base(source):
             break
         found.append(request)
     return found
@@ -113,18 +116,49 @@ def claim(
     for request in waiting:
         marker = rt.store.future_key(request.task_id) + ":started"
         script(keys=[queue, marker], args=[request.raw, started, ttl], client=pipe)
-    taken = pipe.execute()
+    try:
+        taken = pipe.execute()
+    except redis.RedisError:
+        # Some scripts may have run before the connection failed: those messages are gone
+        # from the queue, and their start markers (this exact one) tell which.
+        markers = [rt.store.future_key(r.task_id) + ":started" for r in waiting]
+        found = rt.store.r.mget(markers)
+        taken = [1 if m is not None and _text(m) == started else 0 for m in found]
+        if any(taken):
+            log.warning("claimed %d samples through a failing connection", sum(taken))
     return [r for r, ok in zip(waiting, taken, strict=True) if ok == 1]
 
 
-def gather(rt: WorkerRuntime, lead: SampleRequest, at: float, most: int) -> list[SampleRequest]:
-    """Claim up to ``most`` samples waiting at the head of ``lead``'s queue."""
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def base_of(rt: WorkerRuntime, source: SampleSource) -> str | None:
+    """The base model of a sample's source, cheaply (no checkpoint directory scan): None
+    where it is not known."""
+    if source.base_model:
+        return source.base_model
+    run_id = source.run_id or (source.checkpoint or "").split("/", 1)[0]
+    if rt.engine.has_run(run_id):
+        return rt.engine.run_info(run_id).base_model
+    record = rt.store.get_run(run_id)
+    return None if record is None else record.base_model
+
+
+def gather(
+    rt: WorkerRuntime, lead: SampleRequest, base: str, at: float, most: int
+) -> list[SampleRequest]:
+    """Claim up to ``most`` samples on ``base`` waiting at the head of ``lead``'s queue."""
     if most <= 0:
         return []
     run_id = lead.source.run_id
     queue = names.run_queue(run_id) if run_id else names.SAMPLE_QUEUE
     head = rt.store.queue_heads([queue], most).get(queue, [])
-    return claim(rt, queue, head_samples(head, run_id, most), lead.task_id, at)
+
+    def same_base(source: SampleSource) -> bool:
+        return base_of(rt, source) == base
+
+    return claim(rt, queue, head_samples(head, run_id, most, same_base), lead.task_id, at)
 
 
 class Batch:
@@ -142,12 +176,15 @@ class Batch:
         self._engine_index: list[int] = []  # the engine's request k is our request i
         self._prompts: dict[int, tuple[str, list[int]]] = {}  # i -> (base, prompt tokens)
         self._tracking: dict[int, ExitStack] = {}  # i -> its progress publication
+        self.unanswered: list[int] = []  # ended, but storing the answer failed (retried)
+        self._base: str | None = None
 
     def run(self) -> None:
         """Decode the lead with what waits behind it, taking more while the lead runs."""
         rt = self.rt
         try:
-            self.requests += gather(rt, self.lead, time.time(), self._room())
+            self._base = base_of(rt, self.lead.source)
+            self.requests += self._gather()
             calls = self._calls(range(len(self.requests)))
             rt.engine.sample_many(calls, poll=self._poll, on_done=self._done)
         finally:
@@ -157,12 +194,15 @@ class Batch:
     def _room(self) -> int:
         return self.rt.settings.sample_batch_max - len(self.requests)
 
-    def _poll(self) -> list[SampleCall]:
-        if self._room() <= 0:
+    def _gather(self) -> list[SampleRequest]:
+        if self._base is None or self._room() <= 0:
             return []
+        return gather(self.rt, self.lead, self._base, time.time(), self._room())
+
+    def _poll(self) -> list[SampleCall]:
         start = len(self.requests)
         try:
-            self.requests += gather(self.rt, self.lead, time.time(), self._room())
+            self.requests += self._gather()
         except redis.RedisError:  # joining is best-effort: the batch goes on without them
             log.warning("could not read the queue for samples to join", exc_info=True)
             return []
@@ -216,7 +256,11 @@ class Batch:
         if tracking is not None:
             tracking.close()  # its progress ends with it
         self.outcomes[i] = outcome
-        self.on_answer(i, outcome)
+        try:
+            self.on_answer(i, outcome)
+        except Exception:  # the batch goes on; the answer is stored again at its end
+            log.warning("could not store the answer of %s yet", self.requests[i].task_id)
+            self.unanswered.append(i)
 
 
 def store_answers(

@@ -9,6 +9,7 @@ the starting one in its queue run in the same decode batch (``sample_batch``).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from eztinker_tasks import sample_batch
@@ -23,41 +24,60 @@ log = logging.getLogger(__name__)
 def sample_body(
     rt: WorkerRuntime, backend: ResultBackend, lead: sample_batch.SampleRequest
 ) -> dict[str, Any]:
-    """The lead request's result; the requests that joined its batch are answered under their
-    own futures as each ends (the lead's too, so it need not wait for them).
+    """The lead request's result; every request of its batch (the lead too) is answered under
+    its own future as soon as it ends, so none waits for the others.
 
     Raises the lead's own ``EZTinkerError``. Should the batch itself fail, every request not
-    yet answered fails with it, and nothing claimed is left hanging.
+    yet answered fails with it; an answer that could not be stored when its request ended is
+    stored again at the end: nothing claimed is left hanging.
     """
 
     def on_answer(i: int, outcome: Any) -> None:
-        if i == 0 and isinstance(outcome, EZTinkerError):
-            return  # the task itself raises it
         sample_batch.store_answers(rt, backend, [(batch.requests[i], outcome)])
+        if i == 0:
+            backend.answered_early(lead.task_id)  # Celery's own store would write it again
 
     batch = sample_batch.Batch(rt, lead, on_answer)
+    failure: BaseException | None = None
     try:
         batch.run()
     except BaseException as exc:
-        unanswered = [
-            (request, exc)
-            for i, request in enumerate(batch.requests)
-            if i > 0 and i not in batch.outcomes
-        ]
-        sample_batch.store_answers(rt, backend, unanswered)
-        lead_out = batch.outcomes.get(0)
-        if lead_out is None or isinstance(lead_out, EZTinkerError):
-            raise
-        log.exception("the sample batch of %s failed after it was answered", lead.task_id)
-        return lead_out
+        failure = exc
+    finally:
+        late = [(batch.requests[i], batch.outcomes[i]) for i in batch.unanswered]
+        if failure is not None:
+            late += [
+                (request, failure)
+                for i, request in enumerate(batch.requests)
+                if i > 0 and i not in batch.outcomes
+            ]
+        _store_late(rt, backend, late)
     if len(batch.requests) > 1:
-        log.info(
-            "sampled %d more requests in the batch of %s", len(batch.requests) - 1, lead.task_id
-        )
-    lead_out = batch.outcomes[0]
+        more = len(batch.requests) - 1
+        log.info("sampled %d more requests in the batch of %s", more, lead.task_id)
+    lead_out = batch.outcomes.get(0)
+    if lead_out is None:
+        assert failure is not None
+        raise failure
+    if failure is not None:
+        log.error("the sample batch of %s failed after its lead ended", lead.task_id)
     if isinstance(lead_out, EZTinkerError):
         raise lead_out
     return lead_out
+
+
+def _store_late(rt: WorkerRuntime, backend: ResultBackend, answers: list) -> None:
+    """Store answers that could not be stored when their requests ended (a few tries)."""
+    for attempt in range(5):
+        if not answers:
+            return
+        try:
+            sample_batch.store_answers(rt, backend, answers)
+            return
+        except Exception:
+            log.warning("storing %d sample answers failed (try %d)", len(answers), attempt + 1)
+            time.sleep(0.5 * (attempt + 1))
+    log.error("%d sample answers could not be stored", len(answers))
 
 
 def result_of(

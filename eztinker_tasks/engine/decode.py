@@ -11,8 +11,8 @@ which new requests join while it runs (continuous batching).
   delta (``engine.multilora``: grouped matmuls on CUDA) while the frozen base weights are read
   once for the whole batch. A request leaves the batch when all its rows stopped, and is
   handed to ``on_done`` at once (its caller need not wait for the rest of the batch).
-- **Joining**: while any of the first requests runs, ``poll`` is asked for new requests (at
-  most every ``poll_interval_s``); they are prefilled and join the batch at the next step.
+- **Joining**: while the first request runs, ``poll`` is asked for new requests (at most
+  every ``poll_interval_s``); they are prefilled and join the batch at the next step.
   The cache grows for them if the free memory allows; otherwise they run in a batch of their
   own once this one ends.
 - **KV cache** (``engine.kv_cache``): sized before anything runs: a request that would not fit
@@ -102,6 +102,7 @@ class _Batch:
         self.cache: Cache = {}
         self.rows = 0
         self.length = 0
+        self.free: list[tuple[int, int]] = []  # (first row, rows) given back by ended requests
         self.count = 0  # requests taken so far (their indices)
 
     def admit(self, requests: Sequence[DecodeRequest], step: int) -> list[torch.Tensor]:
@@ -112,17 +113,13 @@ class _Batch:
             key=lambda i: (requests[i].adapter is not None, id(requests[i].adapter)),
         )
         now = time.monotonic()
-        joining = []
-        row = self.rows
-        for i in order:
-            item = Live.of(
-                self.count + i, requests[i], row, step, now + self.timeout_s, self.device
-            )
-            joining.append(item)
-            row += requests[i].num_samples
+        firsts, self.free, self.rows = self._place([requests[i].num_samples for i in order])
+        joining = [
+            Live.of(self.count + i, requests[i], first, step, now + self.timeout_s, self.device)
+            for i, first in zip(order, firsts, strict=True)
+        ]
         self.count += len(requests)
-        rows, length = kv_rows_and_length(requests)
-        self.rows, self.length = self.rows + rows, max(self.length, length)
+        self.length = max(self.length, kv_rows_and_length(requests)[1])
         grow(self.cache, self.rows, self.length)
         for item in joining:
             item.ticker.phase(
@@ -148,15 +145,36 @@ class _Batch:
         self.live += joining
         return logits
 
+    def release(self, item: Live) -> None:
+        """Give an ended request's rows back (a request joining later may take them)."""
+        self.free.append((item.first_row, item.request.num_samples))
+
+    def _place(self, sizes: Sequence[int]) -> tuple[list[int], list[tuple[int, int]], int]:
+        """First rows for requests of ``sizes`` rows: in freed blocks first (first fit), else
+        new rows at the end. Returns (first rows, the free blocks left, the rows in all)."""
+        free = sorted(self.free)
+        rows = self.rows
+        firsts = []
+        for size in sizes:
+            for k, (start, count) in enumerate(free):
+                if count >= size:
+                    firsts.append(start)
+                    free[k] = (start + size, count - size)
+                    break
+            else:
+                firsts.append(rows)
+                rows += size
+        return firsts, [(s, c) for s, c in free if c > 0], rows
+
     def fits(self, requests: Sequence[DecodeRequest]) -> bool:
-        """Whether the cache can grow for ``requests`` within the free memory."""
-        rows, length = kv_rows_and_length(requests)
+        """Whether the cache (reusing freed rows) can hold ``requests`` in the free memory."""
         free = self.free_bytes()
         if free is None:
             return True
-        now = self.rows * self.length
-        after = (self.rows + rows) * max(self.length, length)
-        return (after - now) * kv_bytes_per_token(self.model) <= KV_HEADROOM * free
+        _, _, rows = self._place([r.num_samples for r in requests])
+        length = max(self.length, kv_rows_and_length(requests)[1])
+        extra = rows * length - self.rows * self.length
+        return extra * kv_bytes_per_token(self.model) <= KV_HEADROOM * free
 
 
 def decode(
@@ -181,11 +199,11 @@ def decode(
     grow for joining requests.
     """
     batch = _Batch(model, context, timeout_s, chunk_elements, free_bytes)
-    first = len(requests)
     outcomes: dict[int, Outcome] = {}
     deferred: list[tuple[int, DecodeRequest]] = []  # (index, request)
 
     def record(item: Live, outcome: Outcome) -> None:
+        batch.release(item)
         outcomes[item.index] = outcome
         if on_done is not None:
             on_done(item.index, outcome)
@@ -206,7 +224,7 @@ def decode(
                     item.done = True
                     record(item, OperationTimeout("sampling ran past its deadline"))
             joined: list[torch.Tensor] = []
-            leading = any(item.index < first for item in active_of(batch.live))
+            leading = any(item.index == 0 for item in active_of(batch.live))
             if poll is not None and leading and now - polled_at >= poll_interval_s:
                 polled_at = now
                 new = list(poll())
@@ -237,6 +255,17 @@ def decode(
             step += 1
 
     if deferred:  # no room in this batch's memory when they came: a batch of their own
+        fitting = []
+        for index, request in deferred:  # each must fit alone, now that the batch is gone
+            try:
+                check_kv_fits(model, [request], free_bytes())
+                fitting.append((index, request))
+            except EZTinkerError as exc:
+                outcomes[index] = exc
+                if on_done is not None:
+                    on_done(index, exc)
+        deferred = fitting
+    if deferred:
         indices = [index for index, _ in deferred]
         shifted = None if on_done is None else (lambda i, o: on_done(indices[i], o))
         later = decode(

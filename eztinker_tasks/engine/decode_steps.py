@@ -162,7 +162,15 @@ def prefill(
         write_pos=torch.cat(write_pos),
         write_src=torch.cat(write_src),
     )
-    want_all = any(item.request.want_prompt_logprobs for item in live)
+    # The unembedding runs on the rows it is needed for: every position of a prompt whose
+    # logprobs were asked for, the last position of the others (never [all tokens x vocab]).
+    keep: list[int] = []
+    counts: list[int] = []
+    for j, item in enumerate(live):
+        start, stop = bounds[j], bounds[j + 1]
+        needed = range(start, stop) if item.request.want_prompt_logprobs else range(stop - 1, stop)
+        keep.extend(needed)
+        counts.append(len(needed))
     backbone: Any = getattr(model, "base_model")  # noqa: B009 (transformers' decoder stack)
     head: Any = getattr(model, "get_output_embeddings")()  # noqa: B009
     context.route = route_of(live, lens, dtype)
@@ -173,24 +181,19 @@ def prefill(
             use_cache=False,
             eztinker_kv=step,
         ).last_hidden_state[0]
+        if len(keep) != hidden.shape[0]:
+            hidden = hidden[keep]
         # The unembedding may carry LoRA too: its route must match the rows it is given.
-        if not want_all:
-            hidden = hidden[[b - 1 for b in bounds[1:]]]
-            context.route = route_of(live, [1] * len(live), dtype)
-        all_logits = head(hidden)
+        context.route = route_of(live, counts, dtype)
+        logits = head(hidden)
     finally:
         context.route = None
     result = []
-    for j, item in enumerate(live):
-        start, stop = bounds[j], bounds[j + 1]
-        if want_all:
-            if item.request.want_prompt_logprobs:
-                item.prompt_logprobs = _prompt_logprobs(
-                    all_logits[start:stop], ids[start:stop], chunk_elements
-                )
-            last = all_logits[stop - 1]
-        else:
-            last = all_logits[j]
+    for j, (item, own) in enumerate(zip(live, logits.split(counts), strict=True)):
+        if item.request.want_prompt_logprobs:
+            start, stop = bounds[j], bounds[j + 1]
+            item.prompt_logprobs = _prompt_logprobs(own, ids[start:stop], chunk_elements)
+        last = own[-1]
         result.append(last.float().unsqueeze(0).expand(item.request.num_samples, -1))
     return result
 

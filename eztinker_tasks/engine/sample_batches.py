@@ -20,7 +20,7 @@ from eztinker_tasks.engine.config import EngineConfig
 from eztinker_tasks.engine.memory import free_bytes
 from eztinker_tasks.engine.models import LoadedBase
 from eztinker_tasks.engine.multilora import Adapter, LoraRoute
-from eztinker_tasks.errors import EZTinkerError, InvalidRequest
+from eztinker_tasks.errors import EZTinkerError, InternalError, InvalidRequest
 from eztinker_tasks.types import SampleCall, SampleOutput, SampleSource
 
 Resolve = Callable[[SampleSource], tuple[LoadedBase, Adapter | None, torch.Generator]]
@@ -38,9 +38,11 @@ def sample_many(
 ) -> list[Outcome]:
     """One outcome per call, in order: its ``SampleOutput`` or the ``EZTinkerError`` it raised.
 
-    ``poll`` (optional) is asked, while the first batch runs, for more calls to join it
+    ``poll`` (optional) is asked, while the first call runs, for more calls to join its batch
     (``engine.decode``); their outcomes follow those of ``calls``, in the order ``poll``
-    returned them. ``on_done(index, outcome)`` is called as each request ends.
+    returned them. ``on_done(index, outcome)`` is called as each request ends. A call that
+    cannot be prepared (bad input, unknown source, an unreadable checkpoint: any exception)
+    fails alone.
     """
     outcomes: dict[int, Outcome] = {}
     total = len(calls)
@@ -59,8 +61,8 @@ def sample_many(
                 batches.setdefault(base.name, (base, []))[1].append((i, request))
             else:
                 done(i, generate_one(base, request, config))
-        except EZTinkerError as exc:
-            done(i, exc)
+        except Exception as exc:  # each request's own failure
+            done(i, as_error(exc))
     polling = poll
     for base, items in batches.values():
         for batch in kv_batches(base, items):
@@ -73,11 +75,13 @@ def sample_many(
                 for call in poll():
                     i, total = total, total + 1
                     try:
-                        call_base, request = prepare(resolve, call)
-                    except EZTinkerError as exc:
-                        done(i, exc)
+                        # Whether it fits beside the batch is decode's to decide (or to
+                        # run it after); whether it fits alone is checked then.
+                        call_base, request = prepare(resolve, call, check_fit=False)
+                    except Exception as exc:  # its own failure
+                        done(i, as_error(exc))
                         continue
-                    if call_base is not base:
+                    if call_base.name != base.name:
                         later.append((i, call))
                         continue
                     index_of.append(i)
@@ -101,16 +105,26 @@ def sample_many(
     return [outcomes[i] for i in range(total)]
 
 
-def prepare(resolve: Resolve, call: SampleCall) -> tuple[LoadedBase, decoding.DecodeRequest]:
-    """Resolve and validate ``call``, and check that its KV cache fits alone.
+def prepare(
+    resolve: Resolve, call: SampleCall, check_fit: bool = True
+) -> tuple[LoadedBase, decoding.DecodeRequest]:
+    """Resolve and validate ``call``, and (``check_fit``) check that its KV cache fits alone.
 
-    Raises ``EZTinkerError`` (unknown source, bad input, too large for the device).
+    Raises ``EZTinkerError`` (unknown source, bad input, too large for the device), or
+    whatever loading its weights raised.
     """
     base, adapter, generator = resolve(call.source)
     request = decode_request(base, adapter, generator, call)
-    if decoding.supports(base.model):
+    if check_fit and decoding.supports(base.model):
         decoding.check_kv_fits(base.model, [request], free_bytes(base.device))
     return base, request
+
+
+def as_error(exc: Exception) -> EZTinkerError:
+    """``exc`` as one request's error: itself, or an ``InternalError`` (category server)."""
+    if isinstance(exc, EZTinkerError):
+        return exc
+    return InternalError(f"this sample request failed: {type(exc).__name__}: {exc}")
 
 
 def decode_request(
@@ -118,15 +132,22 @@ def decode_request(
 ) -> decoding.DecodeRequest:
     """Validate ``call`` (``sampler.check_request``) into a request for ``engine.decode``.
 
-    A seeded call gets a generator of its own (on the model's device); otherwise it draws from
-    ``generator`` (its run's, or the engine's).
+    The request gets a generator of its own (on the model's device), seeded with the call's
+    seed or with one drawn from ``generator`` (its run's, or the engine's).
     """
     tokens, stop = sampler.check_request(
         call.prompt_tokens, call.num_samples, call.params, base.info, base.tokenizer is not None
     )
-    if call.params.seed is not None:
-        generator = torch.Generator(generator.device)
-        generator.manual_seed(call.params.seed)
+    # Every request draws from a generator of its own: its seed, or one seed drawn from the
+    # shared generator (its run's, or the engine's) when it starts. Requests of one run in one
+    # batch would otherwise interleave their draws, and each one's samples would depend on
+    # what else was in the batch.
+    seed = call.params.seed
+    if seed is None:
+        drawn = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
+        seed = int(drawn.item())
+    generator = torch.Generator(generator.device)
+    generator.manual_seed(seed)
     decode_text: Callable[[list[int]], str] | None = None
     if base.tokenizer is not None:
         decode_text = partial(base.tokenizer.decode, skip_special_tokens=False)

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 from eztinker_tasks.engine import Engine, EngineConfig, sample_batches
 from eztinker_tasks.engine import decode as decoding
+from eztinker_tasks.engine.decode_steps import Live
 from eztinker_tasks.errors import EZTinkerError, InvalidRequest, UnknownRun
 from eztinker_tasks.types import SampleCall, SampleOutput, SampleSource, SamplingParams
 
@@ -316,3 +317,85 @@ def test_a_request_past_its_timeout_fails_alone(setup, data_dir: Path, tmp_path:
     outs = engine.sample_many([never, short])
     assert isinstance(outs[0], EZTinkerError) and outs[0].code == "timeout"
     assert isinstance(outs[1], SampleOutput)
+
+
+def test_unseeded_samples_of_one_run_do_not_depend_on_their_batch(setup) -> None:
+    # Two runs made alike (same seed): the one samples two unseeded requests in one batch,
+    # the other one after the other. Each request draws its own generator's seed from the
+    # run's generator when it starts, so both give the same samples.
+    engine, base_model, ids, _ = setup
+    params = SamplingParams(max_tokens=6, temperature=1.0, stop=())
+    for run in ("same1", "same2"):
+        new_run(engine, run, base_model, rank=4, seed=77)
+    calls = [
+        SampleCall(SampleSource(run_id="same1"), ids[:2], 2, params),
+        SampleCall(SampleSource(run_id="same1"), ids[:3], 1, params),
+    ]
+    together = engine.sample_many(calls)
+    apart = [
+        engine.sample_many([replace(call, source=SampleSource(run_id="same2"))])[0]
+        for call in calls
+    ]
+    for got, one in zip(together, apart, strict=True):
+        assert isinstance(got, SampleOutput) and isinstance(one, SampleOutput)
+        assert_same(got, one, logprob_atol(engine))
+    for run in ("same1", "same2"):
+        engine.delete_run(run)
+
+
+def test_a_checkpoint_that_cannot_be_read_fails_only_its_request(setup) -> None:
+    engine, base_model, ids, _ = setup
+    saved = engine.save_weights_for_sampler("b", "to-break")
+    weights = next(Path(engine.config.checkpoints_dir).glob(f"{saved.path}/*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated on disk
+    good = mixed_calls(base_model, ids, saved.path)[1]
+    broken = SampleCall(SampleSource(checkpoint=saved.path), ids[:2], 1, SamplingParams())
+    [alone] = engine.sample_many([good])
+    outs = engine.sample_many([good, broken])
+    assert isinstance(outs[1], EZTinkerError) and outs[1].category == "server", outs[1]
+    assert isinstance(outs[0], SampleOutput) and isinstance(alone, SampleOutput)
+    assert_same(outs[0], alone, logprob_atol(engine))
+    poll, _ = joining([broken])
+    outs = engine.sample_many([long_call(ids, 100)], poll=poll)
+    assert isinstance(outs[0], SampleOutput) and isinstance(outs[1], EZTinkerError)
+
+
+def test_a_joining_request_takes_the_rows_an_ended_one_gave_back(
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, base_model, ids, _ = setup
+    short = SampleCall(
+        SampleSource(base_model=base_model), ids[:3], 1, SamplingParams(max_tokens=4, stop=())
+    )
+    model = engine.models.get(base_model).model
+    # Room for the lead (2 rows x 202 positions) plus ONE more row of that length.
+    free = int(3 * 202 * decoding.kv_bytes_per_token(model) / decoding.KV_HEADROOM)
+    monkeypatch.setattr(sample_batches, "free_bytes", lambda device: free)
+    polls: list[int] = []
+    ended: list[int] = []
+    second_sent: list[bool] = []
+
+    def poll_twice() -> list[SampleCall]:
+        polls.append(len(polls))
+        if len(polls) == 2:
+            return [short]
+        if 1 in ended and not second_sent:
+            second_sent.append(True)
+            return [short]
+        return []
+
+    first_rows: list[int] = []
+    place = Live.of.__func__
+
+    def spy(cls, index, request, first_row, *args):
+        first_rows.append(first_row)
+        return place(cls, index, request, first_row, *args)
+
+    monkeypatch.setattr(Live, "of", classmethod(spy))
+    outs = engine.sample_many(
+        [long_call(ids, 200)], poll=poll_twice, on_done=lambda i, outcome: ended.append(i)
+    )
+    assert second_sent and len(outs) == 3
+    assert ended == [1, 2, 0], ended  # the second one did not wait for the long one
+    assert first_rows == [0, 2, 2]  # and took the row the first one gave back
+    assert all(isinstance(o, SampleOutput) for o in outs)
