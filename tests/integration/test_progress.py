@@ -108,7 +108,8 @@ def test_forward_backward_progress_phases_and_coalesced_calls(http: httpx.Client
     blocker = {"run_id": run, "prompt": "x", "max_tokens": 300, "stop": [], "num_samples": 2}
     submit(http, "/v1/sample", blocker)
     datum = {"model_input": {"tokens": [5] * 256}, "loss_fn_inputs": {"target_tokens": [6] * 256}}
-    body = {"data": [datum] * 16, "loss_fn": "cross_entropy"}
+    # Big enough that each phase outlasts the 0.5 s between progress reports on a busy CPU.
+    body = {"data": [datum] * 32, "loss_fn": "cross_entropy"}  # 2 x 8,192: one pass
     a = submit(http, f"/v1/runs/{run}/forward_backward", body)
     b = submit(http, f"/v1/runs/{run}/forward_backward", body)
 
@@ -119,7 +120,7 @@ def test_forward_backward_progress_phases_and_coalesced_calls(http: httpx.Client
     assert loss_phases == sorted(loss_phases, key=("forward", "backward").index), phases_a
     passes = [x[0]["progress"] for x in seen if x[0]["progress"]]
     in_pass = [p for p in passes if p["phase"] in ("forward", "backward")]
-    assert all((p["tokens_total"], p["sequences"]) == (2 * 16 * 256, 32) for p in in_pass)
+    assert all((p["tokens_total"], p["sequences"]) == (2 * 32 * 256, 64) for p in in_pass)
 
     # B ran inside A's pass: it showed that pass's progress (running) before its own turn.
     with_a = [x[1] for x in seen if x[0]["status"] == "running" and x[0]["progress"]]
