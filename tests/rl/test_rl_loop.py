@@ -52,9 +52,12 @@ def test_rl_loop_reward_rises(service: Service, tmp_path: Path, loss: str) -> No
     if loss == "ppo":
         again = run_rl_loop(service, tmp_path, "--steps", "3", "--loss", loss, "--seed", "0")
         for got, first_time in zip(STEP.findall(again), steps[:3], strict=True):
-            assert got[:3] == first_time[:3], (got, first_time)  # step, reward, loss
+            assert got[:2] == first_time[:2], (got, first_time)  # step, reward: same tokens
+            # Printed to 4 decimals / 2 significant digits: allow one unit of the last digit;
+            # the noise-level values (parity: ~1e-14 KL, ~1e-7 |lp-q|) within 1e-5.
+            assert float(got[2]) == pytest.approx(float(first_time[2]), abs=1.5e-4)
             for a, b in zip(numbers(got[3:]), numbers(first_time[3:]), strict=True):
-                assert a == pytest.approx(b, rel=1e-3, abs=1e-9), (got, first_time)
+                assert a == pytest.approx(b, rel=0.02, abs=1e-5), (got, first_time)
 
 
 def numbers(fields: tuple[str, ...]) -> list[float]:
