@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import itertools
 from collections.abc import Generator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from functools import cache
 from typing import Any
 
@@ -95,24 +95,30 @@ def _sdpa_loop(
     return torch.cat(outs)
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
+def no_mask(*args: Any, **kwargs: Any) -> None:
+    """A mask function that builds nothing: our attention functions mask for themselves."""
     return None
 
 
 AttentionInterface.register(PACKED, packed_attention)
-AttentionMaskInterface.register(PACKED, _no_mask)
+AttentionMaskInterface.register(PACKED, no_mask)
 
 
 @contextmanager
-def packed(model: nn.Module) -> Generator[None, None, None]:
-    """Run ``model`` with packed attention for the duration of the block."""
+def attention_implementation(model: nn.Module, name: str) -> Generator[None, None, None]:
+    """Run ``model`` with the attention registered as ``name`` for the duration of the block."""
     config: Any = getattr(model, "config")  # noqa: B009
     previous = config._attn_implementation
-    config._attn_implementation = PACKED
+    config._attn_implementation = name
     try:
         yield
     finally:
         config._attn_implementation = previous
+
+
+def packed(model: nn.Module) -> AbstractContextManager[None]:
+    """Run ``model`` with packed attention for the duration of the block."""
+    return attention_implementation(model, PACKED)
 
 
 def packed_kwargs(cu_seqlens: torch.Tensor, max_len: int) -> dict[str, Any]:

@@ -19,8 +19,8 @@ anything runs, so a batch too large is a ``user`` error, never an out-of-memory 
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,7 +29,12 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from eztinker_tasks.engine.attention import _sdpa_loop, _varlen_call
+from eztinker_tasks.engine.attention import (
+    _sdpa_loop,
+    _varlen_call,
+    attention_implementation,
+    no_mask,
+)
 from eztinker_tasks.errors import InvalidRequest
 from eztinker_tasks.types import SamplingParams
 
@@ -160,20 +165,10 @@ def kv_attention(
     return out.squeeze(2).unsqueeze(0), None
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
 AttentionInterface.register(KV_ATTENTION, kv_attention)
-AttentionMaskInterface.register(KV_ATTENTION, _no_mask)
+AttentionMaskInterface.register(KV_ATTENTION, no_mask)
 
 
-@contextmanager
-def kv_attention_on(model: nn.Module) -> Generator[None, None, None]:
-    config: Any = getattr(model, "config")  # noqa: B009
-    previous = config._attn_implementation
-    config._attn_implementation = KV_ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+def kv_attention_on(model: nn.Module) -> AbstractContextManager[None]:
+    """Run ``model`` with ``kv_attention`` for the duration of the block."""
+    return attention_implementation(model, KV_ATTENTION)
