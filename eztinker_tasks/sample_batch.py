@@ -34,6 +34,7 @@ from eztinker_tasks.coalesce import decode_message
 from eztinker_tasks.errors import EZTinkerError, InternalError, OperationFailed
 from eztinker_tasks.result_backend import ResultBackend
 from eztinker_tasks.runtime import WorkerRuntime
+from eztinker_tasks.store_records import _text
 from eztinker_tasks.types import SampleCall, SampleOutput, SampleSource, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -127,10 +128,6 @@ def claim(
         if any(taken):
             log.warning("claimed %d samples through a failing connection", sum(taken))
     return [r for r, ok in zip(waiting, taken, strict=True) if ok == 1]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def base_of(rt: WorkerRuntime, source: SampleSource) -> str | None:

@@ -93,15 +93,16 @@ def result_of(
 
 
 def base_model_of(rt: WorkerRuntime, source: SampleSource) -> str:
-    if source.base_model:
-        return source.base_model
+    """The base model of a sample's source (``sample_batch.base_of``; for a checkpoint whose
+    run is not known, from the checkpoint itself).
+
+    Raises ``UnknownRun`` or ``CheckpointNotFound``.
+    """
+    base = sample_batch.base_of(rt, source)
+    if base is not None:
+        return base
     if source.run_id:
-        if rt.engine.has_run(source.run_id):
-            return rt.engine.run_info(source.run_id).base_model
-        record = rt.store.get_run(source.run_id)
-        if record is None:
-            raise UnknownRun(f"unknown run {source.run_id!r}")
-        return record.base_model
+        raise UnknownRun(f"unknown run {source.run_id!r}")
     assert source.checkpoint is not None
     infos = [c for c in rt.engine.list_checkpoints() if c.path == source.checkpoint]
     if not infos:
