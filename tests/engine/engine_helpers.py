@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from eztinker_tasks.engine import Engine
+from eztinker_tasks.engine import Engine, EngineConfig
 from eztinker_tasks.engine.runs import RunState
 from eztinker_tasks.types import AdamParams, Datum, LoraSpec
 
@@ -141,3 +142,16 @@ def assert_same_tensors(
             assert torch.equal(a[key], b[key]), key
         else:  # GPU backward passes may differ in the last bits; Adam amplifies that a little
             assert rel_err(a[key], b[key]) < 1e-2, key
+
+
+def new_engine(data_dir: Path, checkpoints_dir: Path, **config: Any) -> Engine:
+    """An engine on the test device and dtype; ``config`` overrides ``EngineConfig`` fields."""
+    return Engine(
+        EngineConfig(
+            data_dir=data_dir,
+            checkpoints_dir=checkpoints_dir,
+            device=DEVICE,
+            dtype=DTYPE,
+            **config,
+        )
+    )

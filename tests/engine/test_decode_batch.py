@@ -4,24 +4,24 @@ the KV budget splits a batch and refuses a request too large alone."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from engine_helpers import (
-    DEVICE,
-    DTYPE,
     SENTENCE,
     encode,
     logprob_atol,
+    new_engine,
     new_run,
     sequence_datum,
     train,
 )
 from transformers import PreTrainedModel
 
-from eztinker_tasks.engine import Engine, EngineConfig, sample_batches
 from eztinker_tasks.engine import decode as decoding
+from eztinker_tasks.engine import sample_batches
 from eztinker_tasks.engine.decode_steps import Live
 from eztinker_tasks.errors import EZTinkerError, InvalidRequest, UnknownRun
 from eztinker_tasks.types import SampleCall, SampleOutput, SampleSource, SamplingParams
@@ -31,14 +31,7 @@ from eztinker_tasks.types import SampleCall, SampleOutput, SampleSource, Samplin
 def setup(request, data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """Two runs trained apart (ranks 8 and 16), a saved checkpoint of a third state of run a."""
     base_model = request.param
-    engine = Engine(
-        EngineConfig(
-            data_dir=data_dir,
-            checkpoints_dir=tmp_path_factory.mktemp("ckpt"),
-            device=DEVICE,
-            dtype=DTYPE,
-        )
-    )
+    engine = new_engine(data_dir, tmp_path_factory.mktemp("ckpt"))
     ids = encode(engine, base_model, SENTENCE)
     new_run(engine, "a", base_model, rank=8)
     new_run(engine, "b", base_model, rank=16)
@@ -66,7 +59,9 @@ def mixed_calls(base_model: str, ids: list[int], checkpoint: str) -> list[Sample
     ]
 
 
-def assert_same(got: SampleOutput, alone: SampleOutput, atol: float) -> None:
+def assert_same(got: object, alone: object, atol: float) -> None:
+    """Both are ``SampleOutput``s with the same tokens, logprobs within ``atol``."""
+    assert isinstance(got, SampleOutput) and isinstance(alone, SampleOutput)
     assert len(got.sequences) == len(alone.sequences)
     for g, a in zip(got.sequences, alone.sequences, strict=True):
         assert g.tokens == a.tokens and g.stop_reason == a.stop_reason
@@ -77,6 +72,12 @@ def assert_same(got: SampleOutput, alone: SampleOutput, atol: float) -> None:
         assert got.prompt_logprobs is not None
         assert got.prompt_logprobs[0] is None and alone.prompt_logprobs[0] is None
         assert got.prompt_logprobs[1:] == pytest.approx(alone.prompt_logprobs[1:], abs=atol)
+
+
+def assert_all_same(got: Sequence[object], alone: Sequence[object], atol: float) -> None:
+    """``assert_same`` for each pair (as many on each side)."""
+    for one, other in zip(got, alone, strict=True):
+        assert_same(one, other, atol)
 
 
 def test_a_mixed_batch_gives_each_request_what_it_gets_alone(setup) -> None:
@@ -97,14 +98,10 @@ def test_a_mixed_batch_gives_each_request_what_it_gets_alone(setup) -> None:
     assert len(texts) == 3
     together = engine.sample_many(calls)
     atol = logprob_atol(engine)
-    for got, one in zip(together, alone, strict=True):
-        assert isinstance(got, SampleOutput) and isinstance(one, SampleOutput)
-        assert_same(got, one, atol)
+    assert_all_same(together, alone, atol)
     # The same batch in another order: still the same per request.
     backwards = engine.sample_many(calls[::-1])[::-1]
-    for got, one in zip(backwards, alone, strict=True):
-        assert isinstance(got, SampleOutput) and isinstance(one, SampleOutput)
-        assert_same(got, one, atol)
+    assert_all_same(backwards, alone, atol)
 
 
 def test_the_batch_runs_as_one_prefill_and_one_forward_per_step(setup) -> None:
@@ -159,9 +156,7 @@ def test_a_bad_request_fails_alone(setup) -> None:
     assert isinstance(outs[0], UnknownRun)
     assert isinstance(outs[3], InvalidRequest) and isinstance(outs[5], InvalidRequest)
     alone = [engine.sample_many([c])[0] for c in calls[:3]]
-    for got, one in zip([outs[1], outs[2], outs[4]], alone, strict=True):
-        assert isinstance(got, SampleOutput) and isinstance(one, SampleOutput)
-        assert_same(got, one, logprob_atol(engine))
+    assert_all_same([outs[1], outs[2], outs[4]], alone, logprob_atol(engine))
 
 
 def test_the_kv_budget_splits_a_batch_and_refuses_a_request_too_large_alone(
@@ -189,9 +184,7 @@ def test_the_kv_budget_splits_a_batch_and_refuses_a_request_too_large_alone(
     assert isinstance(refused, InvalidRequest) and refused.category == "user"
     assert "KV cache" in refused.message and "fewer" in refused.message
     assert len(batches) > 1 and sum(batches) == len(calls)
-    for got, one in zip(outs[:-1], alone, strict=True):
-        assert isinstance(got, SampleOutput) and isinstance(one, SampleOutput)
-        assert_same(got, one, logprob_atol(engine))
+    assert_all_same(outs[:-1], alone, logprob_atol(engine))
 
 
 def test_errors_in_results_are_eztinker_errors(setup) -> None:
@@ -213,9 +206,7 @@ def test_decode_equals_the_transformers_cache_sampler(
     monkeypatch.setattr(decoding, "SUPPORTED_MODEL_TYPES", frozenset())
     assert not decoding.supports(engine.models.get(base_model).model)
     theirs = engine.sample_many(calls)
-    for got, reference in zip(ours, theirs, strict=True):
-        assert isinstance(got, SampleOutput) and isinstance(reference, SampleOutput)
-        assert_same(got, reference, logprob_atol(engine))
+    assert_all_same(ours, theirs, logprob_atol(engine))
 
 
 # --------------------------------------------------------------------------- joining
@@ -248,9 +239,7 @@ def test_requests_joining_a_running_batch_get_what_they_get_alone(setup) -> None
     assert len(polls) >= 2 and len(outs) == 1 + len(calls)
     # They joined the running batch: every short one ended before the long one.
     assert order[-1] == 0 and sorted(order) == list(range(len(outs))), order
-    for got, one in zip(outs, alone, strict=True):
-        assert isinstance(got, SampleOutput) and isinstance(one, SampleOutput)
-        assert_same(got, one, logprob_atol(engine))
+    assert_all_same(outs, alone, logprob_atol(engine))
 
 
 def test_a_joining_request_that_cannot_join_still_gets_its_answer(
@@ -270,9 +259,7 @@ def test_a_joining_request_that_cannot_join_still_gets_its_answer(
         [long_call(ids, 200)], poll=poll, on_done=lambda i, outcome: order.append(i)
     )
     assert isinstance(outs[3], UnknownRun)
-    for got, one in zip(outs[:3], alone, strict=True):
-        assert isinstance(got, SampleOutput) and isinstance(one, SampleOutput)
-        assert_same(got, one, logprob_atol(engine))
+    assert_all_same(outs[:3], alone, logprob_atol(engine))
     assert order.index(2) > order.index(0)  # another base: after the batch, on its own
 
     # No memory to grow the cache (4 more rows of the batch's 202 positions) for a request
@@ -288,21 +275,12 @@ def test_a_joining_request_that_cannot_join_still_gets_its_answer(
         [long_call(ids, 200)], poll=poll, on_done=lambda i, outcome: order.append(i)
     )
     assert order == [0, 1]
-    assert isinstance(outs[1], SampleOutput) and isinstance(wide_alone, SampleOutput)
     assert_same(outs[1], wide_alone, logprob_atol(engine))
 
 
 def test_a_request_past_its_timeout_fails_alone(setup, data_dir: Path, tmp_path: Path) -> None:
     _, base_model, ids, _ = setup
-    engine = Engine(
-        EngineConfig(
-            data_dir=data_dir,
-            checkpoints_dir=tmp_path,
-            device=DEVICE,
-            dtype=DTYPE,
-            sample_timeout_s=0.5,
-        )
-    )
+    engine = new_engine(data_dir, tmp_path, sample_timeout_s=0.5)
     short = SampleCall(
         SampleSource(base_model=base_model), ids[:3], 1, SamplingParams(max_tokens=4, seed=0)
     )
@@ -336,9 +314,7 @@ def test_unseeded_samples_of_one_run_do_not_depend_on_their_batch(setup) -> None
         engine.sample_many([replace(call, source=SampleSource(run_id="same2"))])[0]
         for call in calls
     ]
-    for got, one in zip(together, apart, strict=True):
-        assert isinstance(got, SampleOutput) and isinstance(one, SampleOutput)
-        assert_same(got, one, logprob_atol(engine))
+    assert_all_same(together, apart, logprob_atol(engine))
     for run in ("same1", "same2"):
         engine.delete_run(run)
 
@@ -353,7 +329,6 @@ def test_a_checkpoint_that_cannot_be_read_fails_only_its_request(setup) -> None:
     [alone] = engine.sample_many([good])
     outs = engine.sample_many([good, broken])
     assert isinstance(outs[1], EZTinkerError) and outs[1].category == "server", outs[1]
-    assert isinstance(outs[0], SampleOutput) and isinstance(alone, SampleOutput)
     assert_same(outs[0], alone, logprob_atol(engine))
     poll, _ = joining([broken])
     outs = engine.sample_many([long_call(ids, 100)], poll=poll)

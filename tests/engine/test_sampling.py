@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from engine_helpers import (
-    DEVICE,
-    DTYPE,
     SENTENCE,
     encode,
     logprob_atol,
+    new_engine,
     new_run,
     peft_reference,
     sequence_datum,
@@ -32,14 +31,7 @@ RUN = SampleSource(run_id="r")
 def trained(request, data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """An engine whose run "r" has memorised SENTENCE followed by EOS."""
     base_model = request.param
-    engine = Engine(
-        EngineConfig(
-            data_dir=data_dir,
-            checkpoints_dir=tmp_path_factory.mktemp("ckpt"),
-            device=DEVICE,
-            dtype=DTYPE,
-        )
-    )
+    engine = new_engine(data_dir, tmp_path_factory.mktemp("ckpt"))
     eos = engine.model_info(base_model).eos_token_id
     assert eos is not None
     ids = [*encode(engine, base_model, SENTENCE), eos]
