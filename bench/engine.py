@@ -83,19 +83,25 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
+def bench_engine(device: torch.device, workdir: Path) -> tuple[Engine, torch.dtype]:
+    """An engine under ``workdir`` on ``device`` (bf16 on CUDA, float32 elsewhere), its dtype."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    engine = Engine(
+        EngineConfig(
+            data_dir=workdir / "data",
+            checkpoints_dir=workdir / "ckpt",
+            device=str(device),
+            dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+        )
+    )
+    return engine, dtype
+
+
 class Bench:
     def __init__(self, device: torch.device, small: bool, workdir: Path) -> None:
         self.device = device
         self.small = small
-        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.engine = Engine(
-            EngineConfig(
-                data_dir=workdir / "data",
-                checkpoints_dir=workdir / "ckpt",
-                device=str(device),
-                dtype="bfloat16" if self.dtype == torch.bfloat16 else "float32",
-            )
-        )
+        self.engine, self.dtype = bench_engine(device, workdir)
         self.rows: list[dict[str, Any]] = []
         self.gen = torch.Generator().manual_seed(0)
 

@@ -12,7 +12,7 @@ temperature 1, no stop (every sequence runs to the end):
 - ``many``: 32 requests (1 sample each) from 32 different runs' adapters: ONE ``sample_many``
   batch against the same requests one after another (``Engine.sample``).
 - ``single``: one sequence: engine against ``model.generate``.
-- ``join``: a 1 x 16 request arriving while a 64 x 1,024 job decodes (8 x 400 with
+- ``join``: a 1 x 16 request arriving 0.5 s into a 64 x 1,024 job (8 x 900 with
   ``--small``): its time from arrival to its last token, joining the running batch
   (continuous batching) against waiting for the job to end (as a queue would).
 
@@ -25,7 +25,6 @@ Throughput is new tokens per second of wall time (prefill included).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import tempfile
@@ -40,7 +39,8 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eztinker_tasks.engine import Engine, EngineConfig
+from engine import bench_engine, reset, sync  # bench/engine.py (this script's folder)
+
 from eztinker_tasks.engine import decode as decoding
 from eztinker_tasks.shapes import SHAPES
 from eztinker_tasks.types import LoraSpec, SampleCall, SampleSource, SamplingParams
@@ -48,11 +48,6 @@ from eztinker_tasks.types import LoraSpec, SampleCall, SampleSource, SamplingPar
 RANK = 32
 LORA = LoraSpec(rank=RANK, alpha=RANK, train_attn=True, train_mlp=True, train_unembed=False)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(
@@ -74,15 +69,7 @@ def timed(
 class Bench:
     def __init__(self, device: torch.device, small: bool, workdir: Path, repeats: int) -> None:
         self.device, self.small, self.repeats = device, small, repeats
-        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.engine = Engine(
-            EngineConfig(
-                data_dir=workdir / "data",
-                checkpoints_dir=workdir / "ckpt",
-                device=str(device),
-                dtype="bfloat16" if self.dtype == torch.bfloat16 else "float32",
-            )
-        )
+        self.engine, self.dtype = bench_engine(device, workdir)
         self.rows: list[dict[str, Any]] = []
         self.gen = torch.Generator().manual_seed(0)
 
@@ -217,7 +204,7 @@ class Bench:
         ended: dict[int, float] = {}
 
         def poll() -> list[SampleCall]:
-            if arrived or time.perf_counter() - started < 1.0:
+            if arrived or time.perf_counter() - started < 0.5:
                 return []
             arrived.append(time.perf_counter())
             return [short]
@@ -239,12 +226,6 @@ class Bench:
             alone_s=round(alone, 3),
         )
         reset(self.device)
-
-
-def reset(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -274,7 +255,7 @@ def main() -> None:
         "single1b": lambda: bench.one_source("single1b", "llama-3.2-1b", True, 1, new),
         "many1b": lambda: bench.many("llama-3.2-1b", 32, new),
         "join": lambda: bench.join(
-            "llama-3.1-8b", 8 if args.small else 64, 400 if args.small else 1024
+            "llama-3.1-8b", 8 if args.small else 64, 900 if args.small else 1024
         ),
     }
     for key in args.only:
