@@ -98,7 +98,7 @@ class _Batch:
         self.free_bytes = free_bytes
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.live: list[Live] = []
+        self.live: list[Live] = []  # the requests still running (``decode`` drops ended ones)
         self.cache: Cache = {}
         self.rows = 0
         self.length = 0
@@ -212,9 +212,8 @@ def decode(
         logits = batch.admit(requests, 0)
         step, layout = 0, None
         polled_at = time.monotonic()
-        while True:
-            active = active_of(batch.live)
-            for item, item_logits in zip(active, logits, strict=True):
+        while True:  # ``batch.live`` holds the requests still running, joined ones last
+            for item, item_logits in zip(batch.live, logits, strict=True):
                 pick_tokens(item, item_logits, step)
             for item in settle(batch.live, step):
                 record(item, output_of(item))
@@ -223,8 +222,9 @@ def decode(
                 if now > item.deadline:
                     item.done = True
                     record(item, OperationTimeout("sampling ran past its deadline"))
+            batch.live = active_of(batch.live)  # the ended ones leave (their rows are free)
             joined: list[torch.Tensor] = []
-            leading = any(item.index == 0 for item in active_of(batch.live))
+            leading = any(item.index == 0 for item in batch.live)
             if poll is not None and leading and now - polled_at >= poll_interval_s:
                 polled_at = now
                 new = list(poll())
@@ -234,15 +234,13 @@ def decode(
                     for request in new:
                         deferred.append((batch.count, request))
                         batch.count += 1
-            active = active_of(batch.live)
-            if not active:
+            if not batch.live:
                 break
-            for item in active:
-                if item.start_step <= step:
-                    item.ticker.tick(
-                        step - item.start_step + 1, lambda item=item: int(item.finished.sum())
-                    )
-            running = [item for item in active if item.start_step <= step]
+            running = [item for item in batch.live if item.start_step <= step]
+            for item in running:
+                item.ticker.tick(
+                    step - item.start_step + 1, lambda item=item: int(item.finished.sum())
+                )
             if running:
                 if layout is None or layout.active != running:
                     layout = Layout.of(running, batch.dtype, batch.device)
