@@ -107,6 +107,21 @@ class Settings:
         "auto",
         "Recompute activations in the backward: auto (when a pass would not fit), always, never.",
     )
+    recovery: bool = _setting(
+        "EZTINKER_RECOVERY",
+        True,
+        "Runs recover by themselves when a worker dies: snapshots + a log of later ops (1/0).",
+    )
+    snapshot_interval_s: float = _setting(
+        "EZTINKER_SNAPSHOT_INTERVAL_S",
+        10.0,
+        "Snapshot a run at its first optim_step this long after its last one (0 = each step).",
+    )
+    rehome_after_s: float = _setting(
+        "EZTINKER_REHOME_AFTER_S",
+        20.0,
+        "A run whose worker is gone (and not restarting) this long moves to another live worker.",
+    )
     flower_port: int = _setting("EZTINKER_FLOWER_PORT", 5555, "Port of the Flower UI.")
     web_workers: int = _setting(
         "EZTINKER_WEB_WORKERS",
@@ -177,6 +192,13 @@ def _positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0 or value == float("inf"):
         raise ValueError("must be a positive finite number")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be 0 or a positive finite number")
     return value
 
 
@@ -276,6 +298,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "coalesce_max_tokens": _positive_int,
     "cross_run_batching": _flag,
     "activation_checkpointing": _checkpointing,
+    "recovery": _flag,
+    "snapshot_interval_s": _non_negative_float,
+    "rehome_after_s": _non_negative_float,
     "flower_port": _port,
     "web_workers": _non_negative_int,
     "access_log": _flag,

@@ -29,6 +29,7 @@ _CODE_STATUS = {
     "payload_too_large": 413,
     "too_many_requests": 429,
     "internal": 500,
+    "op_crashed_worker": 500,
     "service_unavailable": 503,
     "worker_gone": 503,
     "revoked": 503,

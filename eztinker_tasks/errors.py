@@ -123,6 +123,14 @@ class RunStateLost(EZTinkerError):
     category = "server"
 
 
+class OperationCrashed(EZTinkerError):
+    """An operation was running each of the two times its worker died: it is not run again."""
+
+    code = "op_crashed_worker"
+    status = 500
+    category = "server"
+
+
 class RunFailed(EZTinkerError):
     """The run could not be created (its cause is in the message): it will never run anything.
 
@@ -169,6 +177,7 @@ ERROR_TYPES: dict[str, type[EZTinkerError]] = {
         ServiceUnavailable,
         StaleOperation,
         RunStateLost,
+        OperationCrashed,
         RunFailed,
         OperationTimeout,
         InternalError,

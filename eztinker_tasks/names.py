@@ -17,6 +17,7 @@ LOAD = "eztinker.load"
 SAMPLE = "eztinker.sample"
 COMPUTE_LOGPROBS = "eztinker.compute_logprobs"
 DELETE_RUN = "eztinker.delete_run"
+RECOVER_RUN = "eztinker.recover_run"
 
 SAMPLE_QUEUE = "eztinker.sample"
 

@@ -15,6 +15,7 @@ import redis
 
 from config import Settings
 from eztinker_tasks.deferred import DeferredReplies
+from eztinker_tasks.oplog import OpLog
 from eztinker_tasks.prefetch import BeginPrefetch
 from eztinker_tasks.progress import ProgressPublisher
 from eztinker_tasks.store import Store
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from eztinker_tasks.engine import Backend
+    from eztinker_tasks.snapshots import Snapshots
 
 
 @dataclass
@@ -35,6 +37,8 @@ class WorkerRuntime:
     worker_name: str
     prefetch: BeginPrefetch
     progress: ProgressPublisher  # long operations' progress, for GET /v1/futures/<id>
+    oplog: OpLog  # recoverable runs' op logs and snapshot records
+    snapshots: Snapshots  # when to snapshot a run, and the thread that writes snapshots
     # The highest seq_id applied to each run by this process: a run applies its operations in
     # seq_id order, so an operation below it can only be a late redelivery (see tasks._run_op).
     applied_seq: dict[str, int] = field(default_factory=dict)
@@ -70,6 +74,7 @@ def get_runtime(app: Celery) -> WorkerRuntime:
     with _lock:
         if _runtime is None:
             from eztinker_tasks.engine import Engine, EngineConfig
+            from eztinker_tasks.snapshots import Snapshots, SnapshotWriter, snapshot_root
 
             settings: Settings = app.conf.eztinker_settings
             client = redis.Redis.from_url(app.conf.broker_url)
@@ -83,6 +88,17 @@ def get_runtime(app: Celery) -> WorkerRuntime:
                 )
             )
             store = Store(client, settings.result_ttl_s)
+            oplog = OpLog(client)
+            backend = app.backend
+            writer = SnapshotWriter(
+                oplog,
+                snapshot_root(settings.checkpoints_dir),
+                worker=lambda: _worker_name,
+                answered=lambda future_id: bool(client.exists(backend.get_key_for_task(future_id))),
+            )
+            snapshots = Snapshots(
+                engine, store, writer, settings.snapshot_interval_s, enabled=settings.recovery
+            )
             _runtime = WorkerRuntime(
                 settings=settings,
                 store=store,
@@ -91,6 +107,8 @@ def get_runtime(app: Celery) -> WorkerRuntime:
                 worker_name=_worker_name,
                 prefetch=BeginPrefetch(store, DeferredReplies(client.connection_pool)),
                 progress=ProgressPublisher(client, ttl_s=settings.op_timeout_s + 60),
+                oplog=oplog,
+                snapshots=snapshots,
             )
         return _runtime
 

@@ -249,6 +249,7 @@ class Store:
             f"{P}:run:{run_id}:seq",
             self.future_key(future.future_id),
             message.queue,
+            f"{P}:run:{run_id}:log",
         ]
         args = [
             "" if seq_id is None else str(seq_id),
@@ -284,11 +285,17 @@ class Store:
             )
         return OpClaim(seq, prior["future_id"], created=False)
 
-    def queue_op(self, future: FutureRecord, message: QueuedMessage) -> None:
-        """Record ``future`` and queue its message, atomically (MULTI/EXEC)."""
+    def queue_op(self, future: FutureRecord, message: QueuedMessage, log: bool = False) -> None:
+        """Record ``future`` and queue its message, atomically (MULTI/EXEC).
+
+        ``log``: also append the message to its run's op log under the future's seq_id (a
+        recoverable run's ``create_run``, seq_id 0).
+        """
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self.future_key(future.future_id), json.dumps(asdict(future)), ex=self.ttl_s)
         pipe.lpush(message.queue, message.payload)
+        if log and future.run_id is not None:
+            pipe.zadd(f"{P}:run:{future.run_id}:log", {message.payload: future.seq_id or 0})
         pipe.execute()
 
     @staticmethod

@@ -63,12 +63,15 @@ class RunRecord:
     lora: dict[str, Any]
     worker: str
     created_at: float
-    status: str = "creating"  # creating | ready | failed | lost | deleted
+    status: str = "creating"  # creating | ready | recovering | failed | lost | deleted
     step: int = 0
     tokens_trained: int = 0
     last_loss: float | None = None
     last_state: str | None = None  # path of the newest state checkpoint
     error: str | None = None
+    # Its ops are logged and its state snapshotted, so a dead worker's run recovers by itself
+    # (``eztinker_tasks.recovery``).
+    recoverable: bool = False
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> RunRecord:
@@ -118,8 +121,9 @@ class OpClaim:
 # One round trip for a submit, all or nothing: refuse a run that is gone or whose creation
 # failed, pick the seq_id (or take the client's), refuse or reuse a seq_id seen before, record
 # the future (with the worker the run record names now: a run can move to another worker),
-# write the seq_id into the task message and queue it (see ``eztinker_tasks.messages``).
-# KEYS: run record, run stats hash, ops hash, seq counter, future record, queue.
+# write the seq_id into the task message and queue it (see ``eztinker_tasks.messages``); for a
+# recoverable run, also append the message to the run's op log (``eztinker_tasks.oplog``).
+# KEYS: run record, run stats hash, ops hash, seq counter, future record, queue, op log.
 # ARGV: seq_id or "", op record (JSON), future record (JSON), future TTL (s), task message,
 # the seq placeholder in the message.
 # Returns {"gone"} | {"failed"} | {"dup", seq_id, existing op record} | {"behind", seq_id,
@@ -152,5 +156,6 @@ local message = ARGV[5]
 local i, j = string.find(message, ARGV[6], 1, true)
 if i then message = string.sub(message, 1, i - 1) .. seq .. string.sub(message, j + 1) end
 redis.call('LPUSH', KEYS[6], message)
+if run['recoverable'] then redis.call('ZADD', KEYS[7], tonumber(seq), message) end
 return {'ok', seq}
 """

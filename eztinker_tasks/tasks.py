@@ -18,7 +18,7 @@ from typing import Any
 from celery import Task, shared_task
 
 from config import Settings
-from eztinker_tasks import cycle, names
+from eztinker_tasks import cycle, names, recovery
 from eztinker_tasks.errors import (
     EZTinkerError,
     RunFailed,
@@ -31,11 +31,11 @@ from eztinker_tasks.result_backend import ResultBackend
 from eztinker_tasks.runtime import WorkerRuntime, get_runtime, report_now
 from eztinker_tasks.sample_batch import SampleRequest
 from eztinker_tasks.sampling import sample_body
+from eztinker_tasks.snapshots import remove_snapshots
 from eztinker_tasks.types import (
     AdamParams,
     CallSpec,
     Datum,
-    LoraSpec,
     SampleSource,
     SamplingParams,
 )
@@ -122,7 +122,12 @@ def _run_op(
                 "its operations once each, in seq_id order"
             )
         if needs_live_run and not rt.engine.has_run(run_id):
-            raise _not_held(rt, run_id)
+            # Its worker died or restarted: rebuild it from its snapshot and logged ops (up
+            # to this one, which runs next as usual), if it is recoverable.
+            upto = None if seq_id is None else seq_id - 1
+            recovery.recover(rt, task.app.backend, run_id, upto=upto)
+            if not rt.engine.has_run(run_id):
+                raise _not_held(rt, run_id)
         result = op(rt, begun)
         rt.applied(run_id, seq_id)
         stats: dict[str, Any] = {}
@@ -173,36 +178,9 @@ def create_run(
     optimizer: bool = True,
 ) -> dict[str, Any]:
     def op(rt: WorkerRuntime, _: Begun) -> dict[str, Any]:
-        if rt.engine.has_run(run_id):
-            return rt.engine.run_info(run_id).to_dict()
-        try:
-            if from_checkpoint:
-                info = rt.engine.create_run_from_checkpoint(run_id, from_checkpoint, optimizer)
-            else:
-                assert base_model is not None
-                info = rt.engine.create_run(run_id, base_model, LoraSpec.from_dict(lora or {}))
-        except Exception as exc:
-            # Whatever the cause, the run is failed with it (never left "creating", which
-            # later operations would read as a worker restart).
-            cause = (
-                exc.message if isinstance(exc, EZTinkerError) else f"{type(exc).__name__}: {exc}"
-            )
-            rt.store.update_run(run_id, status="failed", error=cause)
-            raise
-        rt.store.put_model(rt.engine.model_info(info.base_model).to_dict())
-        rt.store.update_run(
-            run_id,
-            status="ready",
-            error=None,
-            base_model=info.base_model,
-            lora=info.lora.to_dict(),
-            step=info.step,
-            tokens_trained=info.tokens_trained,  # a run made from a state starts where it was
-            last_loss=info.last_loss,
-            last_state=from_checkpoint,
-        )
-        report_now()  # /health shows the new run at once
-        return info.to_dict()
+        out = recovery.create_run_now(rt, run_id, base_model, lora, from_checkpoint, optimizer)
+        rt.snapshots.after_op(run_id, 0, str(self.request.id), force=True)
+        return out
 
     return _call(self, op)
 
@@ -294,6 +272,11 @@ def optim_step(self: Task, run_id: str, seq_id: int, adam: dict[str, float]) -> 
         if answered:
             writes = cycle.answer(rt, self.app.backend, str(self.request.id), started_at, answered)
             self.app.backend.write_with_result(str(self.request.id), writes)
+        # An optim_step boundary: snapshot the runs that are due (off this thread).
+        rt.snapshots.after_op(run_id, seq_id, str(self.request.id))
+        for queued, outcome in answered:
+            if not isinstance(outcome, EZTinkerError):
+                rt.snapshots.after_op(queued.run_id, queued.seq_id, queued.task_id)
         return out
 
     return _run_op(self, run_id, seq_id, op)
@@ -335,6 +318,7 @@ def load(self: Task, run_id: str, seq_id: int, path: str, optimizer: bool = True
             info = rt.engine.create_run_from_checkpoint(run_id, path, optimizer)
             report_now()
         rt.store.update_run(run_id, last_state=path, status="ready", error=None)
+        rt.snapshots.after_op(run_id, seq_id, str(self.request.id), force=True)
         return info.to_dict()
 
     return _run_op(self, run_id, seq_id, op, needs_live_run=False)
@@ -389,10 +373,23 @@ def delete_run(self: Task, run_id: str) -> dict[str, Any]:
             rt.engine.delete_run(run_id)
         rt.applied_seq.pop(run_id, None)
         rt.store.update_run(run_id, status="deleted")
+        rt.snapshots.forget(run_id)
+        rt.oplog.forget(run_id)
+        remove_snapshots(rt.settings.checkpoints_dir, run_id)
         self.app.control.cancel_consumer(
             names.run_queue(run_id), destination=[rt.worker_name], reply=False
         )
         report_now()
         return {"run_id": run_id, "deleted": True, "was_loaded": held}
+
+    return _call(self, op)
+
+
+@shared_task(name=names.RECOVER_RUN, bind=True)
+def recover_run(self: Task, run_id: str) -> dict[str, Any]:
+    """Rebuild a recoverable run on this worker (``eztinker_tasks.recovery``)."""
+
+    def op(rt: WorkerRuntime, _: Begun) -> dict[str, Any]:
+        return recovery.recover(rt, self.app.backend, run_id).to_dict()
 
     return _call(self, op)

@@ -6,8 +6,10 @@ operation at a time and still answers control messages, which is how run queues 
 
 On start the worker records itself as *starting* in Redis (``/health`` says so while it imports
 and builds its engine), then consumes the shared sampling queue, its own queue and the queues of
-the runs recorded as its own (a restarted worker keeps serving its runs; their in-memory state
-is gone, so they are marked ``lost`` until a ``load_state``), and reports a heartbeat to Redis.
+the runs recorded as its own (a restarted worker keeps serving its runs: a recoverable run is
+rebuilt from its snapshot and logged ops, ``eztinker_tasks.recovery``; any other is marked
+``lost`` until a ``load_state``), and reports a heartbeat to Redis. From its heartbeat thread it
+also adopts the recoverable runs of workers that have been gone for ``EZTINKER_REHOME_AFTER_S``.
 
 Logs: one INFO line per failed operation with a user error, a traceback only for a server fault
 (see ``eztinker_tasks.task_base``); no progress bars (``eztinker worker`` turns them off).
@@ -30,7 +32,7 @@ from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import task_received, worker_ready, worker_shutdown
 
 from config import Settings
-from eztinker_tasks import names, runtime, tasks
+from eztinker_tasks import names, recovery, runtime, tasks
 from eztinker_tasks.store import StartingWorker, Store, WorkerRecord
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ class Heartbeat(threading.Thread):
         while not self.stopped.is_set():
             try:
                 self.beat()
+                recovery.adopt_orphans(self.app, runtime.get_runtime(self.app))
             except redis.RedisError as exc:  # keep beating through a broker hiccup
                 log.warning("heartbeat failed: %s", exc)
             except Exception:
@@ -126,6 +129,7 @@ class Starting(threading.Thread):
 
 _heartbeat: Heartbeat | None = None
 _starting: Starting | None = None
+_initial_runs: list[str] = []  # the runs whose queues this worker consumes from its start
 SWITCH_INTERVAL_S = 0.0005
 
 
@@ -146,14 +150,26 @@ def _on_ready(sender: Any = None, **_: object) -> None:
     for record in rt.store.runs_of_worker(name):
         if record.status in ("deleted", "failed"):
             continue
-        if not rt.engine.has_run(record.run_id):
+        app.control.add_consumer(names.run_queue(record.run_id), destination=[name], reply=False)
+        if rt.engine.has_run(record.run_id):
+            continue
+        if record.recoverable and rt.settings.recovery and rt.oplog.has_log(record.run_id):
+            rt.store.update_run(
+                record.run_id,
+                status="recovering",
+                error=f"worker {name} restarted; recovering the run from its snapshot",
+            )
+            recovery.request_recovery(app, record.run_id)
+            log.info("recovering run %s", record.run_id)
+        else:
             rt.store.update_run(
                 record.run_id,
                 status="lost",
                 error="worker restarted; in-memory state lost (load_state to resume)",
             )
-        app.control.add_consumer(names.run_queue(record.run_id), destination=[name], reply=False)
-        log.info("re-bound queue of run %s", record.run_id)
+            log.info("re-bound queue of run %s", record.run_id)
+    for queue in _moved_away(rt, name):  # adopted by another worker while this one started
+        app.control.cancel_consumer(queue, destination=[name], reply=False)
     _heartbeat = Heartbeat(app, name, rt.engine.device)
     runtime.set_reporter(_heartbeat.beat)
     _heartbeat.beat()
@@ -161,6 +177,15 @@ def _on_ready(sender: Any = None, **_: object) -> None:
     if _starting is not None:  # live now: no longer starting
         _starting.done()
     log.info("%s is live on %s", name, rt.engine.device)
+
+
+def _moved_away(rt: runtime.WorkerRuntime, name: str) -> list[str]:
+    """Queues this worker consumes since its start whose run now belongs to another worker."""
+    return [
+        names.run_queue(run_id)
+        for run_id in _initial_runs
+        if (record := rt.store.get_run(run_id)) is not None and record.worker != name
+    ]
 
 
 def _on_received(request: Any = None, **_: object) -> None:
@@ -236,11 +261,10 @@ def run_worker(
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     # A restarted worker serves its runs' queues again from the start: they are part of its
     # initial queue list (a control broadcast sent during start-up could be missed).
-    own_runs = [
-        names.run_queue(r.run_id)
-        for r in store.runs_of_worker(hostname)
-        if r.status not in ("deleted", "failed")
+    _initial_runs[:] = [
+        r.run_id for r in store.runs_of_worker(hostname) if r.status not in ("deleted", "failed")
     ]
+    own_runs = [names.run_queue(run_id) for run_id in _initial_runs]
     queues = [names.SAMPLE_QUEUE, names.worker_queue(hostname), *own_runs]
     worker_ready.connect(_on_ready, weak=False)
     task_received.connect(_on_received, weak=False)

@@ -167,6 +167,7 @@ def create_run(
         lora=dict(lora),
         worker=worker.name,
         created_at=time.time(),
+        recoverable=svc.settings.recovery,
     )
     store.put_run(record)
     replies = svc.celery.control.add_consumer(
@@ -194,7 +195,8 @@ def create_run(
         seq_id=0,
         worker=worker.name,
     )
-    store.queue_op(future, _message(names.CREATE_RUN, kwargs, future_id, queue))
+    message = _message(names.CREATE_RUN, kwargs, future_id, queue)
+    store.queue_op(future, message, log=record.recoverable)
     return record, Submitted(future_id, 0, run_id)
 
 

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import base64
 import copy
-import ctypes
-import errno
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from eztinker_tasks import checkpoint_paths
 from eztinker_tasks.catalog import file_lock
 from eztinker_tasks.engine.adapters import input_embedding_weight, lora_config
+from eztinker_tasks.engine.atomic_dirs import write_atomically
 from eztinker_tasks.engine.runs import RunState, checked_lora_spec
 from eztinker_tasks.errors import CheckpointNotFound, InvalidRequest
 from eztinker_tasks.types import CheckpointInfo, CheckpointKind, LoraSpec
@@ -54,61 +54,6 @@ META_FILES: dict[CheckpointKind, str] = {
 }
 
 
-# ---------------------------------------------------------------- atomic directory writes
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically with renameat2(RENAME_EXCHANGE); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(final: Path, fill: Callable[[Path], None]) -> None:
-    """Build ``final`` with ``fill(tmp)`` in a temp dir beside it, then publish it atomically."""
-    parent = final.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(parent / f".{final.name}.lock"):
-        tmp = parent / f".tmp-{final.name}-{uuid.uuid4().hex[:12]}"
-        tmp.mkdir()
-        try:
-            fill(tmp)
-            for child in tmp.iterdir():
-                with open(child, "rb") as handle:
-                    os.fsync(handle.fileno())
-            _fsync_dir(tmp)
-            if not final.exists():
-                os.rename(tmp, final)
-            elif _exchange(tmp, final):
-                shutil.rmtree(tmp)  # tmp now holds the previous checkpoint
-            else:
-                old = parent / f".old-{final.name}-{uuid.uuid4().hex[:12]}"
-                os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync_dir(parent)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -116,16 +61,49 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- writing
 
 
-def _adapter_files(run: RunState, directory: Path) -> None:
+@dataclass
+class Captured:
+    """A run's checkpoint, copied to host memory: ready to be written anywhere, any time later.
+
+    ``tensors``: safetensors file name -> its tensors (CPU copies); ``documents``: JSON file
+    name -> its content; ``meta``: the kind's metadata file, written last.
+    """
+
+    config: Any  # PEFT LoraConfig (save_pretrained writes adapter_config.json)
+    tensors: dict[str, dict[str, torch.Tensor]]
+    documents: dict[str, dict[str, Any]]
+    meta_file: str
+    meta: dict[str, Any]
+
+    def write(self, directory: Path) -> None:
+        """Write every file into ``directory`` (the metadata file last)."""
+        self.config.save_pretrained(str(directory))
+        for name, tensors in self.tensors.items():
+            save_file(tensors, str(directory / name), metadata={"format": "pt"})
+        for name, document in self.documents.items():
+            _write_json(directory / name, document)
+        _write_json(directory / self.meta_file, self.meta)  # last: marks the checkpoint complete
+
+
+def capture(run: RunState, kind: CheckpointKind, name: str) -> Captured:
+    """Copy a "state" or "sampler" checkpoint of ``run`` to host memory (device-to-host)."""
     config = lora_config(run.base.targets, run.lora, run.base.source)
     config.inference_mode = True
-    tensors = {k: p.detach().to("cpu", copy=True).contiguous() for k, p in run.params.items()}
+    adapter = {k: p.detach().to("cpu", copy=True).contiguous() for k, p in run.params.items()}
+    files: dict[str, dict[str, torch.Tensor]] = {}
     unembed = run.base.targets.unembed
     targets = getattr(config, "target_modules", None) or ()
     if run.base.tied_unembedding and unembed is not None and unembed in targets:
-        _export_tied_unembedding(run, config, unembed, tensors, directory)
-    config.save_pretrained(str(directory))
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        files[UNEMBED_LORA] = _export_tied_unembedding(run, config, unembed, adapter)
+    files[ADAPTER_WEIGHTS] = adapter
+    documents: dict[str, dict[str, Any]] = {}
+    meta = _meta(run, kind, name)
+    if kind == "state":
+        files[OPTIMIZER_TENSORS], documents[OPTIMIZER_JSON] = _optimizer_state(run)
+        state = run.generator.get_state()
+        meta["rng_device"] = run.generator.device.type
+        meta["rng_state"] = base64.b64encode(state.numpy().tobytes()).decode()
+    return Captured(config, files, documents, META_FILES[kind], meta)
 
 
 def _export_tied_unembedding(
@@ -133,8 +111,7 @@ def _export_tied_unembedding(
     config: Any,
     unembed: str,
     tensors: dict[str, torch.Tensor],
-    directory: Path,
-) -> None:
+) -> dict[str, torch.Tensor]:
     """On a tied base, export the trained unembedding as a full ``modules_to_save`` matrix.
 
     The run applies its ``lm_head`` LoRA delta to the logits only; its input embedding stays
@@ -142,12 +119,11 @@ def _export_tied_unembedding(
     matrix both share, changing the input embedding too. So the PEFT files carry the unembedding
     as ``modules_to_save`` (``W + (alpha / r) * B @ A`` in the base's dtype): PEFT then keeps a
     separate copy, loading is exact, and merging unties the two (PEFT sets
-    ``tie_word_embeddings=False``). The LoRA factors themselves go to ``UNEMBED_LORA`` for
-    EZTinker's own loading (resume, sampling).
+    ``tie_word_embeddings=False``). The LoRA factors themselves (returned) go to
+    ``UNEMBED_LORA`` for EZTinker's own loading (resume, sampling).
     """
     prefix = f"base_model.model.{unembed}"
     factors = {key: tensors.pop(key) for key in list(tensors) if key.startswith(f"{prefix}.lora_")}
-    save_file(factors, str(directory / UNEMBED_LORA), metadata={"format": "pt"})
     a, b = factors[f"{prefix}.lora_A.weight"], factors[f"{prefix}.lora_B.weight"]
     scaling = float(config.lora_alpha) / float(config.r)
     embedding = input_embedding_weight(run.base.model)
@@ -155,6 +131,7 @@ def _export_tied_unembedding(
     tensors[f"{prefix}.weight"] = merged.to(embedding.dtype).contiguous()
     config.target_modules = sorted(set(config.target_modules) - {unembed})
     config.modules_to_save = [unembed]
+    return factors
 
 
 def _meta(run: RunState, kind: CheckpointKind, name: str) -> dict[str, Any]:
@@ -179,23 +156,13 @@ def save(checkpoints_dir: Path, run: RunState, name: str, kind: CheckpointKind) 
     final = checkpoint_paths.resolve(
         checkpoints_dir, checkpoint_paths.format_path(run.run_id, name)
     )
-    meta = _meta(run, kind, name)
-
-    def fill(directory: Path) -> None:
-        _adapter_files(run, directory)
-        if kind == "state":
-            _optimizer_files(run, directory)
-            state = run.generator.get_state()
-            meta["rng_device"] = run.generator.device.type
-            meta["rng_state"] = base64.b64encode(state.numpy().tobytes()).decode()
-        _write_json(directory / META_FILES[kind], meta)  # last: marks the checkpoint complete
-
-    write_atomically(final, fill)
+    write_atomically(final, capture(run, kind, name).write)
     return info_from_dir(final)
 
 
-def _optimizer_files(run: RunState, directory: Path) -> None:
-    """AdamW moments per canonical parameter name (views of the flat leaves' state)."""
+def _optimizer_state(run: RunState) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """AdamW moments per canonical parameter name (views of the flat leaves' state), and the
+    per-parameter step counts and hyper-parameters."""
     tensors: dict[str, torch.Tensor] = {}
     steps: dict[str, float] = {}
     adapter = run.adapter
@@ -210,11 +177,8 @@ def _optimizer_files(run: RunState, directory: Path) -> None:
             for name, view in views.items():
                 tensors[f"{name}:{key}"] = view.to("cpu", copy=True).contiguous()
     group = {k: v for k, v in run.optimizer.param_groups[0].items() if k != "params"}
-    save_file(tensors, str(directory / OPTIMIZER_TENSORS), metadata={"format": "pt"})
-    _write_json(
-        directory / OPTIMIZER_JSON,
-        {"param_names": list(run.params), "steps": steps, "param_group": _jsonable(group)},
-    )
+    document = {"param_names": list(run.params), "steps": steps, "param_group": _jsonable(group)}
+    return tensors, document
 
 
 def _jsonable(value: Any) -> Any:
@@ -233,10 +197,16 @@ def _jsonable(value: Any) -> Any:
 def resolve_existing(checkpoints_dir: Path, path: str) -> tuple[Path, dict[str, Any]]:
     """The directory and metadata of checkpoint ``path``; CheckpointNotFound if absent."""
     directory = checkpoint_paths.resolve(checkpoints_dir, path)
+    return directory, read_meta(directory, path)
+
+
+def read_meta(directory: Path, shown: str | None = None) -> dict[str, Any]:
+    """The metadata of the checkpoint in ``directory``; CheckpointNotFound if it has none."""
     for kind_file in META_FILES.values():
         meta_path = directory / kind_file
         if meta_path.is_file():
-            return directory, json.loads(meta_path.read_text())
+            return json.loads(meta_path.read_text())
+    path = shown or str(directory)
     raise CheckpointNotFound(f"checkpoint {path!r} does not exist", errors={"path": [path]})
 
 

@@ -307,6 +307,11 @@ class Engine:
         """Load adapter weights (and optimizer state, step, RNG) from a checkpoint."""
         run = self._run(run_id)
         directory, meta = checkpoints.resolve_existing(self._ckpt_dir, path)
+        return self._load_dir(run, directory, meta, optimizer)
+
+    def _load_dir(
+        self, run: RunState, directory: Path, meta: dict[str, Any], optimizer: bool
+    ) -> RunInfo:
         checkpoints.check_kind(meta, optimizer)
         checkpoints.check_compatible(run, meta)
         tensors = checkpoints.load_adapter_tensors(directory, dict(run.params))
@@ -326,7 +331,33 @@ class Engine:
         run.optimizer = fresh
         run.step = int(meta["step"])
         run.tokens_trained = int(meta.get("tokens_trained", 0))
+        run.last_loss = meta.get("last_loss", run.last_loss)
         return run.info()
+
+    def capture_state(self, run_id: str) -> checkpoints.Captured:
+        """The run's full state (adapter, optimizer, step, counters, RNG) copied to host
+        memory, as a state checkpoint to write later (``Captured.write``): a snapshot."""
+        captured = checkpoints.capture(self._run(run_id), "state", "snapshot")
+        captured.meta["last_loss"] = self._run(run_id).last_loss
+        return captured
+
+    def restore_run(self, run_id: str, directory: Path) -> RunInfo:
+        """Build run ``run_id`` from the state checkpoint in ``directory`` (an absolute path:
+        a snapshot), exactly as it was: weights, optimizer, step, counters, RNG.
+
+        Raises CheckpointNotFound if ``directory`` holds no complete state checkpoint, and
+        Conflict if the run exists already.
+        """
+        checkpoint_paths.validate_name(run_id, "run_id")
+        if run_id in self._runs:
+            raise Conflict(f"run {run_id!r} already exists", errors={"run_id": [run_id]})
+        meta = checkpoints.read_meta(directory)
+        self.create_run(run_id, str(meta["base_model"]), checkpoints.lora_spec(meta))
+        try:
+            return self._load_dir(self._runs[run_id], directory, meta, optimizer=True)
+        except BaseException:
+            self.delete_run(run_id)
+            raise
 
     def list_checkpoints(self, run_id: str | None = None) -> list[CheckpointInfo]:
         return checkpoints.list_all(self._ckpt_dir, run_id)

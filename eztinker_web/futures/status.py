@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from eztinker_tasks.errors import NotFound
+from eztinker_tasks.oplog import OpLog
 from eztinker_tasks.store import FutureRecord
 from eztinker_web.futures.progress import QueuePlaces, progress_body, read_running
 from eztinker_web.futures.watcher import META_PREFIX
@@ -80,6 +81,9 @@ def _stall_reason(
     - it has run for longer than the operation timeout;
     - the worker that started it is gone, or restarted since (the operation died with it);
     - it has not started and the worker holding its run (or every worker) is gone.
+
+    An op of a recoverable run is not given up in the last two cases while its run can still
+    be recovered (``_recovery_wait``): the recovery answers it with its real result.
     """
     now = time.time()
     if started:
@@ -91,29 +95,86 @@ def _stall_reason(
                 f"on worker {worker_name}; it was abandoned",
             )
         worker = svc.store.worker(worker_name)
+        if worker is not None and worker.started_at <= float(started["at"]):
+            return None
         if worker is None:
-            return _error(
+            lost = _error(
                 "worker_gone",
                 f"worker {worker_name} died while running this operation (it no longer "
                 "reports itself alive: its heartbeat lapsed, or it was replaced after dying)",
             )
-        if worker.started_at > float(started["at"]):
-            return _error(
+        else:
+            lost = _error(
                 "worker_gone",
                 f"worker {worker_name} restarted while running this operation; it was lost",
             )
-        return None
+        return _recovery_wait(svc, record, lost)
     if record.worker:
         if svc.store.worker(record.worker) is None:
-            return _error(
+            lost = _error(
                 "worker_gone",
                 f"worker {record.worker} that holds run {record.run_id} is not alive (it no "
                 "longer reports itself alive), so the operation cannot run; load a saved state "
                 "to move the run to a live worker",
             )
+            return _recovery_wait(svc, record, lost)
     elif not svc.store.live_workers():
         return _error("worker_gone", "no live worker to run this operation")
     return None
+
+
+def _recovery_wait(
+    svc: Services, record: FutureRecord, lost: dict[str, Any]
+) -> dict[str, Any] | None:
+    """None while the op's run will be recovered (and the op answered by it); else ``lost``.
+
+    Only a logged op (one with a seq_id) of a recoverable run waits: while the run's worker
+    is alive (restarted, or the adopter) or starting again, or, with no such worker, for
+    ``EZTINKER_REHOME_AFTER_S`` plus a grace period for a live worker to adopt it. After that
+    the op fails with ``lost``, recorded as its result, so a later recovery does not apply it.
+    """
+    if record.run_id is None or record.seq_id is None:
+        return lost
+    run = svc.store.get_run(record.run_id)
+    if run is None or not run.recoverable or run.status in ("deleted", "failed", "lost"):
+        return lost
+    store = svc.store
+    if store.worker(run.worker) is not None:
+        return None
+    if run.worker in {s.name for s in store.starting_workers()}:
+        return None
+    settings = svc.settings
+    grace = settings.rehome_after_s + 4 * settings.worker_heartbeat_s + settings.worker_ttl_s + 30
+    orphaned = OpLog(svc.redis_client).orphaned_since(run.run_id)
+    if time.time() - orphaned < grace:
+        return None
+    lost = _error(
+        "worker_gone",
+        f"{lost['message']}; no live worker took over run {run.run_id} within {grace:.0f} s "
+        "(it recovers by itself once a worker runs again; this operation is not applied)",
+    )
+    _record_failure(svc, record.future_id, lost)
+    return lost
+
+
+def _record_failure(svc: Services, future_id: str, error: dict[str, Any]) -> None:
+    """Store ``error`` as the future's result unless it has one (as a worker would store it)."""
+    meta = {
+        "status": "FAILURE",
+        "result": {
+            "exc_type": "OperationFailed",
+            "exc_module": "eztinker_tasks.errors",
+            "exc_message": [json.dumps(error)],
+        },
+        "traceback": None,
+        "children": [],
+        "date_done": datetime.now(UTC).isoformat(),
+        "task_id": future_id,
+    }
+    key = META_PREFIX + future_id
+    value = json.dumps(meta)
+    if svc.redis_client.set(key, value, nx=True, ex=svc.settings.result_ttl_s):
+        svc.redis_client.publish(key, value)
 
 
 def _error(code: str, message: str, category: str = "server") -> dict[str, Any]:

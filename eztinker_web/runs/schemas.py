@@ -101,13 +101,18 @@ class RunSchema(Schema):
     base_model = fields.String()
     lora = fields.Nested(LoraSchema)
     worker = fields.String()
-    status = fields.String(metadata={"description": "creating | ready | failed | lost"})
+    status = fields.String(
+        metadata={"description": "creating | ready | recovering | failed | lost"}
+    )
     created_at = fields.Float()
     step = fields.Integer()
     tokens_trained = fields.Integer()
     last_loss = fields.Float(allow_none=True)
     last_state = fields.String(allow_none=True)
     error = fields.String(allow_none=True)
+    recoverable = fields.Boolean(
+        metadata={"description": "Recovers by itself when its worker dies (snapshots + op log)"}
+    )
     checkpoints = fields.List(fields.Dict(), dump_default=None)
     last_seq_id = fields.Integer(
         dump_default=None, metadata={"description": "Highest seq_id submitted to this run"}

@@ -1,8 +1,9 @@
 """How the API shows a run: its record, as its worker's liveness says, with its checkpoints.
 
 ``GET /v1/runs`` and ``GET /v1/runs/<id>`` show the same fields. A run whose worker has no
-heartbeat is shown ``lost`` with the reason, whatever its record last said: its in-memory
-state went with that worker, and a ``load`` moves it to a live one.
+heartbeat is shown ``recovering`` if it is recoverable (``eztinker_tasks.recovery``), else
+``lost`` with the reason, whatever its record last said: its in-memory state went with that
+worker, and a ``load`` moves it to a live one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from eztinker_web.checkpoints.listing import list_checkpoints
 from eztinker_web.services import services
 
 # Statuses of a run that needs its worker: without it the run is lost.
-HELD = ("creating", "ready", "lost")
+HELD = ("creating", "ready", "recovering", "lost")
 
 
 def shown(record: RunRecord, live_workers: set[str]) -> RunRecord:
@@ -28,6 +29,16 @@ def shown(record: RunRecord, live_workers: set[str]) -> RunRecord:
     alive = record.worker in live_workers
     if record.status not in HELD or (alive and record.status != "lost"):
         return record
+    if record.recoverable and record.status != "lost":
+        return replace(
+            record,
+            status="recovering",
+            error=(
+                f"worker {record.worker} is not alive; the run recovers by itself from its "
+                "snapshot and logged operations, on that worker when it restarts or on another "
+                "live worker"
+            ),
+        )
     resume = f" (its last: {record.last_state})" if record.last_state else ""
     if alive:
         why = f"worker {record.worker} restarted, and the run's in-memory state went with it"

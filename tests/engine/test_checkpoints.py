@@ -217,10 +217,14 @@ def test_a_crash_while_saving_leaves_no_checkpoint(
     new_run(engine, "r", base_model)
     engine.save_state("r", "kept")
 
-    def explode(*args, **kwargs):
-        raise OSError("disk full")
+    write = checkpoints.save_file
 
-    monkeypatch.setattr(checkpoints, "_optimizer_files", explode)
+    def explode(tensors, filename, *args, **kwargs):  # the disk fills up mid-checkpoint
+        if filename.endswith(checkpoints.OPTIMIZER_TENSORS):
+            raise OSError("disk full")
+        return write(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_file", explode)
     with pytest.raises(OSError, match="disk full"):
         engine.save_state("r", "broken")
     with pytest.raises(OSError, match="disk full"):
@@ -257,3 +261,41 @@ def test_checkpoint_errors(engine: Engine) -> None:
         engine.create_run_from_checkpoint("l", "l/s")
     assert_same_tensors(params_copy(engine, "g"), before)
     assert engine.run_info("l4").step == 0
+
+
+def test_snapshot_captured_then_written_restores_the_run_exactly(
+    engine: Engine, base_model: str, tmp_path: Path
+) -> None:
+    """capture_state copies the state at once; training on after it does not change what is
+    written later; restore_run rebuilds the run exactly (weights, optimizer, step, RNG)."""
+    data = _data(engine, base_model)
+    new_run(engine, "live", base_model, rank=8, seed=3)
+    _steps(engine, "live", data, 2)
+    captured = engine.capture_state("live")
+    at_capture = params_copy(engine, "live")
+    _steps(engine, "live", data, 1)  # moves on before the snapshot is written
+    directory = tmp_path / "snap"
+    directory.mkdir()
+    captured.write(directory)
+    info = engine.restore_run("back", directory)
+    assert (info.step, info.lora.seed) == (2, 3)
+    restored = params_copy(engine, "back")
+    assert_same_tensors(at_capture, restored, exact=exact_device(engine))
+    # Both runs take the same next step from the captured state: the optimizer came back too.
+    new_run(engine, "ref", base_model, rank=8, seed=3)
+    _steps(engine, "ref", data, 2)
+    _steps(engine, "ref", data, 1)
+    _steps(engine, "back", data, 1)
+    assert_same_tensors(
+        params_copy(engine, "ref"), params_copy(engine, "back"), exact=exact_device(engine)
+    )
+    gen = SamplingParams(max_tokens=6, temperature=1.0)
+    prompt = encode(engine, base_model, SENTENCE)
+    drawn = [
+        engine.sample(SampleSource(run_id=r), prompt, 2, gen).sequences for r in ("ref", "back")
+    ]
+    assert [s.tokens for s in drawn[0]] == [s.tokens for s in drawn[1]]  # same RNG state
+    with pytest.raises(Conflict):
+        engine.restore_run("back", directory)
+    with pytest.raises(CheckpointNotFound):
+        engine.restore_run("nothing", tmp_path / "absent")

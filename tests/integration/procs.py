@@ -146,7 +146,7 @@ class Server:
                 assert body["status"] == "starting", body
                 assert [w["name"] for w in body["starting"]], body
                 assert "start one with" not in body["message"], body
-                assert "is starting" in body["message"], body
+                assert " is starting" in body["message"] or " are starting" in body["message"], body
             time.sleep(0.2)
         raise AssertionError(f"not ready in {timeout} s:\n{self.output()}")
 

@@ -28,7 +28,13 @@ FB = {"input_ids": TOKENS, "target_ids": TOKENS}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Service]:
-    svc = start_service(tmp_path_factory.mktemp("modes"), model_cache, workers=1)
+    # Recovery off: the manual path (``load``); test_recovery*.py check automatic recovery.
+    svc = start_service(
+        tmp_path_factory.mktemp("modes"),
+        model_cache,
+        workers=1,
+        extra_env={"EZTINKER_RECOVERY": "0"},
+    )
     yield svc
     svc.stop()
 

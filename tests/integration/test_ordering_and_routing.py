@@ -92,7 +92,11 @@ def test_two_runs_on_one_worker_are_isolated(http: httpx.Client) -> None:
 
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Service]:
-    svc = start_service(tmp_path_factory.mktemp("two"), model_cache, workers=2)
+    # Recovery off: these tests check the manual path (tests/integration/test_recovery*.py
+    # check automatic recovery).
+    svc = start_service(
+        tmp_path_factory.mktemp("two"), model_cache, workers=2, extra_env={"EZTINKER_RECOVERY": "0"}
+    )
     yield svc
     svc.stop()
 
