@@ -108,6 +108,7 @@ class RunSchema(Schema):
     last_loss = fields.Float(allow_none=True)
     last_state = fields.String(allow_none=True)
     error = fields.String(allow_none=True)
+    tenant = fields.String(metadata={"description": "The tenant that owns the run"})
     checkpoints = fields.List(fields.Dict(), dump_default=None)
     last_seq_id = fields.Integer(
         dump_default=None, metadata={"description": "Highest seq_id submitted to this run"}
