@@ -19,9 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+import eztinker
 from config import Settings
 from eztinker_web import create_app
-from tests.integration.tenant_world import FB, TOKENS, World, build_world, elapsed
+from tests.integration.tenant_world import FB, KEYS, TOKENS, World, build_world, elapsed
 
 Case = Callable[[World], None]
 CASES: dict[tuple[str, str], Case] = {}
@@ -84,6 +85,10 @@ def _list_runs(w: World) -> None:
     assert set(alice.values()) == {"alice"} and set(bob.values()) == {"bob"}
     assert admin[w.a_run] == "alice" and admin[w.b_run] == "bob"
     assert not {w.a_run, w.b_run} & set(runs("default"))
+    # the SDK reports whose each run is
+    sdk = eztinker.ServiceClient(w.svc.base_url, api_key=KEYS["admin"])
+    tenants = {r.run_id: r.tenant for r in sdk.list_runs()}
+    assert (tenants[w.a_run], tenants[w.b_run]) == ("alice", "bob")
 
 
 @route("POST", "/v1/runs")
