@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from config.tenants import TenantKey, key_tenants, parse_key_list, read_key_file
+
 
 class SettingsError(ValueError):
     """An environment variable holds a value EZTinker cannot use."""
@@ -52,8 +54,28 @@ class Settings:
     dtype: str = _setting(
         "EZTINKER_DTYPE", "auto", "Base model dtype: auto (bf16 on CUDA, fp32 on CPU), float32, ..."
     )
-    api_keys: tuple[str, ...] = _setting(
-        "EZTINKER_API_KEYS", (), "Comma-separated API keys; empty = auth off."
+    api_keys: tuple[TenantKey, ...] = _setting(
+        "EZTINKER_API_KEYS",
+        (),
+        "Comma-separated API keys, each 'key:tenant' or a bare 'key' (tenant 'default'); "
+        "tenant 'admin' sees every tenant. Empty (and no keys file) = auth off.",
+    )
+    api_keys_file: tuple[TenantKey, ...] = _setting(
+        "EZTINKER_API_KEYS_FILE",
+        (),
+        "A file of API keys, one 'key tenant' (or a bare 'key') per line, '#' comments; "
+        "read at start-up, merged with EZTINKER_API_KEYS.",
+    )
+    tenant_max_runs: int = _setting(
+        "EZTINKER_TENANT_MAX_RUNS",
+        0,
+        "Most runs (not deleted) a tenant may hold; more answer 429 (0 = unlimited).",
+    )
+    tenant_max_queued_ops: int = _setting(
+        "EZTINKER_TENANT_MAX_QUEUED_OPS",
+        0,
+        "Most unfinished operations (training ops, samples, logprobs) a tenant may have "
+        "queued or running; more answer 429 (0 = unlimited).",
     )
     max_request_bytes: int = _setting(
         "EZTINKER_MAX_REQUEST_BYTES", 64 * 1024 * 1024, "Largest request body (413 above)."
@@ -133,6 +155,16 @@ class Settings:
         False,
         "Log every HTTP request (1/true); off by default: two lines per op at hundreds of ops/s.",
     )
+
+    def __post_init__(self) -> None:
+        try:
+            self.key_tenants()
+        except ValueError as exc:
+            raise SettingsError(f"EZTINKER_API_KEYS / EZTINKER_API_KEYS_FILE: {exc}") from None
+
+    def key_tenants(self) -> dict[str, str]:
+        """Every API key -> its tenant (both sources); empty when auth is off."""
+        return key_tenants(self.api_keys, self.api_keys_file)
 
     def web_processes(self) -> int:
         """How many web processes to run: the setting, or half the cores (2 to 4)."""
@@ -234,10 +266,6 @@ def _checkpointing(raw: str) -> str:
     raise ValueError("must be auto, always or never")
 
 
-def _keys(raw: str) -> tuple[str, ...]:
-    return tuple(k.strip() for k in raw.split(",") if k.strip())
-
-
 _HOST = re.compile(
     r"^(\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*|[A-Za-z0-9][A-Za-z0-9.\-]*)$"
 )
@@ -283,7 +311,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "port": _port,
     "device": _device,
     "dtype": _dtype,
-    "api_keys": _keys,
+    "api_keys": parse_key_list,
+    "api_keys_file": read_key_file,
+    "tenant_max_runs": _non_negative_int,
+    "tenant_max_queued_ops": _non_negative_int,
     "max_request_bytes": _positive_int,
     "max_datums": _positive_int,
     "max_samples": _positive_int,

@@ -85,9 +85,19 @@ _RUN_HINTS = {
 }
 
 
+# Hints that need no run id.
+_HINTS = {
+    "too_many_runs": "`eztinker list` shows your runs; `eztinker delete RUN` frees one",
+    "too_many_queued_ops": "your tenant's operations are still running; wait for them "
+    "(`eztinker wait FUTURE`) and retry",
+}
+
+
 def hint_for(exc: EZTinkerAPIError, run: Any) -> str | None:
     template = _RUN_HINTS.get(exc.code)
-    return template.format(run=run) if template and isinstance(run, str) else None
+    if template and isinstance(run, str):
+        return template.format(run=run)
+    return _HINTS.get(exc.code)
 
 
 def errors_as_one_line(fn: F) -> F:

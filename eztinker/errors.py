@@ -28,6 +28,8 @@ _CODE_STATUS = {
     "stale_operation": 409,
     "payload_too_large": 413,
     "too_many_requests": 429,
+    "too_many_runs": 429,
+    "too_many_queued_ops": 429,
     "internal": 500,
     "op_crashed_worker": 500,
     "service_unavailable": 503,
@@ -113,7 +115,15 @@ class PayloadTooLargeError(EZTinkerAPIError):
 
 
 class RateLimitError(EZTinkerAPIError):
-    """429: too many requests."""
+    """429: the caller's tenant is at one of its limits; nothing was done.
+
+    ``code`` says which: ``too_many_queued_ops`` (category ``server``: the client already
+    retried it, honouring ``Retry-After``, and its ops are still unfinished) or
+    ``too_many_runs`` (category ``user``: delete a run first; not retried). ``retry_after``
+    is the server's ``Retry-After`` in seconds, if it sent one.
+    """
+
+    retry_after: float | None = None
 
 
 class InternalServerError(EZTinkerAPIError):

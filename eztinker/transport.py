@@ -3,7 +3,8 @@
 Which failures are retried (with exponential backoff and jitter, honouring ``Retry-After``):
 
 - the request never reached the server (connection refused, DNS, connect timeout): always;
-- 429 and 503 (the server did nothing): always;
+- 429 and 503 (the server did nothing): always, but for a 429 of category ``user`` (a limit
+  only the caller can lift, such as its tenant's run limit: waiting cannot help);
 - a connection dropped after sending, a read timeout, or another 5xx: only for requests that
   are safe to repeat (``idempotent``): GETs, sampling, and training operations that carry a
   ``seq_id`` (the server answers a resent seq_id with the original future, so a retried
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from eztinker.errors import APIConnectionError, EZTinkerAPIError, from_envelope
+from eztinker.errors import APIConnectionError, EZTinkerAPIError, RateLimitError, from_envelope
 from eztinker.http_client import HTTPClient, MaybeSentError, NotSentError, Response
 
 log = logging.getLogger("eztinker")
@@ -71,6 +72,17 @@ def _retry_after(response: Response) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def _waiting_cannot_help(response: Response) -> bool:
+    """A 429 the server marks ``user``: a limit the caller lifts (delete a run), not waits out."""
+    if response.status_code != 429:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("category") == "user"
 
 
 class Transport:
@@ -175,9 +187,9 @@ class Transport:
                 finally:
                     response.close()
                 return
-            retryable = response.status_code in _ALWAYS_RETRY_STATUS or (
-                idempotent and response.status_code in _IDEMPOTENT_RETRY_STATUS
-            )
+            retryable = (
+                response.status_code in _ALWAYS_RETRY_STATUS and not _waiting_cannot_help(response)
+            ) or (idempotent and response.status_code in _IDEMPOTENT_RETRY_STATUS)
             if retryable and attempt < self.retry.max_retries:
                 self._sleep(attempt, method, path, f"HTTP {response.status_code}",
                             _retry_after(response))  # fmt: skip
@@ -223,4 +235,7 @@ class Transport:
             body = response.json()
         except ValueError:
             body = response.text.strip()[:500] or response.reason_phrase
-        return from_envelope(body, response.status_code)
+        error = from_envelope(body, response.status_code)
+        if isinstance(error, RateLimitError):
+            error.retry_after = _retry_after(response)
+        return error

@@ -393,6 +393,7 @@ class RunInfo:
     last_state: str | None = None
     error: str | None = None
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    tenant: str = ""  # the tenant that owns the run (an admin key lists every tenant's)
 
     @property
     def model_id(self) -> str:

@@ -24,6 +24,10 @@ class EZTinkerError(Exception):
         self.message = message
         self.errors = errors or {}
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries besides the envelope."""
+        return {}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "code": self.code,
@@ -93,6 +97,39 @@ class UnsupportedMediaType(EZTinkerError):
     code = "unsupported_media_type"
     status = 415
     category = "user"
+
+
+class TooManyRequests(EZTinkerError):
+    """A tenant is at one of its limits (429): nothing was done. ``Retry-After`` says when to
+    try again."""
+
+    code = "too_many_requests"
+    status = 429
+    category = "user"
+
+    def __init__(
+        self, message: str, *, retry_after_s: int = 1, errors: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message, errors=errors)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class TooManyRuns(TooManyRequests):
+    """The tenant holds as many runs (not deleted) as it may: delete one; waiting alone
+    cannot help, so ``user``."""
+
+    code = "too_many_runs"
+
+
+class TooManyQueuedOps(TooManyRequests):
+    """The tenant has as many unfinished operations as it may: ``server``, since the same
+    request succeeds once some of them finish (clients retry it after ``Retry-After``)."""
+
+    code = "too_many_queued_ops"
+    category = "server"
 
 
 class ServiceUnavailable(EZTinkerError):
@@ -174,6 +211,9 @@ ERROR_TYPES: dict[str, type[EZTinkerError]] = {
         CheckpointNotFound,
         Conflict,
         PayloadTooLarge,
+        TooManyRequests,
+        TooManyRuns,
+        TooManyQueuedOps,
         ServiceUnavailable,
         StaleOperation,
         RunStateLost,

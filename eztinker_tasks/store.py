@@ -18,9 +18,12 @@ import redis
 
 from eztinker_tasks.errors import Conflict, RunFailed, UnknownRun
 from eztinker_tasks.store_records import (
+    CREATE_RUN_SCRIPT,
+    QUEUE_SCRIPT,
     STAT_FIELDS,
     SUBMIT_SCRIPT,
     FutureRecord,
+    LimitReached,
     OpClaim,
     P,
     QueuedMessage,
@@ -29,11 +32,14 @@ from eztinker_tasks.store_records import (
     WorkerRecord,
     _text,
     body_hash,
+    tenant_ops_key,
+    tenant_runs_key,
 )
 
 __all__ = [
     "STAT_FIELDS",
     "FutureRecord",
+    "LimitReached",
     "OpClaim",
     "QueuedMessage",
     "RunRecord",
@@ -51,6 +57,8 @@ class Store:
         self.r = client
         self.ttl_s = ttl_s
         self._submit = client.register_script(SUBMIT_SCRIPT)
+        self._queue = client.register_script(QUEUE_SCRIPT)
+        self._create_run = client.register_script(CREATE_RUN_SCRIPT)
 
     # -- workers ---------------------------------------------------------------------------
     def heartbeat(self, record: WorkerRecord, ttl_s: float) -> None:
@@ -118,11 +126,17 @@ class Store:
         return starting
 
     # -- runs ------------------------------------------------------------------------------
-    def put_run(self, record: RunRecord) -> None:
-        pipe = self.r.pipeline()
-        pipe.set(f"{P}:run:{record.run_id}", json.dumps(asdict(record)))
-        pipe.zadd(f"{P}:runs", {record.run_id: record.created_at})
-        pipe.execute()
+    def put_run(self, record: RunRecord, run_limit: int = 0) -> None:
+        """Record a new run as one of its tenant's runs, atomically.
+
+        With ``run_limit`` > 0, raise LimitReached (and record nothing) if the tenant already
+        holds that many runs that are not deleted.
+        """
+        keys = [f"{P}:run:{record.run_id}", f"{P}:runs", tenant_runs_key(record.tenant)]
+        args = [json.dumps(asdict(record)), record.run_id, repr(record.created_at), run_limit]
+        reply = self._create_run(keys=keys, args=args)
+        if _text(reply[0]) == "full":
+            raise LimitReached(int(reply[1]))
 
     def get_run(self, run_id: str) -> RunRecord | None:
         pipe = self.r.pipeline(transaction=False)
@@ -162,6 +176,8 @@ class Store:
                         return record, False
                     pipe.multi()
                     pipe.set(key, json.dumps(asdict(changed)))
+                    if changed.status == "deleted":  # no longer counts toward its tenant's limit
+                        pipe.srem(tenant_runs_key(changed.tenant), run_id)
                     if counters:
                         pipe.hset(f"{key}:stats", mapping=dict(counters))
                     pipe.execute()
@@ -233,6 +249,7 @@ class Store:
         digest: str,
         future: FutureRecord,
         message: QueuedMessage,
+        op_limit: int = 0,
     ) -> OpClaim:
         """Claim ``seq_id`` (or the next one) for ``future`` and queue its message, atomically.
 
@@ -240,6 +257,8 @@ class Store:
         (``created=False``, nothing queued); with another body it raises Conflict, and so does
         a new seq_id that is not above the run's latest (it would run out of order). A run that
         does not exist or was deleted raises UnknownRun; one whose creation failed, RunFailed.
+        With ``op_limit`` > 0 the op counts as one of its tenant's unfinished ops, and a new
+        one raises LimitReached (nothing queued) when the tenant has that many already.
         """
         value = json.dumps({"future_id": future.future_id, "digest": digest})
         keys = [
@@ -249,6 +268,7 @@ class Store:
             f"{P}:run:{run_id}:seq",
             self.future_key(future.future_id),
             message.queue,
+            tenant_ops_key(future.tenant),
             f"{P}:run:{run_id}:log",
         ]
         args = [
@@ -258,9 +278,13 @@ class Store:
             str(self.ttl_s),
             message.payload,
             message.seq_token,
+            op_limit,
+            repr(future.submitted_at),
         ]
         reply = self._submit(keys=keys, args=args)
         outcome = _text(reply[0])
+        if outcome == "full":
+            raise LimitReached(int(reply[1]))
         if outcome == "gone":
             raise UnknownRun(f"unknown run {run_id!r}", errors={"run_id": ["not found"]})
         if outcome == "failed":
@@ -285,18 +309,36 @@ class Store:
             )
         return OpClaim(seq, prior["future_id"], created=False)
 
-    def queue_op(self, future: FutureRecord, message: QueuedMessage, log: bool = False) -> None:
-        """Record ``future`` and queue its message, atomically (MULTI/EXEC).
+    def queue_op(
+        self, future: FutureRecord, message: QueuedMessage, op_limit: int = 0, log: bool = False
+    ) -> None:
+        """Record ``future`` and queue its message, atomically.
 
+        With ``op_limit`` > 0 the op counts as one of its tenant's unfinished ops, and it
+        raises LimitReached (nothing queued) when the tenant has that many already.
         ``log``: also append the message to its run's op log under the future's seq_id (a
-        recoverable run's ``create_run``, seq_id 0).
+        recoverable run's ``create_run``, seq_id 0, which no limit counts).
         """
-        pipe = self.r.pipeline(transaction=True)
-        pipe.set(self.future_key(future.future_id), json.dumps(asdict(future)), ex=self.ttl_s)
-        pipe.lpush(message.queue, message.payload)
-        if log and future.run_id is not None:
-            pipe.zadd(f"{P}:run:{future.run_id}:log", {message.payload: future.seq_id or 0})
-        pipe.execute()
+        if op_limit <= 0 or log:
+            pipe = self.r.pipeline(transaction=True)
+            pipe.set(self.future_key(future.future_id), json.dumps(asdict(future)), ex=self.ttl_s)
+            pipe.lpush(message.queue, message.payload)
+            if log and future.run_id is not None:
+                pipe.zadd(f"{P}:run:{future.run_id}:log", {message.payload: future.seq_id or 0})
+            pipe.execute()
+            return
+        keys = [self.future_key(future.future_id), message.queue, tenant_ops_key(future.tenant)]
+        args = [
+            json.dumps(asdict(future)),
+            self.ttl_s,
+            message.payload,
+            op_limit,
+            future.future_id,
+            repr(future.submitted_at),
+        ]
+        reply = self._queue(keys=keys, args=args)
+        if _text(reply[0]) == "full":
+            raise LimitReached(int(reply[1]))
 
     @staticmethod
     def future_key(future_id: str) -> str:

@@ -46,7 +46,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     for blp in (health_blp, models_blp, runs_blp, futures_blp, sampling_blp, checkpoints_blp):
         api.register_blueprint(blp)
     register_error_handlers(app)
-    install_auth(app, settings.api_keys)
+    install_auth(app, settings.key_tenants())
     require_json_bodies(app)
 
     from swagger_ui_bundle import swagger_ui_path

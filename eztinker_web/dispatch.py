@@ -6,6 +6,9 @@ it is a 409. Every issued future id is recorded, so unknown ids answer 404.
 
 A run lives on one worker; if that worker is gone, ``rehome`` moves the run's queue to a live
 worker (for ``load``, which rebuilds the run there from a saved state).
+
+Runs and futures are recorded with the caller's tenant; a run of another tenant is unknown
+(``tenancy``), and what a submit adds is counted against the tenant's limits (``quota``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any
 from eztinker_tasks import catalog, hub_probe, messages, names, shapes
 from eztinker_tasks.errors import InvalidRequest, RunFailed, ServiceUnavailable, UnknownRun
 from eztinker_tasks.store import FutureRecord, QueuedMessage, RunRecord, WorkerRecord, body_hash
+from eztinker_web import quota, tenancy
+from eztinker_web.auth import caller
 from eztinker_web.health.workers import no_live_worker
 from eztinker_web.services import services
 from eztinker_web.targets import RunTarget
@@ -45,10 +50,11 @@ def new_id(prefix: str) -> str:
 
 
 def live_run(run_id: str) -> RunRecord:
-    """The run's record; UnknownRun (404) if it never existed or was deleted."""
-    record = services().store.get_run(run_id)
-    if record is None or record.status == "deleted":
-        raise UnknownRun(f"unknown run {run_id!r}", errors={"run_id": ["not found"]})
+    """The run's record; UnknownRun (404) if it never existed, was deleted or is another
+    tenant's."""
+    record = tenancy.seen_run(services().store.get_run(run_id), run_id)
+    if record.status == "deleted":
+        raise tenancy.unknown_run(run_id)
     return record
 
 
@@ -64,15 +70,17 @@ def run_target(run_id: str) -> RunTarget:
     """The run's target, cached per process once its base model is known.
 
     A cached target says nothing about whether the run still exists: the submit script checks
-    that, in the same round trip that queues the operation.
+    that, in the same round trip that queues the operation. Its tenant never changes, so a
+    cached target is checked against the caller here.
     """
     svc = services()
     target = svc.run_targets.get(run_id)
     if target is None:
         record = usable_run(run_id)
-        target = RunTarget(record.run_id, record.base_model)
+        target = RunTarget(record.run_id, record.base_model, record.tenant)
         if target.base_model:
             svc.run_targets.put(run_id, target)
+    tenancy.check_run_owner(run_id, target.tenant)
     return target
 
 
@@ -155,12 +163,16 @@ def pick_worker(workers: Sequence[WorkerRecord], min_free_bytes: int) -> WorkerR
 def create_run(
     base_model: str | None, lora: Mapping[str, Any], from_checkpoint: str | None, optimizer: bool
 ) -> tuple[RunRecord, Submitted]:
-    """Pick a worker, bind the run's queue to it alone, and send the create operation."""
+    """Pick a worker, bind the run's queue to it alone, and send the create operation.
+
+    The run is the caller's tenant's; TooManyRuns (429) if the tenant is at its run limit.
+    """
     svc = services()
     store = svc.store
     worker = pick_worker(store.live_workers(), svc.settings.min_free_bytes)
     run_id = new_id("run_")
     queue = names.run_queue(run_id)
+    tenant = caller().tenant
     record = RunRecord(
         run_id=run_id,
         base_model=base_model or "",
@@ -168,8 +180,9 @@ def create_run(
         worker=worker.name,
         created_at=time.time(),
         recoverable=svc.settings.recovery,
+        tenant=tenant,
     )
-    store.put_run(record)
+    quota.within_run_limit(lambda limit: store.put_run(record, limit))
     replies = svc.celery.control.add_consumer(
         queue, destination=[worker.name], reply=True, timeout=5.0
     )
@@ -194,6 +207,7 @@ def create_run(
         run_id=run_id,
         seq_id=0,
         worker=worker.name,
+        tenant=tenant,
     )
     message = _message(names.CREATE_RUN, kwargs, future_id, queue)
     store.queue_op(future, message, log=record.recoverable)
@@ -240,7 +254,8 @@ def submit_run_op(
     """Queue ``op`` with ``params`` on the run's queue under a (possibly client-given) seq_id.
 
     One round trip: the store's submit script checks the run, claims the seq_id, records the
-    future and queues the message, or does none of it.
+    future and queues the message, or does none of it (TooManyQueuedOps, 429, when the
+    caller's tenant is at its limit of unfinished ops).
     """
     run_id = target.run_id
     queue = names.run_queue(run_id)
@@ -252,11 +267,14 @@ def submit_run_op(
         run_id=run_id,
         seq_id=seq_id,
         worker=None,  # the submit script records the worker the run record names
+        tenant=caller().tenant,
     )
     message = _message(op, {"run_id": run_id, **params}, future.future_id, queue, with_seq=True)
+    digest = body_hash({"op": op, **params})
+    store = services().store
     try:
-        claim = services().store.submit_op(
-            run_id, seq_id, body_hash({"op": op, **params}), future, message
+        claim = quota.within_op_limit(
+            lambda limit: store.submit_op(run_id, seq_id, digest, future, message, limit)
         )
     except UnknownRun:
         services().run_targets.drop(run_id)
@@ -264,8 +282,14 @@ def submit_run_op(
     return Submitted(claim.future_id, claim.seq_id, run_id)
 
 
-def submit_shared(op: str, params: Mapping[str, Any], run: RunRecord | None = None) -> Submitted:
-    """Queue a read-only operation: on the run's queue when it uses live run weights."""
+def submit_shared(
+    op: str, params: Mapping[str, Any], run: RunRecord | None = None, counted: bool = True
+) -> Submitted:
+    """Queue a read-only operation: on the run's queue when it uses live run weights.
+
+    ``counted``: it counts against the caller's limit of unfinished ops (TooManyQueuedOps,
+    429, at the limit); a run's deletion does not, so a tenant can always free what it holds.
+    """
     store = services().store
     future_id = new_id("fut_")
     queue = names.run_queue(run.run_id) if run else names.SAMPLE_QUEUE
@@ -278,8 +302,13 @@ def submit_shared(op: str, params: Mapping[str, Any], run: RunRecord | None = No
         submitted_at=time.time(),
         run_id=run.run_id if run else None,
         worker=run.worker if run else None,
+        tenant=caller().tenant,
     )
-    store.queue_op(future, _message(op, params, future_id, queue))
+    message = _message(op, params, future_id, queue)
+    if counted:
+        quota.within_op_limit(lambda limit: store.queue_op(future, message, limit))
+    else:
+        store.queue_op(future, message)
     return Submitted(future_id, None, run.run_id if run else None)
 
 

@@ -127,7 +127,7 @@ def require_json_bodies(app: Flask) -> None:
 def register_error_handlers(app: Flask) -> None:
     def handle_ezt(error: EZTinkerError):
         body = error.to_dict()
-        return jsonify(body), error.status
+        return jsonify(body), error.status, error.headers()
 
     def handle_crash(error: Exception):
         if isinstance(error, HTTPException):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RunTarget:
-    """A run and the model that checks its tokens (fixed once known).
+    """A run, its tenant and the model that checks its tokens (fixed once known).
 
     Not its worker: a run can move to another worker (``load`` of a run whose worker is gone),
     so the submit script reads the worker from the run record in the same round trip.
@@ -17,6 +17,7 @@ class RunTarget:
 
     run_id: str
     base_model: str  # "" while a run made from a checkpoint is still being created
+    tenant: str  # the run's owner (fixed at creation)
 
 
 class TargetCache:

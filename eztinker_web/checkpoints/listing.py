@@ -2,6 +2,9 @@
 
 Workers write checkpoints under ``CHECKPOINTS_DIR/<run_id>/<name>/`` with a small JSON metadata
 file; the web process shares that directory and lists, streams and deletes from it directly.
+``get_checkpoint`` (and so everything that reads, streams, deletes, loads or samples one
+checkpoint) answers a checkpoint of another tenant's run as a missing one; lists are
+filtered by ``tenancy.seen_checkpoints``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from config import Settings
 from eztinker_tasks import checkpoint_paths
 from eztinker_tasks.errors import CheckpointNotFound, InvalidRequest
 from eztinker_tasks.types import CheckpointInfo
+from eztinker_web import tenancy
 
 META_FILES = ("eztinker_checkpoint.json", "eztinker_state.json", "eztinker_sampler.json")
 
@@ -63,7 +67,10 @@ def list_checkpoints(settings: Settings, run_id: str | None = None) -> list[Chec
 
 
 def get_checkpoint(settings: Settings, path: str) -> CheckpointInfo:
+    """The checkpoint at ``path``; CheckpointNotFound (404) if there is none or it belongs to
+    a run the caller does not see (asked before the disk, so both read the same)."""
     directory = checkpoint_paths.resolve(settings.checkpoints_dir, path)
+    tenancy.check_checkpoint(path)
     run_id, name = checkpoint_paths.parse_path(path)
     info = read_info(directory, run_id, name) if directory.is_dir() else None
     if info is None:

@@ -1,4 +1,8 @@
-"""Checkpoints on disk: list, delete, and download as a tar.gz archive."""
+"""Checkpoints on disk: list, delete, and download as a tar.gz archive.
+
+A checkpoint is its run's tenant's: lists show the caller's only, and another tenant's answers
+404 as a missing one does.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from eztinker_tasks.errors import UnknownRun
 from eztinker_web.checkpoints.listing import delete_checkpoint, get_checkpoint, list_checkpoints
 from eztinker_web.checkpoints.schemas import CheckpointListSchema, CheckpointSchema
 from eztinker_web.services import services
+from eztinker_web.tenancy import check_run_checkpoints, seen_checkpoints
 
 blp = Blueprint("checkpoints", __name__, url_prefix="/v1", description="Checkpoints on disk")
 
@@ -22,8 +27,9 @@ blp = Blueprint("checkpoints", __name__, url_prefix="/v1", description="Checkpoi
 @blp.route("/checkpoints", methods=["GET"])
 @blp.response(200, CheckpointListSchema)
 def all_checkpoints():
-    """Every checkpoint of every run (deleted runs' checkpoints stay)."""
-    return {"checkpoints": [c.to_dict() for c in list_checkpoints(services().settings)]}
+    """Every checkpoint of the caller's runs (deleted runs' checkpoints stay)."""
+    found = seen_checkpoints(list_checkpoints(services().settings))
+    return {"checkpoints": [c.to_dict() for c in found]}
 
 
 @blp.route("/runs/<run_id>/checkpoints", methods=["GET"])
@@ -31,6 +37,7 @@ def all_checkpoints():
 def run_checkpoints(run_id: str):
     """The checkpoints of one run (a deleted run's too); 404 for a run never created."""
     checkpoint_paths.validate_name(run_id, "run_id")
+    check_run_checkpoints(run_id)
     svc = services()
     found = list_checkpoints(svc.settings, run_id)
     if not found and svc.store.get_run(run_id) is None:

@@ -1,9 +1,13 @@
-"""`GET /v1/futures/<id>`: pending, running, succeeded (with result) or failed (with error)."""
+"""`GET /v1/futures/<id>`: pending, running, succeeded (with result) or failed (with error).
+
+A future is its tenant's: another tenant's id answers 404, as an unknown one does.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from eztinker_web.auth import caller
 from eztinker_web.blueprint import Blueprint
 from eztinker_web.futures.schemas import (
     BatchRequestSchema,
@@ -22,7 +26,7 @@ blp = Blueprint("futures", __name__, url_prefix="/v1", description="Futures of o
 @blp.response(200, FutureSchema)
 def get_future(args: dict[str, Any], future_id: str):
     """The state of an operation; `?wait=S` long-polls until it is done."""
-    return future_status(services(), future_id, float(args["wait"]))
+    return future_status(services(), future_id, float(args["wait"]), caller=caller())
 
 
 @blp.route("/jobs/<future_id>", methods=["GET"])
@@ -30,7 +34,7 @@ def get_future(args: dict[str, Any], future_id: str):
 @blp.response(200, FutureSchema)
 def get_job(args: dict[str, Any], future_id: str):
     """Alias of `/v1/futures/<id>` under the seed's name (job_id)."""
-    return future_status(services(), future_id, float(args["wait"]))
+    return future_status(services(), future_id, float(args["wait"]), caller=caller())
 
 
 @blp.route("/futures/batch", methods=["POST"])
@@ -38,4 +42,5 @@ def get_job(args: dict[str, Any], future_id: str):
 @blp.response(200, BatchSchema)
 def get_many(args: dict[str, Any]):
     """Many futures at once (for pipelining clients); `wait` long-polls until all are done."""
-    return {"futures": future_statuses(services(), args["future_ids"], float(args["wait"]))}
+    wait = float(args["wait"])
+    return {"futures": future_statuses(services(), args["future_ids"], wait, caller())}

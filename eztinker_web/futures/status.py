@@ -3,7 +3,8 @@
 Celery reports PENDING for ids it never saw and for tasks whose worker died; we record every
 issued id (unknown -> 404) and check the worker's heartbeat and the operation's age, so a future
 never hangs: it fails with a clear message instead. ``wait`` long-polls on the result
-backend's pub/sub channels (see ``watcher``).
+backend's pub/sub channels (see ``watcher``). A future of another tenant is unknown too (404):
+the caller sees it only if ``caller.sees`` its tenant.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 
 from eztinker_tasks.errors import NotFound
 from eztinker_tasks.oplog import OpLog
-from eztinker_tasks.store import FutureRecord
+from eztinker_tasks.store import FutureRecord, WorkerRecord
+from eztinker_web.auth import AUTH_OFF, Caller
 from eztinker_web.futures.progress import QueuePlaces, progress_body, read_running
 from eztinker_web.futures.watcher import META_PREFIX
 from eztinker_web.services import Services
@@ -39,12 +41,13 @@ def _read_both(svc: Services, future_id: str) -> tuple[FutureRecord | None, dict
 
 
 def _read_waiting(
-    svc: Services, future_id: str, wait_s: float
+    svc: Services, future_id: str, wait_s: float, caller: Caller
 ) -> tuple[FutureRecord | None, dict[str, Any]]:
     """``_read_both``, then long-poll the result until it is done or ``wait_s`` passes.
 
     The first read happens once the watcher listens for the result, so it is the only read
-    when the result is published later (the usual case).
+    when the result is published later (the usual case). Another tenant's future is answered
+    at once, as an unknown one is.
     """
     records: list[FutureRecord | None] = []
 
@@ -58,7 +61,11 @@ def _read_waiting(
     meta = svc.watcher.wait(
         future_id,
         read=read,
-        done=lambda meta: records[0] is None or meta.get("status") in TERMINAL,
+        done=lambda meta: (
+            records[0] is None
+            or not caller.sees(records[0].tenant)
+            or meta.get("status") in TERMINAL
+        ),
         timeout_s=wait_s,
         stalled=lambda: _stalled(svc, future_id) is not None,
     )
@@ -73,8 +80,30 @@ def _stalled(svc: Services, future_id: str) -> dict[str, Any] | None:
     return _stall_reason(svc, record, svc.store.started(future_id))
 
 
+class Workers:
+    """Which workers are alive, as stall checks ask it: each name read at most once."""
+
+    def __init__(self, svc: Services) -> None:
+        self._svc = svc
+        self._named: dict[str, WorkerRecord | None] = {}
+        self._any: bool | None = None
+
+    def get(self, name: str) -> WorkerRecord | None:
+        if name not in self._named:
+            self._named[name] = self._svc.store.worker(name)
+        return self._named[name]
+
+    def any_live(self) -> bool:
+        if self._any is None:
+            self._any = bool(self._svc.store.live_workers())
+        return self._any
+
+
 def _stall_reason(
-    svc: Services, record: FutureRecord, started: dict[str, Any] | None
+    svc: Services,
+    record: FutureRecord,
+    started: dict[str, Any] | None,
+    workers: Workers | None = None,
 ) -> dict[str, Any] | None:
     """Why an unfinished operation can no longer finish, if it cannot.
 
@@ -85,6 +114,7 @@ def _stall_reason(
     An op of a recoverable run is not given up in the last two cases while its run can still
     be recovered (``_recovery_wait``): the recovery answers it with its real result.
     """
+    workers = workers or Workers(svc)
     now = time.time()
     if started:
         worker_name = str(started.get("worker"))
@@ -94,7 +124,7 @@ def _stall_reason(
                 f"operation {record.op} has run for over {svc.settings.op_timeout_s:.0f} s "
                 f"on worker {worker_name}; it was abandoned",
             )
-        worker = svc.store.worker(worker_name)
+        worker = workers.get(worker_name)
         if worker is not None and worker.started_at <= float(started["at"]):
             return None
         if worker is None:
@@ -110,7 +140,7 @@ def _stall_reason(
             )
         return _recovery_wait(svc, record, lost)
     if record.worker:
-        if svc.store.worker(record.worker) is None:
+        if workers.get(record.worker) is None:
             lost = _error(
                 "worker_gone",
                 f"worker {record.worker} that holds run {record.run_id} is not alive (it no "
@@ -118,7 +148,7 @@ def _stall_reason(
                 "to move the run to a live worker",
             )
             return _recovery_wait(svc, record, lost)
-    elif not svc.store.live_workers():
+    elif not workers.any_live():
         return _error("worker_gone", "no live worker to run this operation")
     return None
 
@@ -206,17 +236,22 @@ def _failure(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def future_status(
-    svc: Services, future_id: str, wait_s: float = 0.0, places: QueuePlaces | None = None
+    svc: Services,
+    future_id: str,
+    wait_s: float = 0.0,
+    places: QueuePlaces | None = None,
+    caller: Caller = AUTH_OFF,
 ) -> dict[str, Any]:
     """The future's body; an unfinished one carries its ``progress`` (``futures.progress``).
 
     ``places`` finds queued futures in their queues (a batch shares one across its futures).
+    A future ``caller`` does not see raises NotFound, as an unknown one does.
     """
     if wait_s > 0:
-        record, meta = _read_waiting(svc, future_id, wait_s)
+        record, meta = _read_waiting(svc, future_id, wait_s, caller)
     else:
         record, meta = _read_both(svc, future_id)
-    if record is None:
+    if record is None or not caller.sees(record.tenant):
         raise NotFound(f"unknown future {future_id!r}", errors={"future_id": ["not found"]})
     state = meta.get("status", "PENDING")
     body: dict[str, Any] = {
@@ -233,11 +268,11 @@ def future_status(
     if state == "SUCCESS":
         body["status"] = "succeeded"
         body["result"] = meta.get("result")
-        body["timing"] = _timing(svc, record, meta)
+        body["timing"] = _timing(svc, record, meta, caller)
     elif state in ("FAILURE", "REVOKED"):
         body["status"] = "failed"
         body["error"] = _failure(meta)
-        body["timing"] = _timing(svc, record, meta)
+        body["timing"] = _timing(svc, record, meta, caller)
     else:
         started_key = svc.store.future_key(future_id) + ":started"
         started, published = read_running(svc.redis_client, started_key, future_id)
@@ -254,11 +289,14 @@ def future_status(
     return body
 
 
-def _timing(svc: Services, record: FutureRecord, meta: dict[str, Any]) -> dict[str, Any] | None:
+def _timing(
+    svc: Services, record: FutureRecord, meta: dict[str, Any], caller: Caller
+) -> dict[str, Any] | None:
     """How long a finished operation waited in its queue and ran (milliseconds).
 
     ``queued_ms``: from its submit to the start of its operation (for a call answered in
-    another call's pass, the start of that pass, whose future is ``in_pass_of``); ``run_ms``:
+    another call's pass, the start of that pass, whose future is ``in_pass_of``, named only
+    when the caller sees that future: a pass can hold other tenants' calls); ``run_ms``:
     from that start to its result. None where the start was not recorded (an older server).
     """
     started = svc.store.started(record.future_id)
@@ -276,17 +314,53 @@ def _timing(svc: Services, record: FutureRecord, meta: dict[str, Any]) -> dict[s
         "queued_ms": round(max(0.0, start - record.submitted_at) * 1e3, 3),
         "run_ms": round(max(0.0, done.timestamp() - start) * 1e3, 3),
     }
-    if started.get("pass"):
-        timing["in_pass_of"] = started["pass"]
+    lead = started.get("pass")
+    if lead and (lead == record.future_id or caller.sees_all or _owner(svc, lead) == caller.tenant):
+        timing["in_pass_of"] = lead
     return timing
 
 
-def future_statuses(svc: Services, future_ids: list[str], wait_s: float) -> list[dict[str, Any]]:
+def _owner(svc: Services, future_id: str) -> str | None:
+    lead = svc.store.get_future(future_id)
+    return lead.tenant if lead else None
+
+
+def finished(svc: Services, future_ids: list[str]) -> list[str]:
+    """Those of ``future_ids`` that are done, as ``future_status`` would say: succeeded,
+    failed (also by a stall: its worker is gone, or it ran past the timeout), or unknown
+    (expired). Three reads per future, in one round trip, plus one per worker asked about."""
+    if not future_ids:
+        return []
+    pipe = svc.redis_client.pipeline(transaction=False)
+    for future_id in future_ids:
+        key = svc.store.future_key(future_id)
+        pipe.get(key)
+        pipe.get(META_PREFIX + future_id)
+        pipe.get(key + ":started")
+    out = pipe.execute()
+    workers = Workers(svc)
+    done = []
+    for i, future_id in enumerate(future_ids):
+        raw_record, raw_meta, raw_started = out[3 * i : 3 * i + 3]
+        meta = json.loads(raw_meta) if raw_meta else {}
+        if raw_record is None or meta.get("status") in TERMINAL:
+            done.append(future_id)
+            continue
+        started = json.loads(raw_started) if raw_started else None
+        record = FutureRecord.from_json(raw_record)
+        if _stall_reason(svc, record, started, workers) is not None:
+            done.append(future_id)
+    return done
+
+
+def future_statuses(
+    svc: Services, future_ids: list[str], wait_s: float, caller: Caller = AUTH_OFF
+) -> list[dict[str, Any]]:
     """``future_status`` of each id, waiting at most ``wait_s`` in all for them to finish."""
     deadline = time.monotonic() + wait_s
     places = QueuePlaces(svc.redis_client, whole=True)
     out = []
     for future_id in future_ids:
         left = max(0.0, deadline - time.monotonic())
-        out.append(future_status(svc, future_id, left, places))
+        out.append(future_status(svc, future_id, left, places, caller))
     return out

@@ -1,4 +1,8 @@
-"""Models: what can be trained, and tokenizing with their tokenizers (no GPU involved)."""
+"""Models: what can be trained, and tokenizing with their tokenizers (no GPU involved).
+
+The model list shows the built-in models and, of the models workers have loaded, those that
+base a run of the caller's tenant (every one for a caller who sees all).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from eztinker_web.models.schemas import (
     TokensSchema,
 )
 from eztinker_web.services import services
+from eztinker_web.tenancy import seen_model_names
 
 blp = Blueprint("models", __name__, url_prefix="/v1", description="Models and tokenizers")
 
@@ -26,7 +31,7 @@ blp = Blueprint("models", __name__, url_prefix="/v1", description="Models and to
 @blp.route("/models", methods=["GET"])
 @blp.response(200, ModelListSchema)
 def list_models():
-    """Built-in models plus every model a worker has loaded."""
+    """Built-in models plus the models a worker has loaded for the caller's runs."""
     svc = services()
     models: dict[str, dict[str, Any]] = {}
     for spec in catalog.BUILTIN_MODELS.values():
@@ -39,8 +44,10 @@ def list_models():
             "builtin": True,
             "description": spec.description,
         }
+    seen = seen_model_names()
     for info in svc.store.list_models():
-        models.setdefault(info["name"], {**info, "description": ""})
+        if seen is None or info["name"] in seen:
+            models.setdefault(info["name"], {**info, "description": ""})
     return {"models": list(models.values()), "default_model": svc.settings.default_model}
 
 

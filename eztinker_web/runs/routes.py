@@ -2,7 +2,8 @@
 
 `POST /v1/runs` binds a new run's queue to one worker; every operation below answers 202 with
 a future at once and is executed, in submission order, by that worker. A run whose worker is
-gone is shown `lost`; `load` moves it to a live worker and rebuilds it there.
+gone is shown `lost`; `load` moves it to a live worker and rebuilds it there. A run is its
+creator's tenant's: lists show the caller's runs, and another tenant's run answers 404.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from eztinker_tasks import checkpoint_paths, names
 from eztinker_tasks.errors import InvalidRequest
 from eztinker_tasks.limits import check_adam_params, check_lora_spec
 from eztinker_tasks.loss_specs import check_loss_inputs, get_loss_spec, resolve_loss_config
-from eztinker_web import dispatch
+from eztinker_web import dispatch, tenancy
 from eztinker_web.blueprint import Blueprint
 from eztinker_web.checkpoints.listing import loadable_checkpoint
 from eztinker_web.runs.schemas import (
@@ -57,8 +58,9 @@ def create_run(req: CreateRunRequest):
 @blp.route("", methods=["GET"])
 @blp.response(200, RunListSchema)
 def list_runs():
-    """Every run that was not deleted, shown as `GET /v1/runs/<run_id>` shows each."""
-    return {"runs": run_views(services().store.list_runs())}
+    """Every run of the caller's tenant that was not deleted, shown as `GET /v1/runs/<run_id>`
+    shows each (every tenant's for an admin key)."""
+    return {"runs": run_views(tenancy.seen_runs(services().store.list_runs()))}
 
 
 @blp.route("/<run_id>", methods=["GET"])
@@ -78,9 +80,11 @@ def delete_run(run_id: str):
     """
     record = dispatch.live_run(run_id)
     if dispatch.worker_alive(record.worker):
-        submitted = dispatch.submit_shared(names.DELETE_RUN, {"run_id": run_id}, record)
+        submitted = dispatch.submit_shared(
+            names.DELETE_RUN, {"run_id": run_id}, record, counted=False
+        )
     else:  # nothing to free: its state went with its worker
-        shared = dispatch.submit_shared(names.DELETE_RUN, {"run_id": run_id})
+        shared = dispatch.submit_shared(names.DELETE_RUN, {"run_id": run_id}, counted=False)
         submitted = replace(shared, run_id=run_id)
     services().store.update_run(run_id, status="deleted")
     services().run_targets.drop(run_id)

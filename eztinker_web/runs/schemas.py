@@ -113,6 +113,7 @@ class RunSchema(Schema):
     recoverable = fields.Boolean(
         metadata={"description": "Recovers by itself when its worker dies (snapshots + op log)"}
     )
+    tenant = fields.String(metadata={"description": "The tenant that owns the run"})
     checkpoints = fields.List(fields.Dict(), dump_default=None)
     last_seq_id = fields.Integer(
         dump_default=None, metadata={"description": "Highest seq_id submitted to this run"}

@@ -85,6 +85,23 @@ def test_show_and_a_404(stub: StubServer) -> None:
     assert missing.stderr.strip() == "error: unknown run 'nope'"
 
 
+def test_a_tenant_at_its_run_limit_is_told_what_to_do(stub: StubServer) -> None:
+    err = {
+        "code": "too_many_runs",
+        "status": 429,
+        "category": "user",
+        "message": "tenant 'a' holds 2 runs, its limit (EZTINKER_TENANT_MAX_RUNS=2); delete a run",
+    }
+    stub.on("POST", "/v1/runs", Reply(429, err, headers={"Retry-After": "30"}))
+    result = invoke(stub, "create", "--model", "tiny-gpt2")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        f"error: {err['message']}",
+        "hint: `eztinker list` shows your runs; `eztinker delete RUN` frees one",
+    ]
+    assert len(stub.hits("POST", "/v1/runs")) == 1  # not retried: waiting cannot help
+
+
 def test_operations_wait_or_print_the_future(stub: StubServer) -> None:
     stub.on("POST", f"/v1/runs/{RUN}/save", Reply(202, {"future_id": FUT, "run_id": RUN}))
     result = invoke(stub, "save", RUN, "ck", "--sampler", "--no-wait")

@@ -17,6 +17,7 @@ from eztinker.errors import (
     EZTinkerAPIError,
     InternalServerError,
     NotFoundError,
+    RateLimitError,
     ServiceUnavailableError,
 )
 from eztinker.training_client import TrainingClient
@@ -71,6 +72,34 @@ def test_post_is_retried_on_429_and_503(stub: StubServer) -> None:
     )  # fmt: skip
     assert transport(stub).request("POST", "/v1/runs", json={}) == {"run_id": "r"}
     assert len(stub.hits("POST", "/v1/runs")) == 3
+
+
+def test_a_tenant_limit_429_says_which_limit_and_when_to_retry(stub: StubServer) -> None:
+    # Too many unfinished ops (category server): retried, then raised with its Retry-After.
+    busy = Reply(
+        429,
+        {"code": "too_many_queued_ops", "status": 429, "category": "server",
+         "message": "tenant 'a' has 3 unfinished operations", "errors": {}},
+        headers={"Retry-After": "0.01"},
+    )  # fmt: skip
+    stub.on("POST", "/v1/sample", busy)
+    with pytest.raises(RateLimitError) as info:
+        transport(stub).request("POST", "/v1/sample", json={}, idempotent=True)
+    assert info.value.code == "too_many_queued_ops" and info.value.retry_after == 0.01
+    assert len(stub.hits("POST", "/v1/sample")) == FAST_RETRY.max_retries + 1
+    # Too many runs (category user): waiting cannot help, so it is raised at once.
+    full = Reply(
+        429,
+        {"code": "too_many_runs", "status": 429, "category": "user",
+         "message": "tenant 'a' holds 2 runs, its limit", "errors": {}},
+        headers={"Retry-After": "30"},
+    )  # fmt: skip
+    stub.on("POST", "/v1/runs", full)
+    with pytest.raises(RateLimitError) as info:
+        transport(stub).request("POST", "/v1/runs", json={})
+    assert info.value.code == "too_many_runs" and info.value.retry_after == 30
+    assert info.value.is_user_error and "2 runs" in str(info.value)
+    assert len(stub.hits("POST", "/v1/runs")) == 1
 
 
 def test_idempotent_post_is_retried_with_the_same_body(stub: StubServer) -> None:
