@@ -9,7 +9,6 @@ neither torch nor Celery.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
 from typing import Any
@@ -35,6 +34,7 @@ from eztinker_tasks.store_records import (
     tenant_ops_key,
     tenant_runs_key,
 )
+from eztinker_tasks.store_worker import Application, WorkerRecords
 
 __all__ = [
     "STAT_FIELDS",
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 
-class Store:
+class Store(WorkerRecords, Application):
     """Typed access to the ``ezt:*`` keys of one Redis database."""
 
     def __init__(self, client: redis.Redis, ttl_s: int = 7 * 24 * 3600) -> None:
@@ -59,71 +59,6 @@ class Store:
         self._submit = client.register_script(SUBMIT_SCRIPT)
         self._queue = client.register_script(QUEUE_SCRIPT)
         self._create_run = client.register_script(CREATE_RUN_SCRIPT)
-
-    # -- workers ---------------------------------------------------------------------------
-    def heartbeat(self, record: WorkerRecord, ttl_s: float) -> None:
-        record = replace(record, heartbeat_at=time.time())
-        pipe = self.r.pipeline()
-        pipe.set(f"{P}:worker:{record.name}", json.dumps(asdict(record)), px=int(ttl_s * 1000))
-        pipe.sadd(f"{P}:workers", record.name)
-        pipe.execute()
-
-    def forget_worker(self, name: str) -> None:
-        self.r.delete(f"{P}:worker:{name}")
-        self.r.srem(f"{P}:workers", name)
-
-    def worker(self, name: str) -> WorkerRecord | None:
-        raw = self.r.get(f"{P}:worker:{name}")
-        return WorkerRecord.from_json(raw) if raw else None
-
-    def live_workers(self) -> list[WorkerRecord]:
-        names = sorted(_text(n) for n in self.r.smembers(f"{P}:workers"))
-        if not names:
-            return []
-        raws = self.r.mget([f"{P}:worker:{n}" for n in names])
-        live = []
-        for name, raw in zip(names, raws, strict=True):
-            if raw is None:
-                self.r.srem(f"{P}:workers", name)
-            else:
-                live.append(WorkerRecord.from_json(raw))
-        return live
-
-    def worker_starting(self, record: StartingWorker, ttl_s: float) -> None:
-        """Record (or refresh) a starting worker; the record lapses after ``ttl_s`` seconds.
-
-        A refresh (same name and pid) keeps the earliest ``since``: the supervisor records the
-        worker when it launches it, the worker itself once it runs.
-        """
-        raw = self.r.get(f"{P}:starting:{record.name}")
-        if raw:
-            known = StartingWorker.from_json(raw)
-            if known.pid == record.pid:
-                record = replace(record, since=min(known.since, record.since))
-        pipe = self.r.pipeline()
-        pipe.set(f"{P}:starting:{record.name}", json.dumps(asdict(record)), px=int(ttl_s * 1000))
-        pipe.sadd(f"{P}:starting", record.name)
-        pipe.execute()
-
-    def forget_starting(self, name: str) -> None:
-        pipe = self.r.pipeline()
-        pipe.delete(f"{P}:starting:{name}")
-        pipe.srem(f"{P}:starting", name)
-        pipe.execute()
-
-    def starting_workers(self) -> list[StartingWorker]:
-        """Workers launched but not yet live (their heartbeat has not begun)."""
-        names = sorted(_text(n) for n in self.r.smembers(f"{P}:starting"))
-        if not names:
-            return []
-        raws = self.r.mget([f"{P}:starting:{n}" for n in names])
-        starting = []
-        for name, raw in zip(names, raws, strict=True):
-            if raw is None:
-                self.r.srem(f"{P}:starting", name)
-            else:
-                starting.append(StartingWorker.from_json(raw))
-        return starting
 
     # -- runs ------------------------------------------------------------------------------
     def put_run(self, record: RunRecord, run_limit: int = 0) -> None:
@@ -340,10 +275,6 @@ class Store:
         if _text(reply[0]) == "full":
             raise LimitReached(int(reply[1]))
 
-    @staticmethod
-    def future_key(future_id: str) -> str:
-        return f"{P}:future:{future_id}"
-
     def get_future(self, future_id: str) -> FutureRecord | None:
         raw = self.r.get(self.future_key(future_id))
         return FutureRecord.from_json(raw) if raw else None
@@ -351,138 +282,6 @@ class Store:
     def started(self, future_id: str) -> dict[str, Any] | None:
         raw = self.r.get(self.future_key(future_id) + ":started")
         return json.loads(raw) if raw else None
-
-    # -- idempotent application on the worker ----------------------------------------------
-    def begin_commands(
-        self,
-        future_id: str,
-        worker: str,
-        run_id: str | None,
-        seq_id: int | None,
-        peek: tuple[str, int] | None = None,
-    ) -> list[tuple[Any, ...]]:
-        """The commands of ``begin_op``: its replies go to ``begun``."""
-        started = json.dumps({"at": time.time(), "worker": worker})
-        commands: list[tuple[Any, ...]] = [
-            ("SET", self.future_key(future_id) + ":started", started, "EX", self.ttl_s)
-        ]
-        if run_id is not None and seq_id is not None:
-            commands.append(("HGET", self._applied_key(run_id), str(seq_id)))
-        if peek is not None and peek[1] > 0:
-            commands.append(("LRANGE", peek[0], -peek[1], -1))
-        return commands
-
-    @staticmethod
-    def begun(
-        commands: list[tuple[Any, ...]], replies: list[Any]
-    ) -> tuple[str | None, list[bytes]]:
-        """(the future that already applied the seq_id, the queue's head) from the replies."""
-        prior: str | None = None
-        queued: list[bytes] = []
-        for command, reply in zip(commands, replies, strict=True):
-            if isinstance(reply, Exception):
-                raise reply
-            if command[0] == "HGET" and reply:
-                prior = _text(reply)
-            elif command[0] == "LRANGE":
-                queued = list(reply)
-        return prior, queued
-
-    def begin_op(
-        self,
-        future_id: str,
-        worker: str,
-        run_id: str | None,
-        seq_id: int | None,
-        peek: tuple[str, int] | None = None,
-    ) -> tuple[str | None, list[bytes]]:
-        """Mark ``future_id`` started, in one round trip.
-
-        Returns the future that already applied ``seq_id`` (None if none did) and, with
-        ``peek=(queue, n)``, the oldest ``n`` messages waiting in ``queue`` (oldest last).
-        """
-        commands = self.begin_commands(future_id, worker, run_id, seq_id, peek)
-        pipe = self.r.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        return self.begun(commands, pipe.execute(raise_on_error=False))
-
-    def finish_op(
-        self,
-        run_id: str,
-        seq_id: int | None,
-        future_id: str,
-        pipe: redis.client.Pipeline,
-        **stats: Any,
-    ) -> None:
-        """Add to ``pipe`` (the caller executes it): ``seq_id`` was applied; the new counters."""
-        if seq_id is not None:
-            key = self._applied_key(run_id)
-            pipe.hset(key, str(seq_id), future_id)
-            pipe.expire(key, self.ttl_s)
-        if stats:
-            pipe.hset(
-                f"{P}:run:{run_id}:stats", mapping={k: json.dumps(v) for k, v in stats.items()}
-            )
-
-    def queue_heads(self, queues: list[str], n: int) -> dict[str, list[bytes]]:
-        """The oldest ``n`` messages of each queue (oldest last), in one round trip."""
-        if not queues or n <= 0:
-            return {}
-        pipe = self.r.pipeline(transaction=False)
-        for queue in queues:
-            pipe.lrange(queue, -n, -1)
-        return dict(zip(queues, pipe.execute(), strict=True))
-
-    def answer_call(
-        self,
-        run_id: str,
-        seq_id: int | None,
-        future_id: str,
-        key: str,
-        value: str,
-        expires_s: int,
-        pipe: redis.client.Pipeline,
-    ) -> None:
-        """Add to ``pipe``: store (and publish) a call's result record; with ``seq_id``, record
-        that seq_id of the run as applied under ``future_id``."""
-        pipe.set(key, value, ex=expires_s)
-        pipe.publish(key, value)
-        if seq_id is not None:
-            applied = self._applied_key(run_id)
-            pipe.hset(applied, str(seq_id), future_id)
-            pipe.expire(applied, self.ttl_s)
-
-    def answer_many(
-        self,
-        run_id: str,
-        answers: list[tuple[int, str, str, str]],
-        expires_s: int,
-        pipe: redis.client.Pipeline,
-    ) -> None:
-        """Add to ``pipe``: store the results of coalesced ops and mark them applied.
-
-        ``answers``: (seq_id, future_id, result key, encoded result record) each; the record is
-        published on its key's channel too, as the result backend does.
-        """
-        if not answers:
-            return
-        applied = self._applied_key(run_id)
-        for seq_id, future_id, key, value in answers:
-            pipe.set(key, value, ex=expires_s)
-            pipe.publish(key, value)
-            pipe.hset(applied, str(seq_id), future_id)
-        pipe.expire(applied, self.ttl_s)
-
-    @staticmethod
-    def _applied_key(run_id: str) -> str:
-        """Hash of seq_id -> the future under which that op of the run was applied."""
-        return f"{P}:run:{run_id}:applied"
-
-    def applied_future(self, run_id: str, seq_id: int) -> str | None:
-        """The future under which ``seq_id`` was applied to the run, if it was."""
-        raw = self.r.hget(self._applied_key(run_id), str(seq_id))
-        return _text(raw) if raw else None
 
     # -- models ----------------------------------------------------------------------------
     def put_model(self, info: Mapping[str, Any]) -> None:
