@@ -24,6 +24,7 @@ import redis
 from eztinker_tasks import names
 from eztinker_tasks.deferred import Batch, DeferredReplies
 from eztinker_tasks.store import Store
+from eztinker_tasks.store_worker import Begun
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class BeginPrefetch:
             while len(self._sent) > self.KEEP:
                 self._sent.popitem(last=False)
 
-    def begin(self, spec: BeginSpec, worker: str) -> tuple[str | None, list[bytes]]:
+    def begin(self, spec: BeginSpec, worker: str) -> Begun:
         """``begin_op`` for ``spec``: from the prefetch if one was sent for it, else asked now."""
         with self._lock:
             sent = self._sent.pop(spec.future_id, None)

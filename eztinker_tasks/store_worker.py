@@ -9,11 +9,19 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
-from eztinker_tasks.store_records import P, StartingWorker, WorkerRecord, _text
+from eztinker_tasks.store_records import P, RunRecord, StartingWorker, WorkerRecord, _text
+
+
+class Begun(NamedTuple):
+    """What a worker learns when it starts an operation (``Application.begin_op``)."""
+
+    prior: str | None  # the future that already applied the op's seq_id, if any
+    queued: list[bytes]  # with ``peek=(queue, n)``: the oldest n messages of queue (oldest last)
+    owner: str | None = None  # a run op: the worker its run record names now
 
 
 class WorkerRecords:
@@ -112,17 +120,17 @@ class Application:
         ]
         if run_id is not None and seq_id is not None:
             commands.append(("HGET", self._applied_key(run_id), str(seq_id)))
+            commands.append(("GET", f"{P}:run:{run_id}"))  # its owner: see ``Begun.owner``
         if peek is not None and peek[1] > 0:
             commands.append(("LRANGE", peek[0], -peek[1], -1))
         return commands
 
     @staticmethod
-    def begun(
-        commands: list[tuple[Any, ...]], replies: list[Any]
-    ) -> tuple[str | None, list[bytes]]:
-        """(the future that already applied the seq_id, the queue's head) from the replies."""
+    def begun(commands: list[tuple[Any, ...]], replies: list[Any]) -> Begun:
+        """What ``begin_op`` learnt, from the replies to ``begin_commands``."""
         prior: str | None = None
         queued: list[bytes] = []
+        owner: str | None = None
         for command, reply in zip(commands, replies, strict=True):
             if isinstance(reply, Exception):
                 raise reply
@@ -130,7 +138,9 @@ class Application:
                 prior = _text(reply)
             elif command[0] == "LRANGE":
                 queued = list(reply)
-        return prior, queued
+            elif command[0] == "GET" and reply:
+                owner = RunRecord.from_json(reply).worker
+        return Begun(prior, queued, owner)
 
     def begin_op(
         self,
@@ -139,12 +149,8 @@ class Application:
         run_id: str | None,
         seq_id: int | None,
         peek: tuple[str, int] | None = None,
-    ) -> tuple[str | None, list[bytes]]:
-        """Mark ``future_id`` started, in one round trip.
-
-        Returns the future that already applied ``seq_id`` (None if none did) and, with
-        ``peek=(queue, n)``, the oldest ``n`` messages waiting in ``queue`` (oldest last).
-        """
+    ) -> Begun:
+        """Mark ``future_id`` started, in one round trip (see ``Begun``)."""
         commands = self.begin_commands(future_id, worker, run_id, seq_id, peek)
         pipe = self.r.pipeline(transaction=False)
         for command in commands:

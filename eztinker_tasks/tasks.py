@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from celery import Task, shared_task
+from celery.exceptions import Reject
 
 from config import Settings
 from eztinker_tasks import cycle, names, recovery
@@ -32,6 +32,7 @@ from eztinker_tasks.runtime import WorkerRuntime, get_runtime, report_now
 from eztinker_tasks.sample_batch import SampleRequest
 from eztinker_tasks.sampling import sample_body
 from eztinker_tasks.snapshots import remove_snapshots
+from eztinker_tasks.store_worker import Begun
 from eztinker_tasks.types import (
     AdamParams,
     CallSpec,
@@ -41,14 +42,6 @@ from eztinker_tasks.types import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Begun:
-    """What the worker learnt when it started an operation (in one Redis round trip)."""
-
-    prior: str | None  # the future that already applied this seq_id, if any
-    queued: list[bytes]  # the head of the run's queue, when asked for (oldest last)
 
 
 COALESCED = frozenset({names.FORWARD, names.FORWARD_BACKWARD})
@@ -80,8 +73,7 @@ def _call(
     """Run ``op`` with the worker runtime (failures are reported by ``OperationTask``)."""
     rt = get_runtime(task.app)
     spec = BeginSpec.of(str(task.request.id), run_id, seq_id, peek)
-    prior, queued = rt.prefetch.begin(spec, rt.worker_name)
-    return op(rt, Begun(prior, queued))
+    return op(rt, rt.prefetch.begin(spec, rt.worker_name))
 
 
 def _run_op(
@@ -96,6 +88,8 @@ def _run_op(
     """Apply one operation of a run at most once per ``seq_id``."""
 
     def body(rt: WorkerRuntime, begun: Begun) -> dict[str, Any]:
+        if begun.owner is not None and begun.owner != rt.worker_name:
+            _hand_over(task, rt, run_id, begun.owner)
         prior = begun.prior
         latest = rt.applied_seq.get(run_id, 0)
         if prior is None and seq_id is not None and seq_id <= latest:
@@ -149,6 +143,22 @@ def _run_op(
         return result
 
     return _call(task, body, run_id, seq_id, peek)
+
+
+def _hand_over(task: Task, rt: WorkerRuntime, run_id: str, owner: str) -> None:
+    """The run moved to ``owner`` (this worker was taken for dead: stopped, or cut off, for
+    longer than ``EZTINKER_REHOME_AFTER_S``): drop its stale state here, stop serving its
+    queue and put the message back for the owner. Raises celery's ``Reject``."""
+    log.warning("run %s now belongs to %s: handing its operation over", run_id, owner)
+    if rt.engine.has_run(run_id):
+        rt.engine.delete_run(run_id)
+    rt.applied_seq.pop(run_id, None)
+    rt.snapshots.forget(run_id)
+    task.app.control.cancel_consumer(
+        names.run_queue(run_id), destination=[rt.worker_name], reply=False
+    )
+    report_now()
+    raise Reject(f"run {run_id} moved to {owner}", requeue=True)
 
 
 def _not_held(rt: WorkerRuntime, run_id: str) -> EZTinkerError:

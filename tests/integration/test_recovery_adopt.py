@@ -137,3 +137,40 @@ def test_an_op_that_kills_its_worker_twice_fails_and_the_run_goes_on(stack: Serv
             assert time.monotonic() < deadline, run
             time.sleep(0.05)
         assert run["step"] == 3, run
+
+
+def test_a_stopped_worker_loses_its_run_and_hands_over_when_it_resumes(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """SIGSTOP: the worker looks dead (its heartbeat lapses), another adopts its run; after
+    SIGCONT the stopped one applies nothing more to the run (fencing: it hands over)."""
+    env = {"EZTINKER_REHOME_AFTER_S": "2", "EZTINKER_SNAPSHOT_INTERVAL_S": "0"}
+    svc = start_service(tmp_path, model_cache, workers=2, extra_env=env)
+    try:
+        with svc.http as http:
+            reference = _create(http)
+            for step in range(10):
+                _succeeded(http, list(_step(http, reference, step)))
+            expected = _save(http, reference, "final")
+            run_id = _create(http)
+            for step in range(3):
+                _succeeded(http, list(_step(http, run_id, step)))
+            owner = http.get(f"/v1/runs/{run_id}").json()["worker"]
+            proc = svc.processes["worker-" + owner.split("@")[0]]
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                pending = [f for step in range(3, 7) for f in _step(http, run_id, step)]
+                _succeeded(http, pending)
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            adopter = http.get(f"/v1/runs/{run_id}").json()["worker"]
+            assert adopter != owner
+            svc.wait_workers(2)  # the stopped worker is back
+            for step in range(7, 10):
+                _succeeded(http, list(_step(http, run_id, step)))
+            path = _save(http, run_id, "final")
+            run = http.get(f"/v1/runs/{run_id}").json()
+            assert (run["worker"], run["step"], run["status"]) == (adopter, 10, "ready"), run
+        assert_same_adapter(svc.checkpoints_dir, expected, path)
+    finally:
+        svc.stop()

@@ -22,7 +22,7 @@ from config import Settings
 from eztinker_tasks import names
 from eztinker_tasks.deferred import DeferredReplies
 from eztinker_tasks.prefetch import BeginPrefetch, BeginSpec
-from eztinker_tasks.store import Store
+from eztinker_tasks.store import RunRecord, Store
 from eztinker_tasks.tasks import coalesce_peek, expected_begin
 from eztinker_tasks.transport import QoS, Transport
 from tests.conftest import Service
@@ -155,26 +155,32 @@ def test_prefetched_begin_answers_what_begin_op_answers(client: redis.Redis) -> 
     queue = names.run_queue(run_id)
     client.rpush(queue, b"m3", b"m2", b"m1")  # oldest last
     client.hset(f"ezt:run:{run_id}:applied", "7", "fut_first")
+    # The run's owner comes back with every run op (a worker it moved away from hands over).
+    store.put_run(RunRecord(run_id, "tiny-gpt2", {}, worker="w0", created_at=0.0))
     replies = DeferredReplies(client.connection_pool)
     prefetch = BeginPrefetch(store, replies)
 
     applied = BeginSpec.of("fut_a", run_id, 7, 2)
     prefetch.send(applied, "w1")
-    assert prefetch.begin(applied, "w1") == ("fut_first", [b"m2", b"m1"])
-    assert store.begin_op("fut_b", "w1", run_id, 7, (queue, 2)) == ("fut_first", [b"m2", b"m1"])
+    assert prefetch.begin(applied, "w1") == ("fut_first", [b"m2", b"m1"], "w0")
+    assert store.begin_op("fut_b", "w1", run_id, 7, (queue, 2)) == (
+        "fut_first",
+        [b"m2", b"m1"],
+        "w0",
+    )
     started = store.started("fut_a")
     assert started is not None and started["worker"] == "w1"
 
     # Sent for other parameters than the task asks: the task asks itself.
     prefetch.send(BeginSpec.of("fut_c", run_id, 8, 0), "w1")
-    assert prefetch.begin(BeginSpec.of("fut_c", run_id, 7, 1), "w1") == ("fut_first", [b"m1"])
+    assert prefetch.begin(BeginSpec.of("fut_c", run_id, 7, 1), "w1") == ("fut_first", [b"m1"], "w0")
     # Never sent: asked directly.
-    assert prefetch.begin(BeginSpec.of("fut_d", run_id, 9, 0), "w1") == (None, [])
+    assert prefetch.begin(BeginSpec.of("fut_d", run_id, 9, 0), "w1") == (None, [], "w0")
     # A broken connection: asked again on the store's own connection.
     _kill(client, replies)  # the prefetch's connection dies unnoticed
     prefetch.send(BeginSpec.of("fut_e", run_id, 7, 0), "w1")
-    assert prefetch.begin(BeginSpec.of("fut_e", run_id, 7, 0), "w1") == ("fut_first", [])
-    client.delete(queue, f"ezt:run:{run_id}:applied")
+    assert prefetch.begin(BeginSpec.of("fut_e", run_id, 7, 0), "w1") == ("fut_first", [], "w0")
+    client.delete(queue, f"ezt:run:{run_id}:applied", f"ezt:run:{run_id}", "ezt:runs")
 
 
 def test_expected_begin_is_what_each_task_asks() -> None:
