@@ -69,24 +69,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(tmp: Path, device: str) -> tuple[subprocess.Popen[bytes], str, Path]:
-    """``eztinker server --no-flower`` in a private data dir under ``tmp``, on a free port.
+def start_server(
+    tmp: Path, device: str, *args: str, port: int | None = None, **env_vars: str
+) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """``eztinker server --no-flower [args]`` in a private data dir under ``tmp``, on a free
+    port (or ``port``), with ``env_vars`` added to its environment.
 
     Returns the process (it dies with this one), its base URL and its log file.
     """
-    port = free_port()
+    port = port or free_port()
     env = {k: v for k, v in os.environ.items() if k != "EZTINKER_REDIS_URL"} | {
         "EZTINKER_DATA_DIR": str(tmp / "data"),
         "CHECKPOINTS_DIR": str(tmp / "ckpt"),
         "EZTINKER_FLOWER_PORT": str(free_port()),
         "OMP_NUM_THREADS": "1",
+        **env_vars,
     }
     log_path = tmp / "server.log"
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "eztinker", "server", "--no-flower", "--port", str(port),
-             "--host", "127.0.0.1", "--device", device],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+             "--host", "127.0.0.1", "--device", device, *args],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_parent(),  # a killed benchmark leaves no server behind
         )  # fmt: skip
     return server, f"http://127.0.0.1:{port}", log_path

@@ -155,6 +155,7 @@ class Snapshots:
         self.interval_s = interval_s
         self.enabled = enabled
         self._last: dict[str, float] = {}  # run -> monotonic time of its last capture
+        self._seq: dict[str, int] = {}  # run -> the seq_id of its last capture
         self._recoverable: dict[str, bool] = {}
 
     def after_op(self, run_id: str, seq_id: int, future_id: str, *, force: bool = False) -> bool:
@@ -168,6 +169,7 @@ class Snapshots:
             return False  # not at an optim_step boundary: gradients would be lost
         captured = self.engine.capture_state(run_id)
         self._last[run_id] = now
+        self._seq[run_id] = seq_id
         step = int(captured.meta["step"])
         if not self.writer.is_alive():
             self.writer.start()
@@ -182,8 +184,27 @@ class Snapshots:
             self._recoverable[run_id] = known
         return known
 
+    def flush(self, applied: dict[str, int], timeout_s: float = 60.0) -> int:
+        """Snapshot every held run with ops applied since its last snapshot, and wait until
+        they are written (a worker that stops, so that its restart replays nothing).
+
+        ``applied``: run -> the highest seq_id applied. Returns how many were taken.
+        """
+        taken = 0
+        for run_id in self.engine.list_runs():
+            seq_id = applied.get(run_id)
+            if seq_id is None or seq_id <= self._seq.get(run_id, -1):
+                continue
+            future_id = self.store.applied_future(run_id, seq_id)
+            if future_id is not None and self.after_op(run_id, seq_id, future_id, force=True):
+                taken += 1
+        if taken:
+            self.writer.drain(timeout_s)
+        return taken
+
     def forget(self, run_id: str) -> None:
         self._last.pop(run_id, None)
+        self._seq.pop(run_id, None)
         self._recoverable.pop(run_id, None)
 
 

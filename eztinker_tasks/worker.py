@@ -204,6 +204,14 @@ def _on_received(request: Any = None, **_: object) -> None:
 def _on_shutdown(sender: object = None, **_: object) -> None:
     if _starting is not None:
         _starting.done()
+    rt = runtime.peek_runtime()
+    if rt is not None:  # the last op has finished (warm shutdown): snapshot what changed since
+        try:
+            taken = rt.snapshots.flush(dict(rt.applied_seq))
+            if taken:
+                log.info("snapshotted %d runs before stopping", taken)
+        except Exception:
+            log.exception("snapshots before stopping failed (a restart replays the op log)")
     if _heartbeat is not None:
         _heartbeat.stopped.set()
         rt = runtime.peek_runtime()

@@ -12,9 +12,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from peft import LoraConfig
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
@@ -70,16 +70,43 @@ def target_modules(targets: Targets, spec: LoraSpec) -> list[str]:
     return modules
 
 
-def lora_config(targets: Targets, spec: LoraSpec, base_name_or_path: str) -> LoraConfig:
+@dataclass
+class AdapterConfig:
+    """What a checkpoint's ``adapter_config.json`` says of one run's adapter (``peft()`` is the
+    PEFT ``LoraConfig``; PEFT is imported only then: it takes seconds, and a worker needs it
+    only to write checkpoints)."""
+
+    r: int
+    lora_alpha: float
+    target_modules: list[str]
+    base_model_name_or_path: str
+    modules_to_save: list[str] | None = None
+
+    def peft(self, inference_mode: bool = True) -> Any:
+        from peft import LoraConfig
+
+        config = LoraConfig(
+            r=self.r,
+            lora_alpha=self.lora_alpha,  # ty: ignore[invalid-argument-type]  (annotated int)
+            lora_dropout=0.0,
+            target_modules=list(self.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=self.base_model_name_or_path,
+            inference_mode=inference_mode,
+        )
+        if self.modules_to_save is not None:
+            config.modules_to_save = list(self.modules_to_save)
+        return config
+
+
+def lora_config(targets: Targets, spec: LoraSpec, base_name_or_path: str) -> AdapterConfig:
     """The PEFT config of one run: exact module paths, dropout 0, alpha defaulting to 32."""
     alpha = DEFAULT_ALPHA if spec.alpha is None else float(spec.alpha)
-    return LoraConfig(
+    return AdapterConfig(
         r=spec.rank,
-        lora_alpha=alpha,  # ty: ignore[invalid-argument-type]  (PEFT annotates int, takes float)
-        lora_dropout=0.0,
+        lora_alpha=alpha,
         target_modules=target_modules(targets, spec),
-        bias="none",
-        task_type="CAUSAL_LM",
         base_model_name_or_path=base_name_or_path,
     )
 

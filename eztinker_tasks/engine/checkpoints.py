@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from eztinker_tasks import checkpoint_paths
 from eztinker_tasks.catalog import file_lock
-from eztinker_tasks.engine.adapters import input_embedding_weight, lora_config
+from eztinker_tasks.engine.adapters import AdapterConfig, input_embedding_weight, lora_config
 from eztinker_tasks.engine.atomic_dirs import write_atomically
 from eztinker_tasks.engine.runs import RunState, checked_lora_spec
 from eztinker_tasks.errors import CheckpointNotFound, InvalidRequest
@@ -69,7 +69,7 @@ class Captured:
     name -> its content; ``meta``: the kind's metadata file, written last.
     """
 
-    config: Any  # PEFT LoraConfig (save_pretrained writes adapter_config.json)
+    config: AdapterConfig  # what adapter_config.json says (PEFT's LoraConfig writes it)
     tensors: dict[str, dict[str, torch.Tensor]]
     documents: dict[str, dict[str, Any]]
     meta_file: str
@@ -77,7 +77,7 @@ class Captured:
 
     def write(self, directory: Path) -> None:
         """Write every file into ``directory`` (the metadata file last)."""
-        self.config.save_pretrained(str(directory))
+        self.config.peft().save_pretrained(str(directory))
         for name, tensors in self.tensors.items():
             save_file(tensors, str(directory / name), metadata={"format": "pt"})
         for name, document in self.documents.items():
@@ -88,7 +88,6 @@ class Captured:
 def capture(run: RunState, kind: CheckpointKind, name: str) -> Captured:
     """Copy a "state" or "sampler" checkpoint of ``run`` to host memory (device-to-host)."""
     config = lora_config(run.base.targets, run.lora, run.base.source)
-    config.inference_mode = True
     adapter = {k: p.detach().to("cpu", copy=True).contiguous() for k, p in run.params.items()}
     files: dict[str, dict[str, torch.Tensor]] = {}
     unembed = run.base.targets.unembed
@@ -108,7 +107,7 @@ def capture(run: RunState, kind: CheckpointKind, name: str) -> Captured:
 
 def _export_tied_unembedding(
     run: RunState,
-    config: Any,
+    config: AdapterConfig,
     unembed: str,
     tensors: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:

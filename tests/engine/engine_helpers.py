@@ -101,7 +101,9 @@ def peft_reference(engine: Engine, run_id: str) -> torch.nn.Module:
     plain = AutoModelForCausalLM.from_pretrained(
         run.base.source, dtype=engine.dtype, attn_implementation="eager"
     ).to(engine.device)
-    peft = get_peft_model(plain, lora_config(run.base.targets, run.lora, run.base.source))
+    peft = get_peft_model(
+        plain, lora_config(run.base.targets, run.lora, run.base.source).peft(False)
+    )
     named = dict(peft.named_parameters())
     with torch.no_grad():
         for canonical, value in run.params.items():

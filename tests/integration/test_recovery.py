@@ -135,7 +135,7 @@ def test_sigkill_of_the_runs_worker_mid_loop_loses_nothing(server, tmp_path: Pat
 
 
 def test_a_restarted_server_brings_every_run_back_ready(server, tmp_path: Path) -> None:
-    # Snapshots only at creation: the restart must replay the whole log of each run.
+    # No periodic snapshots: each worker snapshots its runs as it stops (Ctrl-C).
     srv = server(EZTINKER_SNAPSHOT_INTERVAL_S="3600")
     with eztinker.ServiceClient(base_url=srv.base) as service:
         reference = train(service, 12)
@@ -145,6 +145,7 @@ def test_a_restarted_server_brings_every_run_back_ready(server, tmp_path: Path) 
             client.optim_step(ADAM).result(timeout=120)
         run_id = client.model_id
     assert srv.stop(signal.SIGINT) == 0  # Ctrl-C
+    assert "snapshotted 2 runs before stopping" in srv.output()
     srv = server(EZTINKER_SNAPSHOT_INTERVAL_S="3600")
     deadline = time.monotonic() + 60
     while (run := httpx.get(f"{srv.base}/v1/runs/{run_id}").json())["status"] != "ready":
