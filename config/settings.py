@@ -139,6 +139,11 @@ class Settings:
         10.0,
         "Snapshot a run at its first optim_step this long after its last one (0 = each step).",
     )
+    snapshot_every_steps: int = _setting(
+        "EZTINKER_SNAPSHOT_EVERY_STEPS",
+        20,
+        "Also snapshot a run once this many optim_steps passed since its last snapshot (0 = no).",
+    )
     rehome_after_s: float = _setting(
         "EZTINKER_REHOME_AFTER_S",
         20.0,
@@ -331,6 +336,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "activation_checkpointing": _checkpointing,
     "recovery": _flag,
     "snapshot_interval_s": _non_negative_float,
+    "snapshot_every_steps": _non_negative_int,
     "rehome_after_s": _non_negative_float,
     "flower_port": _port,
     "web_workers": _non_negative_int,

@@ -5,7 +5,8 @@ of its op messages and a recent snapshot (``eztinker_tasks.oplog``, ``eztinker_t
 When its worker dies (SIGKILL, OOM, host loss) or stops:
 
 - the same worker, restarted under its name, recovers each of its runs at once
-  (``worker._on_ready`` queues a ``recover_run`` at the head of the run's queue);
+  (``worker._on_ready`` queues a ``recover_run`` per run on its own queue, runs with
+  unanswered ops first);
 - otherwise, once the worker has been gone ``EZTINKER_REHOME_AFTER_S`` (and is not starting
   again), a live worker adopts the run (``adopt_orphans``, from its heartbeat thread): it
   records itself as the run's worker (compare-and-set: one adopter wins), binds the run's
@@ -306,14 +307,24 @@ def _seq(op: LoggedOp) -> int:
     return op.seq_id
 
 
-def request_recovery(app: Celery, run_id: str) -> None:
-    """Queue ``recover_run`` for ``run_id`` at the head of the run's queue (next to run)."""
-    queue = names.run_queue(run_id)
-    message = messages.task_message(
-        app, names.RECOVER_RUN, f"recover_{run_id}_{time.time_ns()}", {"run_id": run_id}, queue
-    )
+def unanswered(rt: WorkerRuntime, backend: ResultBackend, run_id: str) -> int:
+    """How many of the run's logged ops after its snapshot have no result yet."""
+    snap = rt.oplog.snapshot(run_id)
+    ops = rt.oplog.entries(run_id, snap.seq_id if snap else -1)
+    return sum(1 for status in _statuses(rt, backend, ops) if not status)
+
+
+def request_recovery(app: Celery, worker: str, run_ids: list[str]) -> None:
+    """Queue a ``recover_run`` for each run, in this order, on ``worker``'s own queue.
+
+    (A run whose queued op reaches the worker first is recovered right then, by that op.)
+    """
+    queue = names.worker_queue(worker)
     client = app.backend.client
-    client.rpush(queue, message.payload)  # kombu pops the oldest from the right
+    for run_id in run_ids:
+        task_id = f"recover_{run_id}_{time.time_ns()}"
+        message = messages.task_message(app, names.RECOVER_RUN, task_id, {"run_id": run_id}, queue)
+        client.lpush(queue, message.payload)  # kombu pops the oldest from the right
 
 
 def adopt_orphans(app: Celery, rt: WorkerRuntime) -> list[str]:
@@ -343,7 +354,7 @@ def adopt_orphans(app: Celery, rt: WorkerRuntime) -> list[str]:
             status="recovering",
             error=f"worker {record.worker} is gone; {rt.worker_name} is recovering the run",
         )
-        request_recovery(app, record.run_id)
+        request_recovery(app, rt.worker_name, [record.run_id])
         log.warning(
             "adopted run %s of worker %s (gone for over %.0f s)",
             record.run_id,

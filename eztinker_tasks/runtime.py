@@ -97,7 +97,12 @@ def get_runtime(app: Celery) -> WorkerRuntime:
                 answered=lambda future_id: bool(client.exists(backend.get_key_for_task(future_id))),
             )
             snapshots = Snapshots(
-                engine, store, writer, settings.snapshot_interval_s, enabled=settings.recovery
+                engine,
+                store,
+                writer,
+                settings.snapshot_interval_s,
+                enabled=settings.recovery,
+                every_steps=settings.snapshot_every_steps,
             )
             _runtime = WorkerRuntime(
                 settings=settings,

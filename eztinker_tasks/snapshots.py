@@ -1,10 +1,11 @@
 """Automatic snapshots of recoverable runs, written off the worker's operation thread.
 
-At an ``optim_step`` boundary (no accumulated gradient), at most once per
-``EZTINKER_SNAPSHOT_INTERVAL_S`` per run, and always right after a run is created, loaded or
-recovered, the worker copies the run's full state to host memory (``Engine.capture_state``:
-the device-to-host copy is the only work on the operation thread) and hands it to
-``SnapshotWriter``, a background thread that:
+At an ``optim_step`` boundary (no accumulated gradient), once ``EZTINKER_SNAPSHOT_INTERVAL_S``
+or ``EZTINKER_SNAPSHOT_EVERY_STEPS`` steps have passed since the run's last snapshot (so a
+recovery replays at most about that much work), right after a run is created, loaded or
+recovered, and when its worker stops, the worker copies the run's full state to host memory
+(``Engine.capture_state``: the device-to-host copy is the only work on the operation thread)
+and hands it to ``SnapshotWriter``, a background thread that:
 
 1. writes it as a state checkpoint, atomically, to
    ``CHECKPOINTS_DIR/.snapshots/<run_id>/<seq_id>`` (the dot keeps it out of listings);
@@ -148,14 +149,17 @@ class Snapshots:
         writer: SnapshotWriter,
         interval_s: float,
         enabled: bool = True,
+        every_steps: int = 0,
     ) -> None:
         self.engine = engine
         self.store = store
         self.writer = writer
         self.interval_s = interval_s
+        self.every_steps = every_steps
         self.enabled = enabled
         self._last: dict[str, float] = {}  # run -> monotonic time of its last capture
         self._seq: dict[str, int] = {}  # run -> the seq_id of its last capture
+        self._step: dict[str, int] = {}  # run -> its step at its last capture
         self._recoverable: dict[str, bool] = {}
 
     def after_op(self, run_id: str, seq_id: int, future_id: str, *, force: bool = False) -> bool:
@@ -163,14 +167,18 @@ class Snapshots:
         if not self.enabled or not self.engine.has_run(run_id) or not self._is_recoverable(run_id):
             return False
         now = time.monotonic()
-        if not force and now - self._last.get(run_id, -1e18) < self.interval_s:
+        info = self.engine.run_info(run_id)
+        due = now - self._last.get(run_id, -1e18) >= self.interval_s or (
+            self.every_steps > 0 and info.step - self._step.get(run_id, 0) >= self.every_steps
+        )
+        if not (force or due):
             return False
-        if self.engine.run_info(run_id).extra.get("has_accumulated_grad"):
+        if info.extra.get("has_accumulated_grad"):
             return False  # not at an optim_step boundary: gradients would be lost
         captured = self.engine.capture_state(run_id)
         self._last[run_id] = now
         self._seq[run_id] = seq_id
-        step = int(captured.meta["step"])
+        step = self._step[run_id] = int(captured.meta["step"])
         if not self.writer.is_alive():
             self.writer.start()
         self.writer.submit(SnapshotJob(run_id, seq_id, future_id, step, captured))
@@ -205,6 +213,7 @@ class Snapshots:
     def forget(self, run_id: str) -> None:
         self._last.pop(run_id, None)
         self._seq.pop(run_id, None)
+        self._step.pop(run_id, None)
         self._recoverable.pop(run_id, None)
 
 

@@ -147,6 +147,7 @@ def _on_ready(sender: Any = None, **_: object) -> None:
     name: str = sender.hostname
     runtime.set_worker_name(name)
     rt = runtime.get_runtime(app)
+    recover: list[tuple[int, str]] = []
     for record in rt.store.runs_of_worker(name):
         if record.status in ("deleted", "failed"):
             continue
@@ -159,8 +160,8 @@ def _on_ready(sender: Any = None, **_: object) -> None:
                 status="recovering",
                 error=f"worker {name} restarted; recovering the run from its snapshot",
             )
-            recovery.request_recovery(app, record.run_id)
-            log.info("recovering run %s", record.run_id)
+            pending = recovery.unanswered(rt, app.backend, record.run_id)
+            recover.append((-pending, record.run_id))
         else:
             rt.store.update_run(
                 record.run_id,
@@ -168,6 +169,9 @@ def _on_ready(sender: Any = None, **_: object) -> None:
                 error="worker restarted; in-memory state lost (load_state to resume)",
             )
             log.info("re-bound queue of run %s", record.run_id)
+    if recover:  # runs whose futures wait first
+        recovery.request_recovery(app, name, [run_id for _, run_id in sorted(recover)])
+        log.info("recovering %d runs", len(recover))
     for queue in _moved_away(rt, name):  # adopted by another worker while this one started
         app.control.cancel_consumer(queue, destination=[name], reply=False)
     _heartbeat = Heartbeat(app, name, rt.engine.device)
