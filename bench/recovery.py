@@ -7,11 +7,12 @@ on tiny-llama (CPU by default), for each trial:
 2. trains the same run (same seed and data) and, at a random step, SIGKILLs the worker that
    holds it while that step's forward_backward (a long one, also in the reference) runs.
 
-Reported per trial: the step, seconds from the kill to that step's forward_backward result
-(the supervisor restarts the worker, which recovers the run from its snapshot and replays the
-logged ops), futures that did not resolve within 180 s (hung), and the largest difference
-between the two final adapters. Then the whole server is stopped (Ctrl-C) and started again
-with a run 20 steps in: seconds until the run is ``ready`` again, and its step.
+Reported per trial: the step, how long that step takes without a kill (in the reference run),
+seconds from the kill to that step's results (the supervisor restarts the worker, which
+recovers the run from its snapshot, replays the logged ops and runs the killed step again),
+futures that did not resolve within 180 s (hung), and the largest difference between the two
+final adapters. Then the whole server is stopped (Ctrl-C) and started again with a run 20
+steps in: seconds until the run is ``ready`` again, and its step.
 
     uv run python bench/recovery.py [--trials 3] [--device cpu]
 """
@@ -53,18 +54,21 @@ def datum(step: int, length: int = 12) -> types.Datum:
 class Outcome:
     run_id: str
     path: str
-    resumed_s: float | None
+    resumed_s: float | None  # from the kill to the heavy step's results
+    heavy_s: float  # the heavy step, from its submit to its results
     hung: int
 
 
 def train(base: str, steps: int, heavy_at: int, kill: bool) -> Outcome:
     hung = 0
     resumed = None
+    heavy = 0.0
     with eztinker.ServiceClient(base_url=base) as service:
         client = service.create_lora_training_client(MODEL, rank=4, seed=11)
         run_id = client.model_id
         for step in range(steps):
             batch = [datum(step + 1000 * i, 256) for i in range(48)] if step == heavy_at else []
+            submitted = time.monotonic()
             fb = client.forward_backward(batch or [datum(step)], "cross_entropy")
             opt = client.optim_step(ADAM)
             killed_at = None
@@ -85,8 +89,10 @@ def train(base: str, steps: int, heavy_at: int, kill: bool) -> Outcome:
                     hung += 1
             if killed_at is not None:
                 resumed = time.monotonic() - killed_at
+            if step == heavy_at:
+                heavy = time.monotonic() - submitted
         path = client.save_state("final").result(timeout=180).path
-    return Outcome(run_id, path, resumed, hung)
+    return Outcome(run_id, path, resumed, heavy, hung)
 
 
 def max_diff(checkpoints: Path, a: str, b: str) -> float:
@@ -135,17 +141,18 @@ def main() -> None:
             reference = train(base, 60, at, kill=False)
             faulted = train(base, 60, at, kill=True)
             diff = max_diff(tmp / "ckpt", reference.path, faulted.path)
-            rows.append((at, faulted.resumed_s or float("nan"), faulted.hung, diff))
+            resumed = faulted.resumed_s or float("nan")
+            rows.append((at, reference.heavy_s, resumed, faulted.hung, diff))
         back_s, step, server = restart(tmp, base, server, args.device)
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(60)
     print(f"\nSIGKILL of the run's worker during a 60-step SDK loop ({MODEL}, {args.device}, "
           "eztinker server --workers 2)")  # fmt: skip
-    print(f"{'kill at step':>12} {'kill -> next result (s)':>24} {'hung futures':>13} "
-          f"{'max |adapter - ref|':>20}")  # fmt: skip
-    for at, resumed, hung, diff in rows:
-        print(f"{at:>12} {resumed:>24.1f} {hung:>13} {diff:>20.2e}")
+    print(f"{'kill at step':>12} {'that step, no kill (s)':>23} {'kill -> its results (s)':>24} "
+          f"{'hung futures':>13} {'max |adapter - ref|':>20}")  # fmt: skip
+    for at, heavy, resumed, hung, diff in rows:
+        print(f"{at:>12} {heavy:>23.1f} {resumed:>24.1f} {hung:>13} {diff:>20.2e}")
     print(f"\nserver stopped (Ctrl-C) and started again, a run 20 steps in: ready again "
           f"{back_s:.1f} s after the start command, at step {step}")  # fmt: skip
 
