@@ -244,7 +244,10 @@ def recover(
     crashed = _running_at_crash(rt, ops, statuses)
     done = Recovered(run_id, True, snap.seq_id if snap else None)
     for op, status in zip(ops, statuses, strict=True):
-        if status == "FAILURE" or (status == "SUCCESS" and op.task not in STATEFUL):
+        if status == "FAILURE":  # failed (or given up by the web): it must never run now
+            rt.store.r.lrem(names.run_queue(run_id), 1, op.raw)  # ty: ignore[no-matching-overload]
+            continue
+        if status == "SUCCESS" and op.task not in STATEFUL:
             continue
         if status == "SUCCESS":
             outcome = _apply(rt, run_id, op, answered=True)

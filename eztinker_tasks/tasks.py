@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery import Task, shared_task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 
 from config import Settings
 from eztinker_tasks import cycle, names, recovery
@@ -122,6 +122,8 @@ def _run_op(
             recovery.recover(rt, task.app.backend, run_id, upto=upto)
             if not rt.engine.has_run(run_id):
                 raise _not_held(rt, run_id)
+            if task.app.backend.get_task_meta(str(task.request.id)).get("status") == "FAILURE":
+                raise Ignore()  # given up while no worker held the run: it must not run now
         result = op(rt, begun)
         rt.applied(run_id, seq_id)
         stats: dict[str, Any] = {}

@@ -174,7 +174,7 @@ def _recovery_wait(
     if run.worker in {s.name for s in store.starting_workers()}:
         return None
     settings = svc.settings
-    grace = settings.rehome_after_s + 4 * settings.worker_heartbeat_s + settings.worker_ttl_s + 30
+    grace = settings.rehome_after_s + 4 * settings.worker_heartbeat_s + settings.worker_ttl_s + 10
     orphaned = OpLog(svc.redis_client).orphaned_since(run.run_id)
     if time.time() - orphaned < grace:
         return None

@@ -174,3 +174,36 @@ def test_a_stopped_worker_loses_its_run_and_hands_over_when_it_resumes(
         assert_same_adapter(svc.checkpoints_dir, expected, path)
     finally:
         svc.stop()
+
+
+def test_with_no_worker_left_pending_ops_fail_for_good_and_a_later_worker_recovers_the_run(
+    stack: Service,
+) -> None:
+    """The only worker dies and none takes over: after the re-home time and a grace period
+    the run's pending ops fail (worker_gone), for good: a worker started later recovers the
+    run without applying them."""
+    with stack.http as http:
+        run_id = _create(http)
+        for step in range(2):
+            _succeeded(http, list(_step(http, run_id, step)))
+        proc = stack.processes["worker-cpu0"]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        orphaned = list(_step(http, run_id, 2))
+        started = time.monotonic()
+        for f in orphaned:
+            body = wait_future(http, f, timeout=120)
+            assert body["status"] == "failed", body
+            assert body["error"]["code"] == "worker_gone", body
+            assert "no live worker took over" in body["error"]["message"], body
+        assert time.monotonic() - started < 60
+        stack.start_worker("gpu0")
+        deadline = time.monotonic() + 120
+        while (run := http.get(f"/v1/runs/{run_id}").json())["status"] != "ready":
+            assert time.monotonic() < deadline, run
+            time.sleep(0.1)
+        assert run["step"] == 2 and run["worker"].startswith("gpu0@"), run
+        for f in orphaned:  # still failed: the recovery did not apply them
+            assert http.get(f"/v1/futures/{f}").json()["status"] == "failed"
+        _succeeded(http, list(_step(http, run_id, 2)))
+        assert http.get(f"/v1/runs/{run_id}").json()["step"] == 3
