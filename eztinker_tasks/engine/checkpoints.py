@@ -26,7 +26,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +63,14 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 @dataclass
 class Captured:
-    """A run's checkpoint, copied to host memory: ready to be written anywhere, any time later.
+    """A run's checkpoint, copied aside: ready to be written anywhere, any time later.
 
-    ``tensors``: safetensors file name -> its tensors (CPU copies); ``documents``: JSON file
-    name -> its content; ``meta``: the kind's metadata file, written last.
+    ``tensors``: safetensors file name -> its tensors, copies made on the run's device (a
+    device-to-device copy: the operation thread never waits for the host); ``write`` moves
+    them to the host. ``documents``: JSON file name -> its content; ``meta``: the kind's
+    metadata file, written last. ``tied``: on a tied-embedding base whose unembedding the run
+    trains, (module name, the base's input embedding) for the PEFT export (see
+    ``_export_tied_unembedding``), done by ``write`` too.
     """
 
     config: AdapterConfig  # what adapter_config.json says (PEFT's LoraConfig writes it)
@@ -74,11 +78,25 @@ class Captured:
     documents: dict[str, dict[str, Any]]
     meta_file: str
     meta: dict[str, Any]
+    tied: tuple[str, torch.Tensor] | None = None
+    copied: Any = None  # a CUDA event recorded after the copies (None on the CPU)
 
     def write(self, directory: Path) -> None:
-        """Write every file into ``directory`` (the metadata file last)."""
-        self.config.peft().save_pretrained(str(directory))
-        for name, tensors in self.tensors.items():
+        """Write every file into ``directory`` (the metadata file last); any thread."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        host = {
+            name: {k: t.to("cpu", copy=True).contiguous() for k, t in tensors.items()}
+            for name, tensors in self.tensors.items()
+        }
+        config = replace(self.config)
+        if self.tied is not None:
+            unembed, embedding = self.tied
+            host[UNEMBED_LORA] = _export_tied_unembedding(
+                embedding, config, unembed, host[ADAPTER_WEIGHTS]
+            )
+        config.peft().save_pretrained(str(directory))
+        for name, tensors in host.items():
             save_file(tensors, str(directory / name), metadata={"format": "pt"})
         for name, document in self.documents.items():
             _write_json(directory / name, document)
@@ -86,15 +104,16 @@ class Captured:
 
 
 def capture(run: RunState, kind: CheckpointKind, name: str) -> Captured:
-    """Copy a "state" or "sampler" checkpoint of ``run`` to host memory (device-to-host)."""
+    """Copy a "state" or "sampler" checkpoint of ``run`` aside (see ``Captured``)."""
     config = lora_config(run.base.targets, run.lora, run.base.source)
-    adapter = {k: p.detach().to("cpu", copy=True).contiguous() for k, p in run.params.items()}
-    files: dict[str, dict[str, torch.Tensor]] = {}
+    # Two flat copies (not one per tensor: hundreds of small copies cost more than the bytes).
+    flat_a, flat_b = (leaf.detach().clone() for leaf in run.adapter.leaves)
+    adapter = run.adapter.named_views(flat_a, flat_b)
+    files: dict[str, dict[str, torch.Tensor]] = {ADAPTER_WEIGHTS: adapter}
     unembed = run.base.targets.unembed
-    targets = getattr(config, "target_modules", None) or ()
-    if run.base.tied_unembedding and unembed is not None and unembed in targets:
-        files[UNEMBED_LORA] = _export_tied_unembedding(run, config, unembed, adapter)
-    files[ADAPTER_WEIGHTS] = adapter
+    tied = None
+    if run.base.tied_unembedding and unembed is not None and unembed in config.target_modules:
+        tied = (unembed, input_embedding_weight(run.base.model))
     documents: dict[str, dict[str, Any]] = {}
     meta = _meta(run, kind, name)
     if kind == "state":
@@ -102,11 +121,16 @@ def capture(run: RunState, kind: CheckpointKind, name: str) -> Captured:
         state = run.generator.get_state()
         meta["rng_device"] = run.generator.device.type
         meta["rng_state"] = base64.b64encode(state.numpy().tobytes()).decode()
-    return Captured(config, files, documents, META_FILES[kind], meta)
+    copied = None
+    device = run.adapter.flat_a.device
+    if device.type == "cuda":
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(device))
+    return Captured(config, files, documents, META_FILES[kind], meta, tied, copied)
 
 
 def _export_tied_unembedding(
-    run: RunState,
+    embedding: torch.Tensor,
     config: AdapterConfig,
     unembed: str,
     tensors: dict[str, torch.Tensor],
@@ -119,13 +143,13 @@ def _export_tied_unembedding(
     as ``modules_to_save`` (``W + (alpha / r) * B @ A`` in the base's dtype): PEFT then keeps a
     separate copy, loading is exact, and merging unties the two (PEFT sets
     ``tie_word_embeddings=False``). The LoRA factors themselves (returned) go to
-    ``UNEMBED_LORA`` for EZTinker's own loading (resume, sampling).
+    ``UNEMBED_LORA`` for EZTinker's own loading (resume, sampling). ``tensors`` (host copies)
+    and ``config`` are changed in place; ``embedding`` is the frozen base's (read only).
     """
     prefix = f"base_model.model.{unembed}"
     factors = {key: tensors.pop(key) for key in list(tensors) if key.startswith(f"{prefix}.lora_")}
     a, b = factors[f"{prefix}.lora_A.weight"], factors[f"{prefix}.lora_B.weight"]
     scaling = float(config.lora_alpha) / float(config.r)
-    embedding = input_embedding_weight(run.base.model)
     merged = embedding.to("cpu", torch.float32) + scaling * (b.float() @ a.float())
     tensors[f"{prefix}.weight"] = merged.to(embedding.dtype).contiguous()
     config.target_modules = sorted(set(config.target_modules) - {unembed})
@@ -172,9 +196,9 @@ def _optimizer_state(run: RunState) -> tuple[dict[str, torch.Tensor], dict[str, 
         if key == "step":
             steps.update(dict.fromkeys(run.params, float(value_a)))
         elif isinstance(value_a, torch.Tensor) and isinstance(value_b, torch.Tensor):
-            views = adapter.named_views(value_a.detach(), value_b.detach())
+            views = adapter.named_views(value_a.detach().clone(), value_b.detach().clone())
             for name, view in views.items():
-                tensors[f"{name}:{key}"] = view.to("cpu", copy=True).contiguous()
+                tensors[f"{name}:{key}"] = view
     group = {k: v for k, v in run.optimizer.param_groups[0].items() if k != "params"}
     document = {"param_names": list(run.params), "steps": steps, "param_group": _jsonable(group)}
     return tensors, document
