@@ -77,8 +77,9 @@ def create_run_now(
     lora: Mapping[str, Any] | None,
     from_checkpoint: str | None,
     optimizer: bool,
+    status: str = "ready",
 ) -> dict[str, Any]:
-    """Build the run in the engine and record it ``ready`` (``failed``, with the cause, if it
+    """Build the run in the engine and record it ``status`` (``failed``, with the cause, if it
     cannot be built: never left ``creating``). Returns the run's info."""
     if rt.engine.has_run(run_id):
         return rt.engine.run_info(run_id).to_dict()
@@ -95,7 +96,7 @@ def create_run_now(
     rt.store.put_model(rt.engine.model_info(info.base_model).to_dict())
     rt.store.update_run(
         run_id,
-        status="ready",
+        status=status,
         error=None,
         base_model=info.base_model,
         lora=info.lora.to_dict(),
@@ -124,6 +125,7 @@ def _apply(rt: WorkerRuntime, run_id: str, op: LoggedOp, answered: bool) -> Any:
                 lora,
                 k.get("from_checkpoint"),
                 bool(k.get("optimizer", True)),
+                status="recovering",  # ready once every logged op is applied again
             )
         if op.task in (names.FORWARD_BACKWARD, names.FORWARD):
             data = [Datum.from_dict(d) for d in k["data"]]

@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from eztinker_tasks.engine.atomic_dirs import write_atomically
-from eztinker_tasks.engine.checkpoints import Captured
+from eztinker_tasks.atomic_dirs import write_atomically
 from eztinker_tasks.oplog import OpLog, SnapshotRecord
 from eztinker_tasks.store import Store
 
 if TYPE_CHECKING:
     from eztinker_tasks.engine import Backend
+    from eztinker_tasks.engine.checkpoints import Captured
 
 log = logging.getLogger(__name__)
 

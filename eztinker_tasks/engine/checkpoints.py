@@ -34,9 +34,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eztinker_tasks import checkpoint_paths
+from eztinker_tasks.atomic_dirs import write_atomically
 from eztinker_tasks.catalog import file_lock
 from eztinker_tasks.engine.adapters import AdapterConfig, input_embedding_weight, lora_config
-from eztinker_tasks.engine.atomic_dirs import write_atomically
 from eztinker_tasks.engine.runs import RunState, checked_lora_spec
 from eztinker_tasks.errors import CheckpointNotFound, InvalidRequest
 from eztinker_tasks.types import CheckpointInfo, CheckpointKind, LoraSpec

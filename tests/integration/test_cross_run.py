@@ -89,12 +89,13 @@ def test_eight_clients_share_passes_and_get_their_solo_results(
                 assert g["logprobs"].tolist() == pytest.approx(w["logprobs"].tolist(), abs=1e-5)
             shared_passes += (got.batch or {}).get("runs", 1) > 1
     assert shared_passes >= RUNS * STEPS // 2, shared_passes
-    # Same weights after training: a forward of each run equals its twin's.
+    # Same weights after training: a forward of each run equals its twin's (fp32: the two
+    # trained with sums in another order over several AdamW steps, so within 5e-6 relative).
     probe = [_datum(99, 0)]
     for a, b in zip(shared, solo, strict=True):
         la = a.forward(probe, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
         lb = b.forward(probe, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
-        assert la == pytest.approx(lb, abs=1e-5)
+        assert la == pytest.approx(lb, rel=5e-6, abs=1e-5)
 
 
 def test_results_show_their_pass_and_timing_in_sdk_and_cli(
