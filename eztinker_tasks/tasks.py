@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery import Task, shared_task
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore
 
 from config import Settings
-from eztinker_tasks import cycle, names, recovery
+from eztinker_tasks import cycle, messages, names, recovery
 from eztinker_tasks.errors import (
     EZTinkerError,
     RunFailed,
@@ -150,17 +150,20 @@ def _run_op(
 def _hand_over(task: Task, rt: WorkerRuntime, run_id: str, owner: str) -> None:
     """The run moved to ``owner`` (this worker was taken for dead: stopped, or cut off, for
     longer than ``EZTINKER_REHOME_AFTER_S``): drop its stale state here, stop serving its
-    queue and put the message back for the owner. Raises celery's ``Reject``."""
+    queue and put the message back at the head of the queue, where the owner takes it next
+    (the ops behind it stay behind it). Raises celery's ``Ignore``: no result from here."""
     log.warning("run %s now belongs to %s: handing its operation over", run_id, owner)
     if rt.engine.has_run(run_id):
         rt.engine.delete_run(run_id)
     rt.applied_seq.pop(run_id, None)
     rt.snapshots.forget(run_id)
-    task.app.control.cancel_consumer(
-        names.run_queue(run_id), destination=[rt.worker_name], reply=False
-    )
+    queue = names.run_queue(run_id)
+    task.app.control.cancel_consumer(queue, destination=[rt.worker_name], reply=False)
+    kwargs = dict(task.request.kwargs or {})
+    message = messages.task_message(task.app, str(task.name), str(task.request.id), kwargs, queue)
+    rt.store.r.rpush(queue, message.payload)  # kombu pops the oldest from the right
     report_now()
-    raise Reject(f"run {run_id} moved to {owner}", requeue=True)
+    raise Ignore()
 
 
 def _not_held(rt: WorkerRuntime, run_id: str) -> EZTinkerError:

@@ -138,7 +138,7 @@ def _stall_reason(
                 "worker_gone",
                 f"worker {worker_name} restarted while running this operation; it was lost",
             )
-        return _recovery_wait(svc, record, lost)
+        return _recovery_wait(svc, record, lost, started=True)
     if record.worker:
         if workers.get(record.worker) is None:
             lost = _error(
@@ -147,23 +147,25 @@ def _stall_reason(
                 "longer reports itself alive), so the operation cannot run; load a saved state "
                 "to move the run to a live worker",
             )
-            return _recovery_wait(svc, record, lost)
+            return _recovery_wait(svc, record, lost, started=False)
     elif not workers.any_live():
         return _error("worker_gone", "no live worker to run this operation")
     return None
 
 
 def _recovery_wait(
-    svc: Services, record: FutureRecord, lost: dict[str, Any]
+    svc: Services, record: FutureRecord, lost: dict[str, Any], started: bool
 ) -> dict[str, Any] | None:
-    """None while the op's run will be recovered (and the op answered by it); else ``lost``.
+    """None while the op's run will be recovered (and the op answered then); else ``lost``.
 
-    Only a logged op (one with a seq_id) of a recoverable run waits: while the run's worker
-    is alive (restarted, or the adopter) or starting again, or, with no such worker, for
-    ``EZTINKER_REHOME_AFTER_S`` plus a grace period for a live worker to adopt it. After that
-    the op fails with ``lost``, recorded as its result, so a later recovery does not apply it.
+    An op of a recoverable run waits if it is logged (it has a seq_id: the recovery applies
+    it) or had not started (its message waits in the run's queue for the run's next worker):
+    while the run's worker is alive (restarted, or the adopter) or starting again, or, with no
+    such worker, for ``EZTINKER_REHOME_AFTER_S`` plus a grace period for a live worker to
+    adopt the run. After that it fails with ``lost``, recorded as its result, so that it is
+    not applied later. A sample that was running on the dead worker fails at once.
     """
-    if record.run_id is None or record.seq_id is None:
+    if record.run_id is None or (started and record.seq_id is None):
         return lost
     run = svc.store.get_run(record.run_id)
     if run is None or not run.recoverable or run.status in ("deleted", "failed", "lost"):
