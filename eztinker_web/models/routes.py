@@ -47,6 +47,7 @@ def list_models():
 @blp.route("/tokenize", methods=["POST"])
 @blp.arguments(TokenizeSchema())
 @blp.response(200, TokensSchema)
+@blp.errors(404)
 def tokenize(args: dict[str, Any]):
     """Text to token ids with the model's tokenizer."""
     svc = services()
@@ -57,6 +58,7 @@ def tokenize(args: dict[str, Any]):
 @blp.route("/detokenize", methods=["POST"])
 @blp.arguments(DetokenizeSchema())
 @blp.response(200, TextSchema)
+@blp.errors(400, 404)
 def detokenize(args: dict[str, Any]):
     """Token ids to text."""
     svc = services()
@@ -73,6 +75,7 @@ def detokenize(args: dict[str, Any]):
 
 @blp.route("/models/<path:name>/tokenizer/<filename>", methods=["GET"])
 @blp.response(200, content_type="application/json")
+@blp.errors(404)
 def tokenizer_file(name: str, filename: str):
     """The model's tokenizer files, so clients can build the same tokenizer offline."""
     return _tokenizer_file(name, filename)
@@ -81,6 +84,7 @@ def tokenizer_file(name: str, filename: str):
 @blp.route("/tokenizer/<filename>", methods=["GET"])
 @blp.arguments(ModelQuerySchema(), location="query")
 @blp.response(200, content_type="application/json")
+@blp.errors(404)
 def tokenizer_file_of(args: dict[str, Any], filename: str):
     """The same, with the model named in the query (any name, local paths included)."""
     return _tokenizer_file(args["base_model"], filename)

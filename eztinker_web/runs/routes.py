@@ -40,6 +40,7 @@ blp = Blueprint("runs", __name__, url_prefix="/v1/runs", description="Training r
 @blp.route("", methods=["POST"])
 @blp.arguments(CreateRunSchema())
 @blp.response(201, RunSchema)
+@blp.errors(400, 404)
 def create_run(req: CreateRunRequest):
     """Create a LoRA training run on a base model (or from a saved state)."""
     settings = services().settings
@@ -63,6 +64,7 @@ def list_runs():
 
 @blp.route("/<run_id>", methods=["GET"])
 @blp.response(200, RunSchema)
+@blp.errors(404)
 def get_run(run_id: str):
     """A run's status (`lost` with the reason when its worker is gone), worker, step, tokens
     trained, last loss and checkpoints."""
@@ -71,6 +73,7 @@ def get_run(run_id: str):
 
 @blp.route("/<run_id>", methods=["DELETE"])
 @blp.response(202, SubmittedSchema)
+@blp.errors(404)
 def delete_run(run_id: str):
     """Delete a run: after its queued operations, free its adapter and unbind its queue.
 
@@ -121,6 +124,7 @@ def _check_forward(run_id: str, req: ForwardRequest):
 @blp.route("/<run_id>/forward_backward", methods=["POST"])
 @blp.arguments(ForwardBackwardSchema())
 @blp.response(202, SubmittedSchema)
+@blp.errors(400, 404, 409)
 def forward_backward(req: ForwardRequest, run_id: str):
     """Forward + backward on a batch; gradients accumulate until optim_step."""
     target, params = _check_forward(run_id, req)
@@ -130,6 +134,7 @@ def forward_backward(req: ForwardRequest, run_id: str):
 @blp.route("/<run_id>/forward", methods=["POST"])
 @blp.arguments(ForwardBackwardSchema())
 @blp.response(202, SubmittedSchema)
+@blp.errors(400, 404, 409)
 def forward(req: ForwardRequest, run_id: str):
     """The same outputs as forward_backward, with no gradient and no state change."""
     target, params = _check_forward(run_id, req)
@@ -139,6 +144,7 @@ def forward(req: ForwardRequest, run_id: str):
 @blp.route("/<run_id>/optim_step", methods=["POST"])
 @blp.arguments(OptimStepSchema())
 @blp.response(202, SubmittedSchema)
+@blp.errors(400, 404, 409)
 def optim_step(req: OptimStepRequest, run_id: str):
     """One AdamW step on the accumulated gradients, which are then zeroed."""
     check_adam_params(req.adam)
@@ -150,6 +156,7 @@ def optim_step(req: OptimStepRequest, run_id: str):
 @blp.route("/<run_id>/save", methods=["POST"])
 @blp.arguments(SaveSchema())
 @blp.response(202, SubmittedSchema)
+@blp.errors(400, 404, 409)
 def save(req: SaveRequest, run_id: str):
     """Save a checkpoint: `state` (adapter + optimizer, to resume) or `sampler` (PEFT)."""
     target = dispatch.run_target(run_id)
@@ -161,6 +168,7 @@ def save(req: SaveRequest, run_id: str):
 @blp.route("/<run_id>/load", methods=["POST"])
 @blp.arguments(LoadSchema())
 @blp.response(202, SubmittedSchema)
+@blp.errors(400, 404, 409)
 def load(req: LoadRequest, run_id: str):
     """Load a saved state into this run (with or without its optimizer state).
 

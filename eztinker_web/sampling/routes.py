@@ -45,6 +45,7 @@ def _resolve(source: SampleSource) -> tuple[SampleSource, RunRecord | None, str 
 @blp.route("/sample", methods=["POST"])
 @blp.arguments(SampleSchema())
 @blp.response(202, SubmittedSchema)
+@blp.errors(400, 404, 409)
 def sample(req: SampleRequest):
     """Sample `num_samples` continuations of a prompt (text or tokens)."""
     settings = services().settings
@@ -79,6 +80,7 @@ def sample(req: SampleRequest):
 @blp.route("/compute_logprobs", methods=["POST"])
 @blp.arguments(ComputeLogprobsSchema())
 @blp.response(202, SubmittedSchema)
+@blp.errors(400, 404, 409)
 def compute_logprobs(req: LogprobsRequest):
     """One logprob per token of `tokens` (None at position 0)."""
     source, run, base = _resolve(req.source)
