@@ -17,6 +17,7 @@ from eztinker_web import dispatch
 from eztinker_web.blueprint import Blueprint
 from eztinker_web.checkpoints.listing import loadable_checkpoint
 from eztinker_web.runs.schemas import (
+    CreatedRunSchema,
     CreateRunRequest,
     CreateRunSchema,
     ForwardBackwardSchema,
@@ -39,7 +40,7 @@ blp = Blueprint("runs", __name__, url_prefix="/v1/runs", description="Training r
 
 @blp.route("", methods=["POST"])
 @blp.arguments(CreateRunSchema())
-@blp.response(201, RunSchema)
+@blp.response(201, CreatedRunSchema)
 @blp.errors(400, 404)
 def create_run(req: CreateRunRequest):
     """Create a LoRA training run on a base model (or from a saved state)."""
@@ -52,7 +53,8 @@ def create_run(req: CreateRunRequest):
     if base:  # "" only from a checkpoint whose metadata names none: the worker judges it
         dispatch.check_model_name(base)
     record, submitted = dispatch.create_run(base, req.lora.to_dict(), req.from_state, req.optimizer)
-    return {**asdict(record), **submitted.to_dict()}
+    # As GET shows it: a new run has no checkpoints yet, and its creation is op 0.
+    return {**asdict(record), "checkpoints": [], "last_seq_id": 0, **submitted.to_dict()}
 
 
 @blp.route("", methods=["GET"])

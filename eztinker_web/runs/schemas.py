@@ -13,6 +13,7 @@ from marshmallow import Schema, ValidationError, fields, post_load, validate, va
 
 from eztinker_tasks.loss_specs import bounds_message, first_out_of_bounds
 from eztinker_tasks.types import AdamParams, Datum, LoraSpec
+from eztinker_web.checkpoints.schemas import CheckpointSchema
 from eztinker_web.fields import FiniteFloat, IntList, TensorField
 
 MAX_SEQ_ID = 10**12  # Redis' Lua and cjson keep integers exact well beyond this
@@ -88,43 +89,61 @@ class CreateRunSchema(Schema):
 
 
 class LoraSchema(Schema):
-    rank = fields.Integer()
-    alpha = fields.Float(allow_none=True)
-    train_attn = fields.Boolean()
-    train_mlp = fields.Boolean()
-    train_unembed = fields.Boolean()
-    seed = fields.Integer(allow_none=True)
+    rank = fields.Integer(required=True)
+    alpha = fields.Float(required=True, allow_none=True)
+    train_attn = fields.Boolean(required=True)
+    train_mlp = fields.Boolean(required=True)
+    train_unembed = fields.Boolean(required=True)
+    seed = fields.Integer(required=True, allow_none=True)
 
 
 class RunSchema(Schema):
-    run_id = fields.String()
-    base_model = fields.String()
-    lora = fields.Nested(LoraSchema)
-    worker = fields.String()
-    status = fields.String(metadata={"description": "creating | ready | failed | lost"})
-    created_at = fields.Float()
-    step = fields.Integer()
-    tokens_trained = fields.Integer()
-    last_loss = fields.Float(allow_none=True)
-    last_state = fields.String(allow_none=True)
-    error = fields.String(allow_none=True)
-    checkpoints = fields.List(fields.Dict(), dump_default=None)
-    last_seq_id = fields.Integer(
-        dump_default=None, metadata={"description": "Highest seq_id submitted to this run"}
+    """A run as ``GET /v1/runs/<run_id>`` shows it (response only: ``required`` documents the
+    fields always sent)."""
+
+    run_id = fields.String(required=True)
+    base_model = fields.String(required=True)
+    lora = fields.Nested(LoraSchema, required=True)
+    worker = fields.String(required=True)
+    status = fields.String(
+        required=True, metadata={"description": "creating | ready | failed | lost"}
     )
-    future_id = fields.String(dump_default=None)
-    job_id = fields.String(dump_default=None)
+    created_at = fields.Float(required=True)
+    step = fields.Integer(required=True)
+    tokens_trained = fields.Integer(required=True)
+    last_loss = fields.Float(required=True, allow_none=True)
+    last_state = fields.String(required=True, allow_none=True)
+    error = fields.String(required=True, allow_none=True)
+    checkpoints = fields.List(fields.Nested(CheckpointSchema), required=True)
+    last_seq_id = fields.Integer(
+        required=True, metadata={"description": "Highest seq_id submitted to this run"}
+    )
+
+
+class CreatedRunSchema(RunSchema):
+    """A new run, with the future of its creation."""
+
+    future_id = fields.String(
+        required=True, metadata={"description": "Poll GET /v1/futures/<future_id>"}
+    )
+    job_id = fields.String(
+        required=True, metadata={"description": "Same as future_id (the seed's name)"}
+    )
 
 
 class RunListSchema(Schema):
-    runs = fields.List(fields.Nested(RunSchema))
+    runs = fields.List(fields.Nested(RunSchema), required=True)
 
 
 class SubmittedSchema(Schema):
-    future_id = fields.String(metadata={"description": "Poll GET /v1/futures/<future_id>"})
-    job_id = fields.String(metadata={"description": "Same as future_id (the seed's name)"})
-    seq_id = fields.Integer(allow_none=True)
-    run_id = fields.String(allow_none=True)
+    future_id = fields.String(
+        required=True, metadata={"description": "Poll GET /v1/futures/<future_id>"}
+    )
+    job_id = fields.String(
+        required=True, metadata={"description": "Same as future_id (the seed's name)"}
+    )
+    seq_id = fields.Integer(required=True, allow_none=True)
+    run_id = fields.String(required=True, allow_none=True)
 
 
 # -- forward / forward_backward ---------------------------------------------------------------
