@@ -38,8 +38,8 @@ from eztinker_web.services import services
 blp = Blueprint("runs", __name__, url_prefix="/v1/runs", description="Training runs")
 
 
-@blp.route("", methods=["POST"])
-@blp.arguments(CreateRunSchema())
+@blp.route("", methods=["POST"])  # no body: every field has its default
+@blp.arguments(CreateRunSchema(), required=False)
 @blp.response(201, CreatedRunSchema)
 @blp.errors(400, 404)
 def create_run(req: CreateRunRequest):
@@ -143,8 +143,8 @@ def forward(req: ForwardRequest, run_id: str):
     return dispatch.submit_run_op(target, names.FORWARD, params, req.seq_id).to_dict()
 
 
-@blp.route("/<run_id>/optim_step", methods=["POST"])
-@blp.arguments(OptimStepSchema())
+@blp.route("/<run_id>/optim_step", methods=["POST"])  # no body: every field has its default
+@blp.arguments(OptimStepSchema(), required=False)
 @blp.response(202, SubmittedSchema)
 @blp.errors(400, 404, 409)
 def optim_step(req: OptimStepRequest, run_id: str):

@@ -14,12 +14,11 @@ from marshmallow import Schema, ValidationError, fields, post_load, validate, va
 from eztinker_tasks.loss_specs import bounds_message, first_out_of_bounds
 from eztinker_tasks.types import AdamParams, Datum, LoraSpec
 from eztinker_web.checkpoints.schemas import CheckpointSchema
-from eztinker_web.fields import FiniteFloat, IntList, TensorField
+from eztinker_web.fields import FiniteFloat, IntList, JsonBoolean, JsonInteger, TensorField
 
 MAX_SEQ_ID = 10**12  # Redis' Lua and cjson keep integers exact well beyond this
 
-SEQ_ID = fields.Integer(
-    strict=True,
+SEQ_ID = JsonInteger(
     validate=validate.Range(min=1, max=MAX_SEQ_ID),
     load_default=None,
     metadata={
@@ -48,17 +47,17 @@ class CreateRunSchema(Schema):
         validate=validate.Length(min=1, max=256),
         metadata={"description": "Model name or path; default EZTINKER_DEFAULT_MODEL"},
     )
-    rank = fields.Integer(strict=True, load_default=32, validate=validate.Range(min=1, max=1024))
+    rank = JsonInteger(load_default=32, validate=validate.Range(min=1, max=1024))
     alpha = FiniteFloat(load_default=None, allow_none=True, validate=validate.Range(min=0.0))
-    train_attn = fields.Boolean(load_default=True)
-    train_mlp = fields.Boolean(load_default=True)
-    train_unembed = fields.Boolean(load_default=True)
-    seed = fields.Integer(strict=True, load_default=None, allow_none=True)
+    train_attn = JsonBoolean(load_default=True)
+    train_mlp = JsonBoolean(load_default=True)
+    train_unembed = JsonBoolean(load_default=True)
+    seed = JsonInteger(load_default=None, allow_none=True)
     from_state = fields.String(
         load_default=None,
         metadata={"description": "Start from this checkpoint path ('<run_id>/<name>')"},
     )
-    optimizer = fields.Boolean(
+    optimizer = JsonBoolean(
         load_default=True, metadata={"description": "With from_state: also load optimizer state"}
     )
 
@@ -360,7 +359,7 @@ class LoadRequest:
 
 class LoadSchema(Schema):
     path = fields.String(required=True, validate=validate.Length(min=1, max=300))
-    optimizer = fields.Boolean(load_default=True)
+    optimizer = JsonBoolean(load_default=True)
     seq_id = SEQ_ID
 
     @post_load
