@@ -11,6 +11,8 @@ from eztinker_tasks import catalog
 from eztinker_tasks.errors import InvalidRequest, NotFound
 from eztinker_web.blueprint import Blueprint
 from eztinker_web.models.schemas import (
+    DETOKENIZE_EXAMPLE,
+    TOKENIZE_EXAMPLE,
     DetokenizeSchema,
     ModelListSchema,
     ModelQuerySchema,
@@ -45,7 +47,7 @@ def list_models():
 
 
 @blp.route("/tokenize", methods=["POST"])
-@blp.arguments(TokenizeSchema())
+@blp.arguments(TokenizeSchema(), example=TOKENIZE_EXAMPLE)
 @blp.response(200, TokensSchema)
 @blp.errors(404)
 def tokenize(args: dict[str, Any]):
@@ -56,7 +58,7 @@ def tokenize(args: dict[str, Any]):
 
 
 @blp.route("/detokenize", methods=["POST"])
-@blp.arguments(DetokenizeSchema())
+@blp.arguments(DetokenizeSchema(), example=DETOKENIZE_EXAMPLE)
 @blp.response(200, TextSchema)
 @blp.errors(400, 404)
 def detokenize(args: dict[str, Any]):

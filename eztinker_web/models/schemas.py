@@ -22,6 +22,9 @@ class ModelListSchema(Schema):
     default_model = fields.String(required=True)
 
 
+TOKENIZE_EXAMPLE = {"text": "The river ran slowly past the old mill.", "base_model": "tiny-gpt2"}
+
+
 class TokenizeSchema(Schema):
     base_model = fields.String(load_default=None, validate=validate.Length(min=1, max=256))
     text = fields.String(required=True)
@@ -30,6 +33,9 @@ class TokenizeSchema(Schema):
 class TokensSchema(Schema):
     tokens = fields.List(fields.Integer(), required=True)
     base_model = fields.String(required=True)
+
+
+DETOKENIZE_EXAMPLE = {"tokens": [281, 559, 311, 286, 1093], "base_model": "tiny-gpt2"}
 
 
 class DetokenizeSchema(Schema):

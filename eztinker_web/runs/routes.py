@@ -17,6 +17,10 @@ from eztinker_web import dispatch
 from eztinker_web.blueprint import Blueprint
 from eztinker_web.checkpoints.listing import loadable_checkpoint
 from eztinker_web.runs.schemas import (
+    CREATE_RUN_EXAMPLE,
+    FORWARD_EXAMPLE,
+    OPTIM_STEP_EXAMPLE,
+    SAVE_EXAMPLE,
     CreatedRunSchema,
     CreateRunRequest,
     CreateRunSchema,
@@ -39,7 +43,7 @@ blp = Blueprint("runs", __name__, url_prefix="/v1/runs", description="Training r
 
 
 @blp.route("", methods=["POST"])  # no body: every field has its default
-@blp.arguments(CreateRunSchema(), required=False)
+@blp.arguments(CreateRunSchema(), required=False, example=CREATE_RUN_EXAMPLE)
 @blp.response(201, CreatedRunSchema)
 @blp.errors(400, 404)
 def create_run(req: CreateRunRequest):
@@ -124,7 +128,7 @@ def _check_forward(run_id: str, req: ForwardRequest):
 
 
 @blp.route("/<run_id>/forward_backward", methods=["POST"])
-@blp.arguments(ForwardBackwardSchema())
+@blp.arguments(ForwardBackwardSchema(), example=FORWARD_EXAMPLE)
 @blp.response(202, SubmittedSchema)
 @blp.errors(400, 404, 409)
 def forward_backward(req: ForwardRequest, run_id: str):
@@ -134,7 +138,7 @@ def forward_backward(req: ForwardRequest, run_id: str):
 
 
 @blp.route("/<run_id>/forward", methods=["POST"])
-@blp.arguments(ForwardBackwardSchema())
+@blp.arguments(ForwardBackwardSchema(), example=FORWARD_EXAMPLE)
 @blp.response(202, SubmittedSchema)
 @blp.errors(400, 404, 409)
 def forward(req: ForwardRequest, run_id: str):
@@ -144,7 +148,7 @@ def forward(req: ForwardRequest, run_id: str):
 
 
 @blp.route("/<run_id>/optim_step", methods=["POST"])  # no body: every field has its default
-@blp.arguments(OptimStepSchema(), required=False)
+@blp.arguments(OptimStepSchema(), required=False, example=OPTIM_STEP_EXAMPLE)
 @blp.response(202, SubmittedSchema)
 @blp.errors(400, 404, 409)
 def optim_step(req: OptimStepRequest, run_id: str):
@@ -156,7 +160,7 @@ def optim_step(req: OptimStepRequest, run_id: str):
 
 
 @blp.route("/<run_id>/save", methods=["POST"])
-@blp.arguments(SaveSchema())
+@blp.arguments(SaveSchema(), example=SAVE_EXAMPLE)
 @blp.response(202, SubmittedSchema)
 @blp.errors(400, 404, 409)
 def save(req: SaveRequest, run_id: str):

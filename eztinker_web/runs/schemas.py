@@ -41,6 +41,9 @@ class CreateRunRequest:
 SHAPE_KEYS = {"base_model", "rank", "alpha", "train_attn", "train_mlp", "train_unembed", "seed"}
 
 
+CREATE_RUN_EXAMPLE = {"base_model": "tiny-gpt2", "rank": 8}
+
+
 class CreateRunSchema(Schema):
     base_model = fields.String(
         load_default=None,
@@ -227,6 +230,21 @@ class ForwardRequest:
     seq_id: int | None
 
 
+# A Tinker datum: position i of the input predicts target_tokens[i].
+FORWARD_EXAMPLE = {
+    "data": [
+        {
+            "model_input": {"tokens": [281, 559, 311, 286]},
+            "loss_fn_inputs": {
+                "target_tokens": [559, 311, 286, 1093],
+                "weights": [1.0, 1.0, 1.0, 1.0],
+            },
+        }
+    ],
+    "loss_fn": "cross_entropy",
+}
+
+
 class ForwardBackwardSchema(Schema):
     data = fields.List(fields.Nested(DatumSchema), load_default=None)
     input_ids = fields.Raw(
@@ -310,6 +328,9 @@ class OptimStepRequest:
     seq_id: int | None
 
 
+OPTIM_STEP_EXAMPLE = {"adam_params": {"learning_rate": 0.002, "weight_decay": 0.01}}
+
+
 class OptimStepSchema(AdamParamsSchema):
     """Tinker's ``{adam_params: {...}}`` or the seed's flat ``{learning_rate, weight_decay}``.
 
@@ -338,6 +359,9 @@ class SaveRequest:
     name: str
     kind: str
     seq_id: int | None
+
+
+SAVE_EXAMPLE = {"name": "checkpoint_v1", "kind": "state"}
 
 
 class SaveSchema(Schema):

@@ -16,6 +16,8 @@ from eztinker_web.blueprint import Blueprint
 from eztinker_web.checkpoints.listing import get_checkpoint
 from eztinker_web.runs.schemas import SubmittedSchema
 from eztinker_web.sampling.schemas import (
+    LOGPROBS_EXAMPLE,
+    SAMPLE_EXAMPLE,
     ComputeLogprobsSchema,
     LogprobsRequest,
     SampleRequest,
@@ -43,7 +45,7 @@ def _resolve(source: SampleSource) -> tuple[SampleSource, RunRecord | None, str 
 
 
 @blp.route("/sample", methods=["POST"])
-@blp.arguments(SampleSchema())
+@blp.arguments(SampleSchema(), example=SAMPLE_EXAMPLE)
 @blp.response(202, SubmittedSchema)
 @blp.errors(400, 404, 409)
 def sample(req: SampleRequest):
@@ -78,7 +80,7 @@ def sample(req: SampleRequest):
 
 
 @blp.route("/compute_logprobs", methods=["POST"])
-@blp.arguments(ComputeLogprobsSchema())
+@blp.arguments(ComputeLogprobsSchema(), example=LOGPROBS_EXAMPLE)
 @blp.response(202, SubmittedSchema)
 @blp.errors(400, 404, 409)
 def compute_logprobs(req: LogprobsRequest):

@@ -69,6 +69,9 @@ class SampleRequest:
     prompt_logprobs: bool
 
 
+SAMPLE_EXAMPLE = {"prompt": "The river", "max_tokens": 12, "stop": ["."], "temperature": 0}
+
+
 class SampleSchema(SourceFields):
     prompt = fields.String(load_default=None, metadata={"description": "Prompt text"})
     prompt_tokens = IntList(load_default=None, metadata={"description": "Prompt token ids"})
@@ -122,6 +125,9 @@ class SampleSchema(SourceFields):
 class LogprobsRequest:
     source: SampleSource
     tokens: tuple[int, ...]
+
+
+LOGPROBS_EXAMPLE = {"base_model": "tiny-gpt2", "tokens": [281, 559, 311, 286, 1093]}
 
 
 class ComputeLogprobsSchema(SourceFields):
