@@ -10,7 +10,9 @@ own (embedded broker, one CPU worker, gunicorn). Each response must:
   envelope), with a documented content type and a body that matches its schema
   (``content_type_conformance``, ``response_schema_conformance``, ``response_headers_...``);
 - be a 4xx when the request breaks the spec (``negative_data_rejection``; 413 and 414 count
-  as refusals too).
+  as refusals too);
+- if it accepted an operation (201/202), lead to a future that finishes without a ``server``
+  error (nothing that passed validation crashes the worker).
 
 Left out, as outside what the spec can promise: ``positive_data_acceptance`` (a request that
 fits the spec may still be refused: token ids past a model's vocabulary, the service's
