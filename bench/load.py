@@ -12,7 +12,8 @@ Then every run is checked against what its client sent: no op failed; its ``step
 ``optim_step`` result's step are the optim_steps sent (1, 2, 3, ... in order); its
 ``tokens_trained`` is the input tokens of its forward_backward datums; ``last_seq_id`` is
 its training ops sent (no op lost, none applied twice); its checkpoints are exactly the saved
-names, each at the step it was saved at. It prints p50/p99 latency per op in a table.
+names, each at the step it was saved at. Then each client deletes its checkpoints and its run
+(a started server's data dir goes too). It prints p50/p99 latency per op in a table.
 
     uv run python bench/load.py [--clients 32] [--ops 200] [--seed 0] [--base-url URL]
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -101,6 +103,8 @@ def run_client(
             if not ok:
                 report.problems.append(f"{training.run_id} op {i} {op}: {why}")
         report.problems += check_run(service, report)
+        for name in report.saves:  # checked: they would only fill the disk
+            service.delete_checkpoint(f"{training.run_id}/{name}")
         service.delete_run(training.run_id).result()
     return report
 
@@ -239,6 +243,7 @@ def main() -> None:
         finally:
             server.send_signal(signal.SIGINT)  # as Ctrl-C: the whole stack stops
             server.wait(60)
+            shutil.rmtree(tmp, ignore_errors=True)
     print(table(result))
     if result.problems:
         raise SystemExit(1)
