@@ -7,12 +7,17 @@ what the standard library's parser lets through or crashes on.
   tokenizers, file names and Redis and fail there as a ``server`` error: it is a 400 too.
   Only bodies that contain a ``\\ud8``-``\\udf`` escape are scanned for them, so ordinary
   requests pay nothing.
+
+``@blp.errors(404, 409)`` documents the error statuses a route's own code answers, each with
+the one error envelope (the errors every operation of its shape can answer are added for it:
+``errors.ErrorResponsesPlugin``).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import flask
@@ -21,6 +26,7 @@ from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 
 from eztinker_tasks.errors import InvalidRequest
+from eztinker_web.errors import error_response
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -64,3 +70,13 @@ class JsonBodyParser(FlaskParser):
 
 class Blueprint(flask_smorest.Blueprint):
     ARGUMENTS_PARSER = JsonBodyParser()
+
+    def errors(self, *statuses: int) -> Callable[[Callable], Callable]:
+        """Document that the route answers these error statuses (in the error envelope)."""
+
+        def decorator(func: Callable) -> Callable:
+            for status in statuses:
+                func = self.alt_response(status, response=error_response(status))(func)
+            return func
+
+        return decorator

@@ -183,10 +183,7 @@ def create_run(
         tenant=tenant,
     )
     quota.within_run_limit(lambda limit: store.put_run(record, limit))
-    replies = svc.celery.control.add_consumer(
-        queue, destination=[worker.name], reply=True, timeout=5.0
-    )
-    if not replies:
+    if not bind_queue(queue, worker.name):
         store.update_run(run_id, status="failed", error="worker did not answer")
         raise ServiceUnavailable(
             f"worker {worker.name} did not confirm binding the run's queue; is it running?"
@@ -214,6 +211,22 @@ def create_run(
     return record, Submitted(future_id, 0, run_id)
 
 
+def bind_queue(queue: str, worker: str, timeout_s: float = 5.0) -> bool:
+    """Have ``worker`` consume ``queue``; whether it confirmed within ``timeout_s``.
+
+    The broadcast gets a broker connection of its own. On one from the app's pool (10
+    connections) it would hold that one while it waits for a second one to publish with: ten
+    run creations at once then each held one and waited for another, forever, and so did
+    every request after them (the web process hung; ``tests/integration/test_load.py``).
+    """
+    celery = services().celery
+    with celery.connection_for_write() as connection:
+        replies = celery.control.add_consumer(
+            queue, destination=[worker], reply=True, timeout=timeout_s, connection=connection
+        )
+    return bool(replies)
+
+
 def worker_alive(name: str) -> bool:
     return services().store.worker(name) is not None
 
@@ -237,10 +250,7 @@ def rehome(run_id: str) -> RunRecord:
     svc.run_targets.drop(run_id)
     if not moved:
         return record  # another request moved it first (and bound its queue)
-    replies = svc.celery.control.add_consumer(
-        names.run_queue(run_id), destination=[new.name], reply=True, timeout=5.0
-    )
-    if not replies:
+    if not bind_queue(names.run_queue(run_id), new.name):
         store.move_run(run_id, new.name, gone)
         raise ServiceUnavailable(
             f"worker {new.name} did not confirm taking over run {run_id}; is it running?"

@@ -4,17 +4,24 @@
 "errors": {"field": ["problem"]}}``: typed ``EZTinkerError``s map to their own status and code;
 webargs validation (422), malformed JSON (400), oversize bodies (413), unknown routes (404) and
 unexpected crashes (500) are folded into the same shape.
+
+The spec says which of these each operation can answer, each with this envelope's schema (no
+catch-all ``default``): a route names the errors its own code raises (``@blp.errors(404, 409)``,
+see ``blueprint.py``); ``ErrorResponsesPlugin`` adds those that come with the operation's shape.
 """
 
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Any
 
 import marshmallow as ma
 import redis
+from apispec import BasePlugin
 from flask import Flask, jsonify, request
 from flask_smorest import Api
+from marshmallow import validate
 from werkzeug.exceptions import HTTPException
 
 from eztinker_tasks.errors import EZTinkerError, UnsupportedMediaType
@@ -28,21 +35,73 @@ _CODES = {
     405: "method_not_allowed",
     409: "conflict",
     413: "payload_too_large",
+    414: "uri_too_long",
     415: "unsupported_media_type",
     422: "invalid_request",
     429: "too_many_requests",
+    431: "headers_too_large",
     503: "service_unavailable",
 }
+
+
+def error_code(status: int) -> str:
+    """The envelope's ``code`` for an HTTP error that no ``EZTinkerError`` names."""
+    return _CODES.get(status, "internal" if status == 500 else "error")
 
 
 class ErrorSchema(ma.Schema):
     """The error envelope (documentation only)."""
 
-    code = ma.fields.String(metadata={"description": "Machine-readable error code"})
-    status = ma.fields.Integer(metadata={"description": "HTTP status"})
-    category = ma.fields.String(metadata={"description": "user: fix the request; server: retry"})
-    message = ma.fields.String(metadata={"description": "What went wrong, for humans"})
-    errors = ma.fields.Dict(metadata={"description": "Problems by field"})
+    code = ma.fields.String(required=True, metadata={"description": "Machine-readable error code"})
+    status = ma.fields.Integer(required=True, metadata={"description": "HTTP status"})
+    category = ma.fields.String(
+        required=True,
+        validate=validate.OneOf(["user", "server"]),
+        metadata={"description": "user: fix the request; server: retry"},
+    )
+    message = ma.fields.String(
+        required=True, metadata={"description": "What went wrong, for humans"}
+    )
+    errors = ma.fields.Dict(required=True, metadata={"description": "Problems by field"})
+
+
+def error_response(status: int) -> str:
+    """The spec's response component for an error status: the envelope, under the status's name
+    (flask-smorest registers one per HTTP status, with ``ERROR_SCHEMA``)."""
+    return HTTPStatus(status).name
+
+
+class ErrorResponsesPlugin(BasePlugin):
+    """Documents, on every operation, the errors that come with its shape rather than its code:
+
+    - 500 (a crash: ``internal``) and 503 (broker unreachable, no live worker) anywhere;
+    - 401 on ``/v1`` (when ``EZTINKER_API_KEYS`` is set);
+    - with a JSON body: 400 (malformed JSON), 413 (over ``EZTINKER_MAX_REQUEST_BYTES``), 415 (not
+      sent as JSON), 422 (fails its schema);
+    - with path or query parameters: 414, a request line over gunicorn's 4094 bytes (answered
+      by gunicorn itself, in this envelope too: see ``gunicorn_hooks``).
+
+    An operation's own declaration of a status (``/health``'s 503 body) is kept.
+    """
+
+    def operation_helper(
+        self, path: str | None = None, operations: dict | None = None, **kwargs: Any
+    ) -> None:
+        for method, operation in (operations or {}).items():
+            statuses = [500, 503]
+            if path and path.startswith("/v1"):
+                statuses.append(401)
+            if "requestBody" in operation or method in ("post", "put", "patch"):
+                statuses += [400, 413, 415, 422]
+            has_query = any(
+                isinstance(p, dict) and p.get("in") == "query"
+                for p in operation.get("parameters", [])
+            )
+            if (path and "{" in path) or has_query:
+                statuses.append(414)
+            responses = operation.setdefault("responses", {})
+            for status in sorted(statuses):
+                responses.setdefault(status, error_response(status))
 
 
 def envelope(
@@ -91,6 +150,11 @@ class EZTinkerApi(Api):
     """flask-smorest's Api with EZTinker's envelope for every HTTP error."""
 
     ERROR_SCHEMA = ErrorSchema
+    # No catch-all "default" response: each operation lists the errors it can answer.
+    DEFAULT_ERROR_RESPONSE_NAME = None
+
+    def __init__(self, app: Flask) -> None:
+        super().__init__(app, spec_kwargs={"extra_plugins": [ErrorResponsesPlugin()]})
 
     def handle_http_exception(self, error: HTTPException):  # type: ignore[override]
         status = error.code or 500
@@ -102,7 +166,7 @@ class EZTinkerApi(Api):
             message = "malformed JSON body: the request body could not be parsed as JSON"
         else:
             message = data.get("message") or error.description or error.name
-        body = envelope(status, _CODES.get(status, "error"), str(message), errors)
+        body = envelope(status, error_code(status), str(message), errors)
         headers = data.get("headers") or {}
         return jsonify(body), status, headers
 

@@ -1,8 +1,13 @@
-"""Marshmallow fields for token lists and tensors: validated in one pass, documented as arrays.
+"""Marshmallow fields for request bodies: JSON types taken as the spec says, nothing coerced.
+
+marshmallow's own fields convert: ``Boolean`` takes ``1``, ``"yes"`` or ``"on"``, ``Integer``
+takes ``true``, ``Float`` takes ``"1.5"``. The spec documents JSON booleans, integers and
+numbers, so a request field uses ``JsonBoolean``, ``JsonInteger`` or ``FiniteFloat``, which take
+exactly those (422 for anything else).
 
 A training request can hold tens of thousands of numbers; validating them element by element
-through nested marshmallow fields costs milliseconds, so these fields check the whole list at
-once while still showing up in the OpenAPI spec as arrays of integers / numbers.
+through nested marshmallow fields costs milliseconds, so the list fields check the whole list
+at once while still showing up in the OpenAPI spec as arrays of integers / numbers.
 """
 
 from __future__ import annotations
@@ -39,9 +44,13 @@ def _finite_floats(value: Any) -> list[float | None]:
     for x in value:
         if type(x) not in (int, float):
             raise ValidationError(f"must be a list of numbers; got {x!r}")
-        if not math.isfinite(x):
+        try:
+            number = float(x)  # an integer beyond float's range overflows
+        except OverflowError:
+            raise ValidationError("must hold finite numbers only; got a huge integer") from None
+        if not math.isfinite(number):
             raise ValidationError(f"must hold finite numbers only; got {x!r}")
-        out.append(float(x))
+        out.append(number)
     return out
 
 
@@ -66,5 +75,33 @@ class TensorField(fields.List[float]):
 
 
 class FiniteFloat(fields.Float):
+    """A finite JSON number (an integer counts; a string or a bool does not)."""
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(allow_nan=False, **kwargs)
+
+    def _validated(self, value: Any) -> float:
+        if type(value) not in (int, float):
+            raise self.make_error("invalid", input=value)
+        return super()._validated(value)
+
+
+class JsonInteger(fields.Integer):
+    """A JSON integer (not a bool, a float or a string)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(strict=True, **kwargs)
+
+    def _validated(self, value: Any) -> int:
+        if type(value) is not int:
+            raise self.make_error("invalid", input=value)
+        return super()._validated(value)
+
+
+class JsonBoolean(fields.Boolean):
+    """``true`` or ``false`` (not ``1``, ``"yes"``, ``"on"``, ...)."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> bool:
+        if type(value) is not bool:
+            raise self.make_error("invalid", input=value)
+        return value

@@ -34,6 +34,7 @@ def all_checkpoints():
 
 @blp.route("/runs/<run_id>/checkpoints", methods=["GET"])
 @blp.response(200, CheckpointListSchema)
+@blp.errors(400, 404)
 def run_checkpoints(run_id: str):
     """The checkpoints of one run (a deleted run's too); 404 for a run never created."""
     checkpoint_paths.validate_name(run_id, "run_id")
@@ -47,6 +48,7 @@ def run_checkpoints(run_id: str):
 
 @blp.route("/runs/<run_id>/checkpoints/<name>", methods=["GET"])
 @blp.response(200, CheckpointSchema)
+@blp.errors(400, 404)
 def get_one(run_id: str, name: str):
     """One checkpoint's metadata."""
     return get_checkpoint(services().settings, checkpoint_paths.format_path(run_id, name)).to_dict()
@@ -54,6 +56,7 @@ def get_one(run_id: str, name: str):
 
 @blp.route("/runs/<run_id>/checkpoints/<name>", methods=["DELETE"])
 @blp.response(200, CheckpointSchema)
+@blp.errors(400, 404)
 def delete_one(run_id: str, name: str):
     """Delete one checkpoint from disk."""
     path = checkpoint_paths.format_path(run_id, name)
@@ -62,6 +65,7 @@ def delete_one(run_id: str, name: str):
 
 @blp.route("/runs/<run_id>/checkpoints/<name>/archive", methods=["GET"])
 @blp.response(200, content_type="application/gzip")
+@blp.errors(400, 404)
 def archive(run_id: str, name: str) -> Response:
     """Stream the checkpoint directory as `<run_id>-<name>.tar.gz`."""
     info = get_checkpoint(services().settings, checkpoint_paths.format_path(run_id, name))

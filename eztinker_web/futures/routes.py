@@ -24,6 +24,7 @@ blp = Blueprint("futures", __name__, url_prefix="/v1", description="Futures of o
 @blp.route("/futures/<future_id>", methods=["GET"])
 @blp.arguments(WaitSchema(), location="query")
 @blp.response(200, FutureSchema)
+@blp.errors(404)
 def get_future(args: dict[str, Any], future_id: str):
     """The state of an operation; `?wait=S` long-polls until it is done."""
     return future_status(services(), future_id, float(args["wait"]), caller=caller())
@@ -32,6 +33,7 @@ def get_future(args: dict[str, Any], future_id: str):
 @blp.route("/jobs/<future_id>", methods=["GET"])
 @blp.arguments(WaitSchema(), location="query")
 @blp.response(200, FutureSchema)
+@blp.errors(404)
 def get_job(args: dict[str, Any], future_id: str):
     """Alias of `/v1/futures/<id>` under the seed's name (job_id)."""
     return future_status(services(), future_id, float(args["wait"]), caller=caller())
@@ -40,6 +42,7 @@ def get_job(args: dict[str, Any], future_id: str):
 @blp.route("/futures/batch", methods=["POST"])
 @blp.arguments(BatchRequestSchema())
 @blp.response(200, BatchSchema)
+@blp.errors(404)
 def get_many(args: dict[str, Any]):
     """Many futures at once (for pipelining clients); `wait` long-polls until all are done."""
     wait = float(args["wait"])

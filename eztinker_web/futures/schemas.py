@@ -29,10 +29,14 @@ class WaitSchema(Schema):
 
 
 class FutureErrorSchema(Schema):
-    code = fields.String()
-    category = fields.String(metadata={"description": "user: fix the request; server: retry"})
-    message = fields.String()
-    errors = fields.Dict()
+    code = fields.String(required=True)
+    category = fields.String(
+        required=True,
+        validate=validate.OneOf(["user", "server"]),
+        metadata={"description": "user: fix the request; server: retry"},
+    )
+    message = fields.String(required=True)
+    errors = fields.Dict(required=True)
 
 
 class ProgressSchema(Schema):
@@ -81,17 +85,22 @@ class TimingSchema(Schema):
 
 
 class FutureSchema(Schema):
-    future_id = fields.String()
-    job_id = fields.String()
-    op = fields.String()
-    run_id = fields.String(allow_none=True)
-    seq_id = fields.Integer(allow_none=True)
-    submitted_at = fields.Float()
-    status = fields.String(metadata={"description": "pending | running | succeeded | failed"})
-    result = fields.Raw(allow_none=True)
-    error = fields.Nested(FutureErrorSchema, allow_none=True)
+    """A future (response only: ``required`` documents the fields always sent)."""
+
+    future_id = fields.String(required=True)
+    job_id = fields.String(required=True)
+    op = fields.String(required=True)
+    run_id = fields.String(required=True, allow_none=True)
+    seq_id = fields.Integer(required=True, allow_none=True)
+    submitted_at = fields.Float(required=True)
+    status = fields.String(
+        required=True, validate=validate.OneOf(["pending", "running", "succeeded", "failed"])
+    )
+    result = fields.Raw(required=True, allow_none=True)
+    error = fields.Nested(FutureErrorSchema, required=True, allow_none=True)
     progress = fields.Nested(
         ProgressSchema,
+        required=True,
         allow_none=True,
         metadata={
             "description": "while pending or running (null once done); published by the "
@@ -117,4 +126,4 @@ class BatchRequestSchema(Schema):
 
 
 class BatchSchema(Schema):
-    futures = fields.List(fields.Nested(FutureSchema))
+    futures = fields.List(fields.Nested(FutureSchema), required=True)

@@ -15,6 +15,8 @@ from eztinker_tasks import catalog
 from eztinker_tasks.errors import InvalidRequest, NotFound
 from eztinker_web.blueprint import Blueprint
 from eztinker_web.models.schemas import (
+    DETOKENIZE_EXAMPLE,
+    TOKENIZE_EXAMPLE,
     DetokenizeSchema,
     ModelListSchema,
     ModelQuerySchema,
@@ -52,8 +54,9 @@ def list_models():
 
 
 @blp.route("/tokenize", methods=["POST"])
-@blp.arguments(TokenizeSchema())
+@blp.arguments(TokenizeSchema(), example=TOKENIZE_EXAMPLE)
 @blp.response(200, TokensSchema)
+@blp.errors(404)
 def tokenize(args: dict[str, Any]):
     """Text to token ids with the model's tokenizer."""
     svc = services()
@@ -62,8 +65,9 @@ def tokenize(args: dict[str, Any]):
 
 
 @blp.route("/detokenize", methods=["POST"])
-@blp.arguments(DetokenizeSchema())
+@blp.arguments(DetokenizeSchema(), example=DETOKENIZE_EXAMPLE)
 @blp.response(200, TextSchema)
+@blp.errors(400, 404)
 def detokenize(args: dict[str, Any]):
     """Token ids to text."""
     svc = services()
@@ -80,6 +84,7 @@ def detokenize(args: dict[str, Any]):
 
 @blp.route("/models/<path:name>/tokenizer/<filename>", methods=["GET"])
 @blp.response(200, content_type="application/json")
+@blp.errors(404)
 def tokenizer_file(name: str, filename: str):
     """The model's tokenizer files, so clients can build the same tokenizer offline."""
     return _tokenizer_file(name, filename)
@@ -88,6 +93,7 @@ def tokenizer_file(name: str, filename: str):
 @blp.route("/tokenizer/<filename>", methods=["GET"])
 @blp.arguments(ModelQuerySchema(), location="query")
 @blp.response(200, content_type="application/json")
+@blp.errors(404)
 def tokenizer_file_of(args: dict[str, Any], filename: str):
     """The same, with the model named in the query (any name, local paths included)."""
     return _tokenizer_file(args["base_model"], filename)

@@ -8,18 +8,21 @@ from eztinker_web.fields import IntList
 
 
 class ModelSchema(Schema):
-    name = fields.String()
-    architecture = fields.String()
-    vocab_size = fields.Integer()
-    max_context = fields.Integer()
-    eos_token_id = fields.Integer(allow_none=True)
-    builtin = fields.Boolean()
-    description = fields.String()
+    name = fields.String(required=True)
+    architecture = fields.String(required=True)
+    vocab_size = fields.Integer(required=True)
+    max_context = fields.Integer(required=True)
+    eos_token_id = fields.Integer(required=True, allow_none=True)
+    builtin = fields.Boolean(required=True)
+    description = fields.String(required=True)
 
 
 class ModelListSchema(Schema):
-    models = fields.List(fields.Nested(ModelSchema))
-    default_model = fields.String()
+    models = fields.List(fields.Nested(ModelSchema), required=True)
+    default_model = fields.String(required=True)
+
+
+TOKENIZE_EXAMPLE = {"text": "The river ran slowly past the old mill.", "base_model": "tiny-gpt2"}
 
 
 class TokenizeSchema(Schema):
@@ -28,8 +31,11 @@ class TokenizeSchema(Schema):
 
 
 class TokensSchema(Schema):
-    tokens = fields.List(fields.Integer())
-    base_model = fields.String()
+    tokens = fields.List(fields.Integer(), required=True)
+    base_model = fields.String(required=True)
+
+
+DETOKENIZE_EXAMPLE = {"tokens": [281, 559, 311, 286, 1093], "base_model": "tiny-gpt2"}
 
 
 class DetokenizeSchema(Schema):
@@ -38,8 +44,8 @@ class DetokenizeSchema(Schema):
 
 
 class TextSchema(Schema):
-    text = fields.String()
-    base_model = fields.String()
+    text = fields.String(required=True)
+    base_model = fields.String(required=True)
 
 
 class ModelQuerySchema(Schema):

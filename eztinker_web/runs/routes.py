@@ -18,6 +18,11 @@ from eztinker_web import dispatch, tenancy
 from eztinker_web.blueprint import Blueprint
 from eztinker_web.checkpoints.listing import loadable_checkpoint
 from eztinker_web.runs.schemas import (
+    CREATE_RUN_EXAMPLE,
+    FORWARD_EXAMPLE,
+    OPTIM_STEP_EXAMPLE,
+    SAVE_EXAMPLE,
+    CreatedRunSchema,
     CreateRunRequest,
     CreateRunSchema,
     ForwardBackwardSchema,
@@ -38,9 +43,10 @@ from eztinker_web.services import services
 blp = Blueprint("runs", __name__, url_prefix="/v1/runs", description="Training runs")
 
 
-@blp.route("", methods=["POST"])
-@blp.arguments(CreateRunSchema())
-@blp.response(201, RunSchema)
+@blp.route("", methods=["POST"])  # no body: every field has its default
+@blp.arguments(CreateRunSchema(), required=False, example=CREATE_RUN_EXAMPLE)
+@blp.response(201, CreatedRunSchema)
+@blp.errors(400, 404)
 def create_run(req: CreateRunRequest):
     """Create a LoRA training run on a base model (or from a saved state)."""
     settings = services().settings
@@ -52,7 +58,8 @@ def create_run(req: CreateRunRequest):
     if base:  # "" only from a checkpoint whose metadata names none: the worker judges it
         dispatch.check_model_name(base)
     record, submitted = dispatch.create_run(base, req.lora.to_dict(), req.from_state, req.optimizer)
-    return {**asdict(record), **submitted.to_dict()}
+    # As GET shows it: a new run has no checkpoints yet, and its creation is op 0.
+    return {**asdict(record), "checkpoints": [], "last_seq_id": 0, **submitted.to_dict()}
 
 
 @blp.route("", methods=["GET"])
@@ -65,6 +72,7 @@ def list_runs():
 
 @blp.route("/<run_id>", methods=["GET"])
 @blp.response(200, RunSchema)
+@blp.errors(404)
 def get_run(run_id: str):
     """A run's status (`lost` with the reason when its worker is gone), worker, step, tokens
     trained, last loss and checkpoints."""
@@ -73,6 +81,7 @@ def get_run(run_id: str):
 
 @blp.route("/<run_id>", methods=["DELETE"])
 @blp.response(202, SubmittedSchema)
+@blp.errors(404)
 def delete_run(run_id: str):
     """Delete a run: after its queued operations, free its adapter and unbind its queue.
 
@@ -123,8 +132,9 @@ def _check_forward(run_id: str, req: ForwardRequest):
 
 
 @blp.route("/<run_id>/forward_backward", methods=["POST"])
-@blp.arguments(ForwardBackwardSchema())
+@blp.arguments(ForwardBackwardSchema(), example=FORWARD_EXAMPLE)
 @blp.response(202, SubmittedSchema)
+@blp.errors(400, 404, 409)
 def forward_backward(req: ForwardRequest, run_id: str):
     """Forward + backward on a batch; gradients accumulate until optim_step."""
     target, params = _check_forward(run_id, req)
@@ -132,17 +142,19 @@ def forward_backward(req: ForwardRequest, run_id: str):
 
 
 @blp.route("/<run_id>/forward", methods=["POST"])
-@blp.arguments(ForwardBackwardSchema())
+@blp.arguments(ForwardBackwardSchema(), example=FORWARD_EXAMPLE)
 @blp.response(202, SubmittedSchema)
+@blp.errors(400, 404, 409)
 def forward(req: ForwardRequest, run_id: str):
     """The same outputs as forward_backward, with no gradient and no state change."""
     target, params = _check_forward(run_id, req)
     return dispatch.submit_run_op(target, names.FORWARD, params, req.seq_id).to_dict()
 
 
-@blp.route("/<run_id>/optim_step", methods=["POST"])
-@blp.arguments(OptimStepSchema())
+@blp.route("/<run_id>/optim_step", methods=["POST"])  # no body: every field has its default
+@blp.arguments(OptimStepSchema(), required=False, example=OPTIM_STEP_EXAMPLE)
 @blp.response(202, SubmittedSchema)
+@blp.errors(400, 404, 409)
 def optim_step(req: OptimStepRequest, run_id: str):
     """One AdamW step on the accumulated gradients, which are then zeroed."""
     check_adam_params(req.adam)
@@ -152,8 +164,9 @@ def optim_step(req: OptimStepRequest, run_id: str):
 
 
 @blp.route("/<run_id>/save", methods=["POST"])
-@blp.arguments(SaveSchema())
+@blp.arguments(SaveSchema(), example=SAVE_EXAMPLE)
 @blp.response(202, SubmittedSchema)
+@blp.errors(400, 404, 409)
 def save(req: SaveRequest, run_id: str):
     """Save a checkpoint: `state` (adapter + optimizer, to resume) or `sampler` (PEFT)."""
     target = dispatch.run_target(run_id)
@@ -165,6 +178,7 @@ def save(req: SaveRequest, run_id: str):
 @blp.route("/<run_id>/load", methods=["POST"])
 @blp.arguments(LoadSchema())
 @blp.response(202, SubmittedSchema)
+@blp.errors(400, 404, 409)
 def load(req: LoadRequest, run_id: str):
     """Load a saved state into this run (with or without its optimizer state).
 

@@ -13,12 +13,12 @@ from marshmallow import Schema, ValidationError, fields, post_load, validate, va
 
 from eztinker_tasks.loss_specs import bounds_message, first_out_of_bounds
 from eztinker_tasks.types import AdamParams, Datum, LoraSpec
-from eztinker_web.fields import FiniteFloat, IntList, TensorField
+from eztinker_web.checkpoints.schemas import CheckpointSchema
+from eztinker_web.fields import FiniteFloat, IntList, JsonBoolean, JsonInteger, TensorField
 
 MAX_SEQ_ID = 10**12  # Redis' Lua and cjson keep integers exact well beyond this
 
-SEQ_ID = fields.Integer(
-    strict=True,
+SEQ_ID = JsonInteger(
     validate=validate.Range(min=1, max=MAX_SEQ_ID),
     load_default=None,
     metadata={
@@ -41,23 +41,26 @@ class CreateRunRequest:
 SHAPE_KEYS = {"base_model", "rank", "alpha", "train_attn", "train_mlp", "train_unembed", "seed"}
 
 
+CREATE_RUN_EXAMPLE = {"base_model": "tiny-gpt2", "rank": 8}
+
+
 class CreateRunSchema(Schema):
     base_model = fields.String(
         load_default=None,
         validate=validate.Length(min=1, max=256),
         metadata={"description": "Model name or path; default EZTINKER_DEFAULT_MODEL"},
     )
-    rank = fields.Integer(strict=True, load_default=32, validate=validate.Range(min=1, max=1024))
+    rank = JsonInteger(load_default=32, validate=validate.Range(min=1, max=1024))
     alpha = FiniteFloat(load_default=None, allow_none=True, validate=validate.Range(min=0.0))
-    train_attn = fields.Boolean(load_default=True)
-    train_mlp = fields.Boolean(load_default=True)
-    train_unembed = fields.Boolean(load_default=True)
-    seed = fields.Integer(strict=True, load_default=None, allow_none=True)
+    train_attn = JsonBoolean(load_default=True)
+    train_mlp = JsonBoolean(load_default=True)
+    train_unembed = JsonBoolean(load_default=True)
+    seed = JsonInteger(load_default=None, allow_none=True)
     from_state = fields.String(
         load_default=None,
         metadata={"description": "Start from this checkpoint path ('<run_id>/<name>')"},
     )
-    optimizer = fields.Boolean(
+    optimizer = JsonBoolean(
         load_default=True, metadata={"description": "With from_state: also load optimizer state"}
     )
 
@@ -88,49 +91,67 @@ class CreateRunSchema(Schema):
 
 
 class LoraSchema(Schema):
-    rank = fields.Integer()
-    alpha = fields.Float(allow_none=True)
-    train_attn = fields.Boolean()
-    train_mlp = fields.Boolean()
-    train_unembed = fields.Boolean()
-    seed = fields.Integer(allow_none=True)
+    rank = fields.Integer(required=True)
+    alpha = fields.Float(required=True, allow_none=True)
+    train_attn = fields.Boolean(required=True)
+    train_mlp = fields.Boolean(required=True)
+    train_unembed = fields.Boolean(required=True)
+    seed = fields.Integer(required=True, allow_none=True)
 
 
 class RunSchema(Schema):
-    run_id = fields.String()
-    base_model = fields.String()
-    lora = fields.Nested(LoraSchema)
-    worker = fields.String()
+    """A run as ``GET /v1/runs/<run_id>`` shows it (response only: ``required`` documents the
+    fields always sent)."""
+
+    run_id = fields.String(required=True)
+    base_model = fields.String(required=True)
+    lora = fields.Nested(LoraSchema, required=True)
+    worker = fields.String(required=True)
     status = fields.String(
-        metadata={"description": "creating | ready | recovering | failed | lost"}
+        required=True,
+        metadata={"description": "creating | ready | recovering | failed | lost"},
     )
-    created_at = fields.Float()
-    step = fields.Integer()
-    tokens_trained = fields.Integer()
-    last_loss = fields.Float(allow_none=True)
-    last_state = fields.String(allow_none=True)
-    error = fields.String(allow_none=True)
+    created_at = fields.Float(required=True)
+    step = fields.Integer(required=True)
+    tokens_trained = fields.Integer(required=True)
+    last_loss = fields.Float(required=True, allow_none=True)
+    last_state = fields.String(required=True, allow_none=True)
+    error = fields.String(required=True, allow_none=True)
     recoverable = fields.Boolean(
-        metadata={"description": "Recovers by itself when its worker dies (snapshots + op log)"}
+        required=True,
+        metadata={"description": "Recovers by itself when its worker dies (snapshots + op log)"},
     )
-    tenant = fields.String(metadata={"description": "The tenant that owns the run"})
-    checkpoints = fields.List(fields.Dict(), dump_default=None)
+    tenant = fields.String(required=True, metadata={"description": "The tenant that owns the run"})
+    checkpoints = fields.List(fields.Nested(CheckpointSchema), required=True)
     last_seq_id = fields.Integer(
-        dump_default=None, metadata={"description": "Highest seq_id submitted to this run"}
+        required=True, metadata={"description": "Highest seq_id submitted to this run"}
     )
-    future_id = fields.String(dump_default=None)
-    job_id = fields.String(dump_default=None)
+
+
+class CreatedRunSchema(RunSchema):
+    """A new run, with the future of its creation."""
+
+    future_id = fields.String(
+        required=True, metadata={"description": "Poll GET /v1/futures/<future_id>"}
+    )
+    job_id = fields.String(
+        required=True, metadata={"description": "Same as future_id (the seed's name)"}
+    )
 
 
 class RunListSchema(Schema):
-    runs = fields.List(fields.Nested(RunSchema))
+    runs = fields.List(fields.Nested(RunSchema), required=True)
 
 
 class SubmittedSchema(Schema):
-    future_id = fields.String(metadata={"description": "Poll GET /v1/futures/<future_id>"})
-    job_id = fields.String(metadata={"description": "Same as future_id (the seed's name)"})
-    seq_id = fields.Integer(allow_none=True)
-    run_id = fields.String(allow_none=True)
+    future_id = fields.String(
+        required=True, metadata={"description": "Poll GET /v1/futures/<future_id>"}
+    )
+    job_id = fields.String(
+        required=True, metadata={"description": "Same as future_id (the seed's name)"}
+    )
+    seq_id = fields.Integer(required=True, allow_none=True)
+    run_id = fields.String(required=True, allow_none=True)
 
 
 # -- forward / forward_backward ---------------------------------------------------------------
@@ -213,6 +234,21 @@ class ForwardRequest:
     loss_fn: str
     loss_fn_config: dict[str, float] | None
     seq_id: int | None
+
+
+# A Tinker datum: position i of the input predicts target_tokens[i].
+FORWARD_EXAMPLE = {
+    "data": [
+        {
+            "model_input": {"tokens": [281, 559, 311, 286]},
+            "loss_fn_inputs": {
+                "target_tokens": [559, 311, 286, 1093],
+                "weights": [1.0, 1.0, 1.0, 1.0],
+            },
+        }
+    ],
+    "loss_fn": "cross_entropy",
+}
 
 
 class ForwardBackwardSchema(Schema):
@@ -298,6 +334,9 @@ class OptimStepRequest:
     seq_id: int | None
 
 
+OPTIM_STEP_EXAMPLE = {"adam_params": {"learning_rate": 0.002, "weight_decay": 0.01}}
+
+
 class OptimStepSchema(AdamParamsSchema):
     """Tinker's ``{adam_params: {...}}`` or the seed's flat ``{learning_rate, weight_decay}``.
 
@@ -328,6 +367,9 @@ class SaveRequest:
     seq_id: int | None
 
 
+SAVE_EXAMPLE = {"name": "checkpoint_v1", "kind": "state"}
+
+
 class SaveSchema(Schema):
     name = fields.String(required=True, validate=validate.Length(min=1, max=128))
     kind = fields.String(load_default="state", validate=validate.OneOf(["state", "sampler"]))
@@ -347,7 +389,7 @@ class LoadRequest:
 
 class LoadSchema(Schema):
     path = fields.String(required=True, validate=validate.Length(min=1, max=300))
-    optimizer = fields.Boolean(load_default=True)
+    optimizer = JsonBoolean(load_default=True)
     seq_id = SEQ_ID
 
     @post_load

@@ -16,6 +16,8 @@ from eztinker_web.blueprint import Blueprint
 from eztinker_web.checkpoints.listing import get_checkpoint
 from eztinker_web.runs.schemas import SubmittedSchema
 from eztinker_web.sampling.schemas import (
+    LOGPROBS_EXAMPLE,
+    SAMPLE_EXAMPLE,
     ComputeLogprobsSchema,
     LogprobsRequest,
     SampleRequest,
@@ -43,8 +45,9 @@ def _resolve(source: SampleSource) -> tuple[SampleSource, RunRecord | None, str 
 
 
 @blp.route("/sample", methods=["POST"])
-@blp.arguments(SampleSchema())
+@blp.arguments(SampleSchema(), example=SAMPLE_EXAMPLE)
 @blp.response(202, SubmittedSchema)
+@blp.errors(400, 404, 409)
 def sample(req: SampleRequest):
     """Sample `num_samples` continuations of a prompt (text or tokens)."""
     settings = services().settings
@@ -77,8 +80,9 @@ def sample(req: SampleRequest):
 
 
 @blp.route("/compute_logprobs", methods=["POST"])
-@blp.arguments(ComputeLogprobsSchema())
+@blp.arguments(ComputeLogprobsSchema(), example=LOGPROBS_EXAMPLE)
 @blp.response(202, SubmittedSchema)
+@blp.errors(400, 404, 409)
 def compute_logprobs(req: LogprobsRequest):
     """One logprob per token of `tokens` (None at position 0)."""
     source, run, base = _resolve(req.source)

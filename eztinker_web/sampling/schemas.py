@@ -8,7 +8,7 @@ from typing import Any
 from marshmallow import Schema, ValidationError, fields, post_load, validate
 
 from eztinker_tasks.types import SampleSource, SamplingParams
-from eztinker_web.fields import FiniteFloat, IntList
+from eztinker_web.fields import FiniteFloat, IntList, JsonBoolean, JsonInteger
 
 
 class StopField(fields.Field):
@@ -69,20 +69,23 @@ class SampleRequest:
     prompt_logprobs: bool
 
 
+SAMPLE_EXAMPLE = {"prompt": "The river", "max_tokens": 12, "stop": ["."], "temperature": 0}
+
+
 class SampleSchema(SourceFields):
     prompt = fields.String(load_default=None, metadata={"description": "Prompt text"})
     prompt_tokens = IntList(load_default=None, metadata={"description": "Prompt token ids"})
-    num_samples = fields.Integer(strict=True, load_default=1, validate=validate.Range(min=1))
-    max_new_tokens = fields.Integer(strict=True, load_default=None, validate=validate.Range(min=1))
-    max_tokens = fields.Integer(strict=True, load_default=None, validate=validate.Range(min=1))
+    num_samples = JsonInteger(load_default=1, validate=validate.Range(min=1))
+    max_new_tokens = JsonInteger(load_default=None, validate=validate.Range(min=1))
+    max_tokens = JsonInteger(load_default=None, validate=validate.Range(min=1))
     temperature = FiniteFloat(load_default=1.0, validate=validate.Range(min=0.0))
     top_p = FiniteFloat(
         load_default=1.0, validate=validate.Range(min=0.0, max=1.0, min_inclusive=False)
     )
-    top_k = fields.Integer(strict=True, load_default=-1)
+    top_k = JsonInteger(load_default=-1)
     stop = StopField(load_default=None, allow_none=True)
-    seed = fields.Integer(strict=True, load_default=None, allow_none=True)
-    prompt_logprobs = fields.Boolean(load_default=False)
+    seed = JsonInteger(load_default=None, allow_none=True)
+    prompt_logprobs = JsonBoolean(load_default=False)
 
     @post_load
     def _make(self, data: dict[str, Any], **_: Any) -> SampleRequest:
@@ -122,6 +125,9 @@ class SampleSchema(SourceFields):
 class LogprobsRequest:
     source: SampleSource
     tokens: tuple[int, ...]
+
+
+LOGPROBS_EXAMPLE = {"base_model": "tiny-gpt2", "tokens": [281, 559, 311, 286, 1093]}
 
 
 class ComputeLogprobsSchema(SourceFields):

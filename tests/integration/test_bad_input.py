@@ -262,3 +262,63 @@ def test_json_the_parser_chokes_on_is_a_user_error(
     ok = http.post("/v1/tokenize", content=b'{"text": "\\ud83d\\ude00"}',
                    headers={"Content-Type": "application/json"})  # fmt: skip
     assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/runs", {"train_mlp": 1}, "train_mlp"),
+        ("/v1/runs", {"optimizer": "yes"}, "optimizer"),
+        ("/v1/runs", {"rank": True}, "rank"),
+        ("/v1/runs", {"alpha": "16"}, "alpha"),
+        ("/v1/runs", {"seed": 1.0}, "seed"),
+        ("optim_step", {"learning_rate": "0.1"}, "learning_rate"),
+        ("optim_step", {"seq_id": True}, "seq_id"),
+        ("/v1/sample", {"prompt": "x", "prompt_logprobs": 1}, "prompt_logprobs"),
+        ("/v1/sample", {"prompt": "x", "temperature": "0"}, "temperature"),
+    ],
+)
+def test_json_types_are_taken_as_the_spec_says_not_coerced(
+    http: httpx.Client, run_id: str, path: str, body: dict, field: str
+) -> None:
+    # marshmallow's own fields take 1 / "yes" for true, true for 1, "0.1" for 0.1: the spec
+    # says boolean / integer / number, and a value of another JSON type is refused.
+    url = path if path.startswith("/") else f"/v1/runs/{run_id}/{path}"
+    before = len(http.get("/v1/runs").json()["runs"])
+    body = _assert_envelope(http.post(url, json=body), 422, field)
+    assert field in body["errors"]
+    assert len(http.get("/v1/runs").json()["runs"]) == before
+
+
+def test_an_integer_too_large_for_a_float_is_a_user_error(http: httpx.Client, run_id: str) -> None:
+    huge = b"1" + b"0" * 400  # parses as a Python int; float() of it overflows (was a 500)
+    raw = (
+        b'{"data": [{"model_input": {"tokens": [1, 2]}, "loss_fn_inputs": '
+        b'{"target_tokens": [2, 3], "weights": [1, ' + huge + b"]}}]}"
+    )
+    r = http.post(f"/v1/runs/{run_id}/forward_backward", content=raw,
+                  headers={"Content-Type": "application/json"})  # fmt: skip
+    _assert_envelope(r, 422, "finite")
+    r = http.post(f"/v1/runs/{run_id}/optim_step", content=b'{"learning_rate": ' + huge + b"}",
+                  headers={"Content-Type": "application/json"})  # fmt: skip
+    _assert_envelope(r, 422, "learning_rate")
+
+
+def test_a_url_too_long_for_the_server_is_a_json_414(http: httpx.Client) -> None:
+    # gunicorn answers this itself, before the app: in the same envelope as every error.
+    r = http.get("/v1/runs/" + "r" * 5000)
+    _assert_envelope(r, 414)
+    assert r.headers["content-type"] == "application/json"
+    assert r.json()["code"] == "uri_too_long"
+    assert http.get("/health").status_code == 200
+
+
+def test_a_new_run_shows_the_fields_get_shows(http: httpx.Client) -> None:
+    created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 4})
+    result_of(http, created)
+    body = created.json()
+    shown = http.get(f"/v1/runs/{body['run_id']}").json()
+    assert set(body) == set(shown) | {"future_id", "job_id"}
+    assert (body["checkpoints"], body["last_seq_id"]) == ([], 0)
+    assert shown["last_seq_id"] == 0
+    result_of(http, http.delete(f"/v1/runs/{body['run_id']}"))

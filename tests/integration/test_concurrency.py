@@ -105,3 +105,24 @@ def test_concurrent_requests_are_each_judged_on_their_own_body(
         accepted = sum(1 for name, _, status, _ in answers if status == 202 and "optim" in name)
         assert accepted == 3 * ROUNDS
         assert client.get(f"/v1/runs/{run_id}").json()["step"] == accepted
+
+
+def test_many_run_creations_at_once_all_answer(service: Service) -> None:
+    # Binding a run's queue is a Celery broadcast; on the app's pooled connections (10) ten
+    # at once each held one and waited forever for a second: the web process hung.
+    creations = 24
+    limits = httpx.Limits(max_connections=creations, max_keepalive_connections=0)
+    with httpx.Client(base_url=service.base_url, timeout=30, limits=limits) as client:
+
+        def create(_: int) -> httpx.Response:
+            return client.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 4})
+
+        with ThreadPoolExecutor(creations) as pool:
+            created = list(pool.map(create, range(creations)))
+        assert [r.status_code for r in created] == [201] * creations, created[0].text
+        for r in created:
+            assert wait_future(client, r.json()["future_id"])["status"] == "succeeded"
+        deleted = [client.delete(f"/v1/runs/{r.json()['run_id']}") for r in created]
+        for r in deleted:
+            assert wait_future(client, r.json()["future_id"])["status"] == "succeeded"
+        assert client.get("/health").json()["status"] == "ok"
