@@ -278,6 +278,9 @@ def run_worker(
     ]
     own_runs = [names.run_queue(run_id) for run_id in _initial_runs]
     queues = [names.SAMPLE_QUEUE, names.worker_queue(hostname), *own_runs]
+    # Build the runtime (torch, transformers, the engine: seconds of imports) while Celery
+    # starts, so that a restarted worker's first task (recovering its runs) finds it ready.
+    threading.Thread(target=_warm_up, args=(app,), name="eztinker-warmup", daemon=True).start()
     worker_ready.connect(_on_ready, weak=False)
     task_received.connect(_on_received, weak=False)
     if loglevel.upper() != "DEBUG":
@@ -292,6 +295,13 @@ def run_worker(
     except SystemExit as exc:  # Celery's command line ends with sys.exit
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     return 0
+
+
+def _warm_up(app: Celery) -> None:
+    try:
+        runtime.get_runtime(app)
+    except Exception:  # the first task builds it again, and reports what fails
+        log.exception("building the worker runtime failed")
 
 
 def _consume(app: Celery, hostname: str, queues: list[str], loglevel: str, events: bool) -> None:
