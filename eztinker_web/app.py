@@ -45,6 +45,9 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     for blp in (health_blp, models_blp, runs_blp, futures_blp, sampling_blp, checkpoints_blp):
         api.register_blueprint(blp)
+    from eztinker_web.tinker_api.routes import blp as tinker_blp
+
+    app.register_blueprint(tinker_blp)  # Tinker's wire format: not in the spec (see its doc)
     register_error_handlers(app)
     install_auth(app, settings.key_tenants())
     require_json_bodies(app)

@@ -1,0 +1,85 @@
+"""What ``/api/v1`` remembers beyond ``/v1``'s records, in Redis: sessions, model ids, requests.
+
+- a session: its tenant;
+- a Tinker model id (``{session_id}:train:{n}``) -> the EZTinker run it is, and its create future;
+- a request id (an EZTinker future id) -> how its result is shown on Tinker's wire (``kind``).
+
+Every record expires after a week; the runs and futures themselves live in ``/v1``'s store.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from eztinker_tasks.errors import NotFound
+from eztinker_web.auth import caller
+from eztinker_web.services import services
+
+P = "ezt:tinker"
+TTL_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class TinkerModel:
+    """A Tinker training client's model: the run behind it and its create future."""
+
+    model_id: str
+    run_id: str
+    base_model: str
+    lora_rank: int
+    create_future: str
+    tenant: str
+
+
+@dataclass(frozen=True)
+class TinkerRequest:
+    """How to answer ``retrieve_future`` for one request: its ``kind`` and model id."""
+
+    kind: str  # create_model | forward_backward | optim_step
+    model_id: str | None = None
+
+
+def model_id_of(session_id: str, model_seq_id: int) -> str:
+    """The official id shape, which the SDK also computes itself for create-via-load."""
+    return f"{session_id}:train:{model_seq_id}"
+
+
+def put_session(session_id: str) -> None:
+    services().redis_client.set(f"{P}:session:{session_id}", caller().tenant, ex=TTL_S)
+
+
+def claim_model(model: TinkerModel) -> TinkerModel | None:
+    """Record ``model`` unless its id exists; the existing one (a retried create) if it does."""
+    key = f"{P}:model:{model.model_id}"
+    client = services().redis_client
+    if client.set(key, json.dumps(asdict(model)), nx=True, ex=TTL_S):
+        return None
+    raw = client.get(key)
+    return TinkerModel(**json.loads(raw)) if raw else None
+
+
+def update_model(model: TinkerModel) -> None:
+    services().redis_client.set(f"{P}:model:{model.model_id}", json.dumps(asdict(model)), ex=TTL_S)
+
+
+def drop_model(model_id: str) -> None:
+    services().redis_client.delete(f"{P}:model:{model_id}")
+
+
+def get_model(model_id: str) -> TinkerModel:
+    """The model, or NotFound (404) if unknown or another tenant's."""
+    raw = services().redis_client.get(f"{P}:model:{model_id}")
+    model = TinkerModel(**json.loads(raw)) if raw else None
+    if model is None or not caller().sees(model.tenant):
+        raise NotFound(f"unknown model {model_id!r}", errors={"model_id": ["not found"]})
+    return model
+
+
+def put_request(future_id: str, request: TinkerRequest) -> None:
+    services().redis_client.set(f"{P}:req:{future_id}", json.dumps(asdict(request)), ex=TTL_S)
+
+
+def get_request(future_id: str) -> TinkerRequest | None:
+    raw = services().redis_client.get(f"{P}:req:{future_id}")
+    return TinkerRequest(**json.loads(raw)) if raw else None

@@ -1,0 +1,122 @@
+"""The unmodified official ``tinker`` SDK against ``/api/v1``: the same numbers as ``/v1``.
+
+Every SDK call runs with a timeout, so a protocol mistake fails the test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+import tinker
+from tinker import types
+
+from tests.conftest import Service, result_of
+
+TIMEOUT_S = 120
+TOKENS = [5, 17, 42, 99, 7, 300, 12, 64]
+ADAM = {"learning_rate": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
+
+
+@pytest.fixture()
+def client(service: Service, monkeypatch: pytest.MonkeyPatch) -> Iterator[tinker.ServiceClient]:
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    with tinker.ServiceClient(base_url=service.base_url, api_key="tml-dummy") as sc:
+        yield sc
+
+
+def _datum(weights: list[float] | None = None, **extra: list[float]) -> types.Datum:
+    inputs: dict[str, Any] = {
+        "target_tokens": TOKENS[1:],
+        "weights": weights or [1.0] * (len(TOKENS) - 1),
+        **extra,
+    }
+    return types.Datum(model_input=types.ModelInput.from_ints(TOKENS[:-1]), loss_fn_inputs=inputs)
+
+
+def _v1_datum(**extra: list[float]) -> dict[str, Any]:
+    inputs = {"target_tokens": TOKENS[1:], "weights": [1.0] * (len(TOKENS) - 1), **extra}
+    return {"model_input": {"tokens": TOKENS[:-1]}, "loss_fn_inputs": inputs}
+
+
+def _bounded(fn, *args, **kwargs):
+    """Run a blocking SDK call, failing (not hanging) after TIMEOUT_S."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args, **kwargs).result(timeout=TIMEOUT_S)
+
+
+def test_capabilities_list_the_builtin_models(service: Service) -> None:
+    rest = tinker.RestClient(base_url=service.base_url, api_key="tml-dummy")
+    caps = _bounded(lambda: rest.get_server_capabilities().result())
+    names = {m.model_name for m in caps.supported_models}
+    assert {"tiny-gpt2", "tiny-llama"} <= names
+
+
+def test_training_matches_v1(client: tinker.ServiceClient, http: httpx.Client) -> None:
+    tc = _bounded(
+        lambda: client.create_lora_training_client(base_model="tiny-gpt2", rank=4, seed=0).result()
+    )
+    assert tc.model_id.endswith(":train:0")
+    tokenizer = _bounded(tc.get_tokenizer)  # offline: the built-in tokenizer directory
+    assert tokenizer.decode(tokenizer.encode("hello")) == "hello"
+
+    created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 4, "seed": 0})
+    result_of(http, created)
+    run_id = created.json()["run_id"]
+
+    def v1(op: str, body: dict[str, Any]) -> dict[str, Any]:
+        return result_of(http, http.post(f"/v1/runs/{run_id}/{op}", json=body))
+
+    sdk_fb = _bounded(lambda: tc.forward_backward([_datum()], "cross_entropy").result())
+    v1_fb = v1("forward_backward", {"data": [_v1_datum()], "loss_fn": "cross_entropy"})
+    assert sdk_fb.metrics["loss:sum"] == pytest.approx(v1_fb["metrics"]["loss:sum"], abs=1e-5)
+    sdk_lp = sdk_fb.loss_fn_outputs[0]["logprobs"].tolist()
+    assert sdk_lp == pytest.approx(v1_fb["loss_fn_outputs"][0]["logprobs"], abs=1e-5)
+
+    sdk_step = _bounded(lambda: tc.optim_step(types.AdamParams(**ADAM)).result())
+    v1("optim_step", {"adam_params": ADAM})
+    assert isinstance(sdk_step.metrics, dict | None)
+
+    # After one identical step, forward (forward_only) and ppo agree too.
+    sdk_fw = _bounded(lambda: tc.forward([_datum()], "cross_entropy").result())
+    v1_fw = v1("forward", {"data": [_v1_datum()], "loss_fn": "cross_entropy"})
+    assert sdk_fw.metrics["loss:sum"] == pytest.approx(v1_fw["metrics"]["loss:sum"], abs=1e-5)
+    assert sdk_fw.metrics["loss:sum"] < sdk_fb.metrics["loss:sum"]
+
+    rl = {"logprobs": [-2.0] * (len(TOKENS) - 1), "advantages": [1.0, -0.5] * 3 + [1.0]}
+    sdk_ppo = _bounded(lambda: tc.forward_backward([_datum(**rl)], "ppo").result())
+    v1_ppo = v1("forward_backward", {"data": [_v1_datum(**rl)], "loss_fn": "ppo"})
+    assert sdk_ppo.metrics["loss:sum"] == pytest.approx(v1_ppo["metrics"]["loss:sum"], abs=1e-5)
+    assert math.isfinite(sdk_ppo.metrics["loss:sum"])
+
+
+def test_pipelined_steps_run_in_order(client: tinker.ServiceClient) -> None:
+    tc = _bounded(
+        lambda: client.create_lora_training_client(base_model="tiny-llama", rank=4, seed=1).result()
+    )
+    futures = []
+    for _ in range(3):
+        futures.append(tc.forward_backward([_datum()], "cross_entropy"))
+        tc.optim_step(types.AdamParams(**ADAM))
+    losses = [_bounded(f.result).metrics["loss:sum"] for f in futures]
+    assert losses[2] < losses[0]
+
+
+def test_bad_input_raises_clearly(client: tinker.ServiceClient) -> None:
+    with pytest.raises(tinker.TinkerError, match="no-such-model"):
+        _bounded(
+            lambda: client.create_lora_training_client(base_model="no-such-model", rank=4).result()
+        )
+    tc = _bounded(
+        lambda: client.create_lora_training_client(base_model="tiny-gpt2", rank=4).result()
+    )
+    inputs: dict[str, Any] = {"target_tokens": [1, 2], "weights": [1.0, 1.0]}
+    bad = types.Datum(model_input=types.ModelInput.from_ints([5, 10**6]), loss_fn_inputs=inputs)
+    with pytest.raises(tinker.TinkerError, match="outside the vocabulary"):
+        _bounded(lambda: tc.forward_backward([bad], "cross_entropy").result())
+    with pytest.raises(tinker.TinkerError, match=r"loss"):
+        _bounded(lambda: tc.forward_backward([_datum()], "no_such_loss").result())  # type: ignore[arg-type]
