@@ -134,3 +134,25 @@ def encode_forward_backward(result: dict[str, Any]) -> bytes:
         if len(parts) == 2 and parts[1] in _REDUCTIONS and isinstance(value, int | float):
             out.metrics[key] = float(value)
     return out.SerializeToString()
+
+
+def encode_sample(result: dict[str, Any], last_n: int | None = None) -> bytes:
+    """A ``/v1`` sample result as a serialized ``SampleResponse`` (prompt logprobs: NaN where
+    there is none, and before the last ``last_n`` positions when that is given)."""
+    m = pb()
+    out = m.SampleResponse()
+    for seq in result.get("sequences") or []:
+        out.sequences.add(
+            stop_reason=m.STOP_REASON_STOP
+            if seq["stop_reason"] == "stop"
+            else m.STOP_REASON_LENGTH,
+            tokens=np.asarray(seq["tokens"], dtype="<i4").tobytes(),
+            logprobs=np.asarray(seq["logprobs"], dtype="<f4").tobytes(),
+        )
+    prompt = result.get("prompt_logprobs")
+    if prompt is not None:
+        values = np.asarray([np.nan if v is None else v for v in prompt], dtype="<f4")
+        if last_n is not None:
+            values[: max(0, len(values) - last_n)] = np.nan
+        out.prompt_logprobs = values.tobytes()
+    return out.SerializeToString()

@@ -17,43 +17,22 @@ does not see it. Errors use ``/v1``'s envelope and statuses, which the SDK raise
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import jsonify, request
 from marshmallow import ValidationError
 
-from eztinker_tasks import catalog, names
+from eztinker_tasks import catalog, checkpoint_paths, names
 from eztinker_tasks.errors import InvalidRequest
 from eztinker_tasks.limits import check_adam_params, check_lora_spec
 from eztinker_tasks.types import AdamParams, LoraSpec
 from eztinker_web import dispatch
 from eztinker_web.auth import caller
+from eztinker_web.checkpoints.listing import loadable_checkpoint
 from eztinker_web.runs.routes import check_forward
 from eztinker_web.runs.schemas import ForwardBackwardSchema
 from eztinker_web.services import services
-from eztinker_web.tinker_api import futures, proto, state
-
-blp = Blueprint("tinker_api", __name__, url_prefix="/api/v1")
-
-
-def _body() -> dict[str, Any]:
-    body = request.get_json(silent=True)
-    if body is None and request.content_length:
-        raise InvalidRequest("the body must be a JSON object", errors={"json": ["not JSON"]})
-    if body is not None and not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object", errors={"json": ["not an object"]})
-    return body or {}
-
-
-def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...):
-    value = body.get(name, default)
-    if value is ...:
-        raise InvalidRequest(f"{name} is required", errors={name: ["required"]})
-    if value is not default and (
-        (isinstance(value, bool) and kind is int) or not isinstance(value, kind)
-    ):
-        raise InvalidRequest(f"{name} has the wrong type", errors={name: ["wrong type"]})
-    return value
+from eztinker_web.tinker_api import futures, paths, proto, state
+from eztinker_web.tinker_api.wire import blp, body_of, field
 
 
 # -- handshake and sessions -------------------------------------------------------------------
@@ -120,11 +99,11 @@ def get_server_capabilities():
 @blp.post("/create_model")
 def create_model():
     """A LoRA training client's model: a new run, named ``{session_id}:train:{model_seq_id}``."""
-    body = _body()
-    session_id = _field(body, "session_id", str)
-    model_seq_id = _field(body, "model_seq_id", int)
-    base = _field(body, "base_model", str)
-    raw = _field(body, "lora_config", dict, {}) or {}
+    body = body_of()
+    session_id = field(body, "session_id", str)
+    model_seq_id = field(body, "model_seq_id", int)
+    base = field(body, "base_model", str)
+    raw = field(body, "lora_config", dict, {}) or {}
     lora = LoraSpec(
         rank=raw.get("rank", 32),
         seed=raw.get("seed"),
@@ -135,13 +114,22 @@ def create_model():
     check_lora_spec(lora)
     dispatch.check_model_name(base)
     model_id = state.model_id_of(session_id, model_seq_id)
+    future_id = _create(model_id, base, lora, None, True)
+    state.put_request(future_id, state.TinkerRequest("create_model", model_id))
+    return jsonify({"request_id": future_id, "model_id": model_id})
+
+
+def _create(
+    model_id: str, base: str, lora: LoraSpec, from_state: str | None, optimizer: bool
+) -> str:
+    """Create the run behind ``model_id`` (once: a retried create gets the same future)."""
     placeholder = state.TinkerModel(model_id, "", base, lora.rank, "", caller().tenant)
     existing = state.claim_model(placeholder)
-    if existing is not None:  # a retried create: the same future
+    if existing is not None:
         state.get_model(model_id)  # 404 for another tenant's id
-        return jsonify({"request_id": existing.create_future, "model_id": model_id})
+        return existing.create_future
     try:
-        record, submitted = dispatch.create_run(base, lora.to_dict(), None, True)
+        record, submitted = dispatch.create_run(base, lora.to_dict(), from_state, optimizer)
     except Exception:
         state.drop_model(model_id)
         raise
@@ -150,14 +138,13 @@ def create_model():
             model_id, record.run_id, base, lora.rank, submitted.future_id, record.tenant
         )
     )
-    state.put_request(submitted.future_id, state.TinkerRequest("create_model", model_id))
-    return jsonify({"request_id": submitted.future_id, "model_id": model_id})
+    return submitted.future_id
 
 
 @blp.post("/get_info")
 def get_info():
     """The model's base model and a tokenizer directory the client can load offline."""
-    model = state.get_model(_field(_body(), "model_id", str))
+    model = state.get_model(field(body_of(), "model_id", str))
     dispatch.live_run(model.run_id)
     tokenizer = None
     if model.base_model in catalog.BUILTIN_MODELS:
@@ -207,12 +194,12 @@ def forward_backward():
 @blp.post("/optim_step")
 def optim_step():
     """One AdamW step of the run (``adam_params``; other optimizers are refused)."""
-    body = _body()
-    model = state.get_model(_field(body, "model_id", str))
-    seq_id = _field(body, "seq_id", int, None)
+    body = body_of()
+    model = state.get_model(field(body, "model_id", str))
+    seq_id = field(body, "seq_id", int, None)
     if body.get("optimizer_params") is not None:
         raise InvalidRequest("only adam_params is supported", errors={"optimizer_params": []})
-    raw = _field(body, "adam_params", dict, {}) or {}
+    raw = field(body, "adam_params", dict, {}) or {}
     try:
         adam = AdamParams.from_dict(raw)
     except (TypeError, ValueError):
@@ -224,8 +211,82 @@ def optim_step():
     return jsonify({"request_id": submitted.future_id, "model_id": model.model_id})
 
 
+# -- checkpoints ------------------------------------------------------------------------------
+def _save(model: state.TinkerModel, name: str, kind: str, seq_id: int | None) -> str:
+    checkpoint_paths.validate_name(name, "path")
+    target = dispatch.run_target(model.run_id)
+    params = {"name": name, "kind": kind}
+    return dispatch.submit_run_op(target, names.SAVE, params, seq_id).future_id
+
+
+@blp.post("/save_weights")
+def save_weights():
+    """``save_state``: the run's state checkpoint (adapter + optimizer), ``tinker://.../weights/``."""
+    body = body_of()
+    model = state.get_model(field(body, "model_id", str))
+    future_id = _save(model, field(body, "path", str), "state", field(body, "seq_id", int, None))
+    state.put_request(future_id, state.TinkerRequest("save_weights", model.model_id))
+    return jsonify({"request_id": future_id, "model_id": model.model_id})
+
+
+@blp.post("/save_weights_for_sampler")
+def save_weights_for_sampler():
+    """A sampler checkpoint: named (``tinker://.../sampler_weights/<path>``), or unnamed for
+    ``save_weights_and_get_sampling_client``: then a sampling session on that snapshot."""
+    body = body_of()
+    model = state.get_model(field(body, "model_id", str))
+    seq_id = field(body, "seq_id", int, None)
+    name = field(body, "path", str, None)
+    if name is not None:
+        future_id = _save(model, paths.checkpoint_name("sampler_weights", name), "sampler", seq_id)
+        request = state.TinkerRequest("save_weights_for_sampler", model.model_id)
+    else:
+        n = field(body, "sampling_session_seq_id", int)
+        session_id = model.model_id.rsplit(":train:", 1)[0]
+        sampler_id = f"{session_id}:sample:{n}"
+        snapshot = f"snapshot-{uuid.uuid4().hex[:16]}{paths.SAMPLER_SUFFIX}"
+        future_id = _save(model, snapshot, "sampler", seq_id)
+        checkpoint = checkpoint_paths.format_path(model.run_id, snapshot)
+        state.put_sampler(
+            state.Sampler(sampler_id, model.base_model, checkpoint, None, model.tenant)
+        )
+        request = state.TinkerRequest("sampling_session", model.model_id, sampler_id)
+    state.put_request(future_id, request)
+    return jsonify({"request_id": future_id, "model_id": model.model_id})
+
+
+@blp.post("/load_weights")
+def load_weights():
+    """Load a ``tinker://.../weights/`` state into a model, or (with ``session_id`` and
+    ``model_seq_id`` and no ``model_id``) create the model from it: a run made from the state,
+    named ``{session_id}:train:{model_seq_id}``, its LoRA shape the checkpoint's."""
+    body = body_of()
+    info = paths.to_checkpoint(field(body, "path", str))
+    optimizer = field(body, "optimizer", bool, False)
+    settings = services().settings
+    loadable_checkpoint(settings, info.path, optimizer)
+    if info.base_model:
+        dispatch.check_model_name(info.base_model)
+    if body.get("model_id") is not None:
+        model = state.get_model(field(body, "model_id", str))
+        dispatch.rehome(model.run_id)
+        target = dispatch.run_target(model.run_id)
+        params = {"path": info.path, "optimizer": optimizer}
+        seq_id = field(body, "seq_id", int, None)
+        future_id = dispatch.submit_run_op(target, names.LOAD, params, seq_id).future_id
+    else:
+        model_id = state.model_id_of(
+            field(body, "session_id", str), field(body, "model_seq_id", int)
+        )
+        lora = paths.lora_of(info)
+        future_id = _create(model_id, info.base_model, lora, info.path, optimizer)
+        model = state.get_model(model_id)
+    state.put_request(future_id, state.TinkerRequest("load_weights", model.model_id))
+    return jsonify({"request_id": future_id, "model_id": model.model_id})
+
+
 # -- futures ----------------------------------------------------------------------------------
 @blp.post("/retrieve_future")
 def retrieve_future():
     """Long-poll one request: its result, ``try_again``, or ``{"error", "category"}``."""
-    return futures.retrieve(_field(_body(), "request_id", str))
+    return futures.retrieve(field(body_of(), "request_id", str))

@@ -34,10 +34,41 @@ class TinkerModel:
 
 @dataclass(frozen=True)
 class TinkerRequest:
-    """How to answer ``retrieve_future`` for one request: its ``kind`` and model id."""
+    """How to answer ``retrieve_future`` for one request: its ``kind``, model id, and for a
+    save for a sampling session, that session; for a sample, ``prompt_logprobs_last_n``."""
 
-    kind: str  # create_model | forward_backward | optim_step
+    kind: str  # create_model | forward_backward | optim_step | save_weights | ... | sample
     model_id: str | None = None
+    sampler_id: str | None = None
+    last_n: int | None = None
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampling session: a base model, or a checkpoint (EZTinker path and Tinker path)."""
+
+    sampler_id: str
+    base_model: str
+    checkpoint: str | None
+    model_path: str | None
+    tenant: str
+
+
+def put_sampler(sampler: Sampler) -> None:
+    services().redis_client.set(
+        f"{P}:sampler:{sampler.sampler_id}", json.dumps(asdict(sampler)), ex=TTL_S
+    )
+
+
+def get_sampler(sampler_id: str) -> Sampler:
+    """The sampling session, or NotFound (404) if unknown or another tenant's."""
+    raw = services().redis_client.get(f"{P}:sampler:{sampler_id}")
+    sampler = Sampler(**json.loads(raw)) if raw else None
+    if sampler is None or not caller().sees(sampler.tenant):
+        raise NotFound(
+            f"unknown sampling session {sampler_id!r}", errors={"sampling_session_id": []}
+        )
+    return sampler
 
 
 def model_id_of(session_id: str, model_seq_id: int) -> str:
@@ -60,7 +91,25 @@ def claim_model(model: TinkerModel) -> TinkerModel | None:
 
 
 def update_model(model: TinkerModel) -> None:
-    services().redis_client.set(f"{P}:model:{model.model_id}", json.dumps(asdict(model)), ex=TTL_S)
+    """Record ``model`` and the way back from its run to its model id."""
+    pipe = services().redis_client.pipeline(transaction=False)
+    pipe.set(f"{P}:model:{model.model_id}", json.dumps(asdict(model)), ex=TTL_S)
+    if model.run_id:
+        pipe.set(f"{P}:run:{model.run_id}", model.model_id, ex=TTL_S)
+    pipe.execute()
+
+
+def model_of_run(run_id: str) -> str | None:
+    """The Tinker model id of a run made through ``/api/v1`` (None for a ``/v1`` run)."""
+    raw = services().redis_client.get(f"{P}:run:{run_id}")
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def find_model(model_id: str) -> TinkerModel | None:
+    """The model if it exists and the caller sees it."""
+    raw = services().redis_client.get(f"{P}:model:{model_id}")
+    model = TinkerModel(**json.loads(raw)) if raw else None
+    return model if model is not None and caller().sees(model.tenant) else None
 
 
 def drop_model(model_id: str) -> None:
@@ -69,9 +118,8 @@ def drop_model(model_id: str) -> None:
 
 def get_model(model_id: str) -> TinkerModel:
     """The model, or NotFound (404) if unknown or another tenant's."""
-    raw = services().redis_client.get(f"{P}:model:{model_id}")
-    model = TinkerModel(**json.loads(raw)) if raw else None
-    if model is None or not caller().sees(model.tenant):
+    model = find_model(model_id)
+    if model is None:
         raise NotFound(f"unknown model {model_id!r}", errors={"model_id": ["not found"]})
     return model
 
