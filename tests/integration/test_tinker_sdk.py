@@ -120,3 +120,52 @@ def test_bad_input_raises_clearly(client: tinker.ServiceClient) -> None:
         _bounded(lambda: tc.forward_backward([bad], "cross_entropy").result())
     with pytest.raises(tinker.TinkerError, match=r"loss"):
         _bounded(lambda: tc.forward_backward([_datum()], "no_such_loss").result())  # type: ignore[arg-type]
+
+
+def test_forward_backward_custom_matches_cross_entropy(client: tinker.ServiceClient) -> None:
+    """The SDK's client-side custom loss (a forward, then a weighted cross_entropy) works."""
+    import torch
+
+    tc = _bounded(
+        lambda: client.create_lora_training_client(base_model="tiny-gpt2", rank=4, seed=5).result()
+    )
+
+    def nll(data: list[types.Datum], logprobs: list[torch.Tensor]):
+        loss = sum(-lp.sum() for lp in logprobs)
+        return loss, {"nll:sum": float(loss)}
+
+    out = _bounded(lambda: tc.forward_backward_custom([_datum()], nll).result())
+    plain = _bounded(lambda: tc.forward([_datum()], "cross_entropy").result())
+    assert out.metrics["loss:sum"] == pytest.approx(plain.metrics["loss:sum"], abs=1e-4)
+    assert out.metrics["surrogate_loss:sum"] == pytest.approx(plain.metrics["loss:sum"], abs=1e-4)
+
+
+def test_a_failed_operation_raises_request_failed(client: tinker.ServiceClient, tmp_path) -> None:
+    """A job that fails on the worker is a RequestFailedError, not an endless re-poll."""
+    not_a_model = tmp_path / "empty-model-dir"
+    not_a_model.mkdir()
+    with pytest.raises(tinker.RequestFailedError):
+        _bounded(
+            lambda: client.create_lora_training_client(base_model=str(not_a_model), rank=4).result()
+        )
+
+
+def test_a_resubmitted_op_is_applied_once(service: Service, http: httpx.Client) -> None:
+    """The SDK resends a submit on timeouts: the same (model, seq_id) is the same future."""
+    api = httpx.Client(base_url=service.base_url + "/api/v1", timeout=60)
+    session = api.post("/create_session", json={}).json()["session_id"]
+    body = {"session_id": session, "model_seq_id": 0, "base_model": "tiny-gpt2"}
+    first, again = api.post("/create_model", json=body), api.post("/create_model", json=body)
+    assert first.json()["request_id"] == again.json()["request_id"]
+    model_id = first.json()["model_id"]
+    step = {"model_id": model_id, "seq_id": 1, "adam_params": {"learning_rate": 0.01}}
+    a, b = api.post("/optim_step", json=step), api.post("/optim_step", json=step)
+    assert a.status_code == b.status_code == 200, a.text
+    assert a.json()["request_id"] == b.json()["request_id"]
+    poll = {"request_id": a.json()["request_id"]}
+    done = api.post("/retrieve_future", json=poll)
+    for _ in range(5):  # each poll is held up to 25 s
+        if done.json().get("type") != "try_again":
+            break
+        done = api.post("/retrieve_future", json=poll)
+    assert "metrics" in done.json(), done.text
