@@ -35,10 +35,13 @@ def pb() -> ModuleType:
         raise ServiceUnavailable(
             "the server cannot read Tinker's protobuf messages: install the 'tinker' package"
         ) from None
-    spec = importlib.util.spec_from_file_location("eztinker_tinker_public_pb2", str(path))
+    spec = importlib.util.spec_from_file_location(_MODULE, str(path))
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    # Under its own name: a later ``import tinker`` in this process reuses it instead of
+    # registering the same protobuf descriptors twice (which protobuf refuses).
+    sys.modules[_MODULE] = module
     return module
 
 
