@@ -131,8 +131,8 @@ def test_forward_backward_custom_matches_cross_entropy(client: tinker.ServiceCli
     )
 
     def nll(data: list[types.Datum], logprobs: list[torch.Tensor]):
-        loss = sum(-lp.sum() for lp in logprobs)
-        return loss, {"nll:sum": float(loss)}
+        loss = -torch.stack([lp.sum() for lp in logprobs]).sum()
+        return loss, {"nll:sum": float(loss.detach())}
 
     out = _bounded(lambda: tc.forward_backward_custom([_datum()], nll).result())
     plain = _bounded(lambda: tc.forward([_datum()], "cross_entropy").result())
