@@ -131,3 +131,22 @@ def test_unknown_paths_raise_clearly(client: tinker.ServiceClient) -> None:
         _bounded(lambda: client.create_training_client_from_state(missing).result())
     with pytest.raises(tinker.TinkerError, match="no checkpoint"):
         _bounded(lambda: client.create_sampling_client(model_path=missing).result())
+
+
+def test_base_model_sampling(client: tinker.ServiceClient, http: httpx.Client) -> None:
+    """A base model's session: logprobs equal /v1's, ``prompt_logprobs_last_n``, ``stop=[]``."""
+    sc = _bounded(lambda: client.create_sampling_client(base_model="tiny-llama").result())
+    assert sc.get_base_model() == "tiny-llama"
+    prompt = types.ModelInput.from_ints(TOKENS)
+    lps = _bounded(lambda: sc.compute_logprobs(prompt).result())
+    body = {"base_model": "tiny-llama", "tokens": TOKENS}
+    v1 = result_of(http, http.post("/v1/compute_logprobs", json=body))["logprobs"]
+    assert lps[1:] == pytest.approx(v1[1:], abs=1e-5)
+    last = _bounded(lambda: sc.compute_logprobs(prompt, prompt_logprobs_last_n=3).result())
+    assert last[:-3] == [None] * (len(TOKENS) - 3)
+    assert last[-3:] == pytest.approx(v1[-3:], abs=1e-5)
+    # stop=[]: not even EOS stops it, so every sample runs to max_tokens.
+    params = types.SamplingParams(max_tokens=5, seed=1, stop=[])
+    out = _bounded(lambda: sc.sample(prompt, 2, params).result())
+    assert [len(s.tokens) for s in out.sequences] == [5, 5]
+    assert all(s.stop_reason == "length" for s in out.sequences)
