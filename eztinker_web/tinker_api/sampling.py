@@ -2,7 +2,8 @@
 
 A sampling session names a base model or a checkpoint (``tinker://...`` in, an EZTinker
 checkpoint behind it); ``asample`` is ``POST /v1/sample`` on it (the same checks, queue and
-engine), answered with one ``sample_sequence_ids`` entry per sample; the result is a protobuf
+engine), answered with one ``sample_sequence_ids`` entry per sample (a resend of the same
+``sampling_session_id`` + ``seq_id`` and body gets the same future); the result is a protobuf
 ``SampleResponse``. ``compute_logprobs`` is an ``asample`` with ``prompt_logprobs``.
 """
 
@@ -14,6 +15,7 @@ from flask import jsonify
 from marshmallow import ValidationError
 
 from eztinker_tasks.errors import InvalidRequest
+from eztinker_tasks.store import body_hash
 from eztinker_web import dispatch
 from eztinker_web.auth import caller
 from eztinker_web.sampling.routes import submit_sample
@@ -88,6 +90,14 @@ def asample():
     body = body_of()
     _refuse_unsupported(body)
     sampler_id = field(body, "sampling_session_id", str, None)
+    seq_id = field(body, "seq_id", int, None)
+    key = digest = None
+    if sampler_id is not None and seq_id is not None:  # the SDK resends on timeouts
+        key, digest = state.sample_key(sampler_id, seq_id), body_hash(body)
+        seen = state.resubmitted_sample(key, digest)
+        if seen is not None:
+            state.get_sampler(sampler_id)  # 404 for another tenant's session
+            return _submitted(*seen)
     if sampler_id is not None:
         sampler = state.get_sampler(sampler_id)
         source = (
@@ -117,10 +127,15 @@ def asample():
         req = SampleSchema().load(raw)
     except ValidationError as exc:
         raise InvalidRequest(f"invalid sample request: {exc.messages}", errors={}) from None
-    submitted = submit_sample(req)
-    future_id = submitted.future_id
+    future_id = submit_sample(req).future_id
+    if key is not None and digest is not None:
+        state.remember_sample(key, digest, future_id, req.num_samples)
     state.put_request(
         future_id, state.TinkerRequest("sample", sampler_id=sampler_id, last_n=last_n)
     )
-    ids = [f"{future_id}:{i}" for i in range(req.num_samples)]
+    return _submitted(future_id, req.num_samples)
+
+
+def _submitted(future_id: str, num_samples: int):
+    ids = [f"{future_id}:{i}" for i in range(num_samples)]
     return jsonify({"request_id": future_id, "sample_sequence_ids": ids})

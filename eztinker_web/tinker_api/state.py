@@ -131,3 +131,21 @@ def put_request(future_id: str, request: TinkerRequest) -> None:
 def get_request(future_id: str) -> TinkerRequest | None:
     raw = services().redis_client.get(f"{P}:req:{future_id}")
     return TinkerRequest(**json.loads(raw)) if raw else None
+
+
+def sample_key(sampler_id: str, seq_id: int) -> str:
+    return f"{P}:sample:{sampler_id}:{seq_id}"
+
+
+def resubmitted_sample(key: str, digest: str) -> tuple[str, int] | None:
+    """The (future id, num_samples) a sample with this key and body was already given."""
+    raw = services().redis_client.get(key)
+    if not raw:
+        return None
+    seen = json.loads(raw)
+    return (seen["future_id"], seen["num_samples"]) if seen["digest"] == digest else None
+
+
+def remember_sample(key: str, digest: str, future_id: str, num_samples: int) -> None:
+    value = {"digest": digest, "future_id": future_id, "num_samples": num_samples}
+    services().redis_client.set(key, json.dumps(value), ex=TTL_S)

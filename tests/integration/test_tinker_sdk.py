@@ -169,3 +169,17 @@ def test_a_resubmitted_op_is_applied_once(service: Service, http: httpx.Client) 
             break
         done = api.post("/retrieve_future", json=poll)
     assert "metrics" in done.json(), done.text
+
+    spec = {"session_id": session, "sampling_session_seq_id": 0, "base_model": "tiny-gpt2"}
+    sampler = api.post("/create_sampling_session", json=spec).json()["sampling_session_id"]
+    sample = {
+        "sampling_session_id": sampler,
+        "seq_id": 0,
+        "num_samples": 2,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": TOKENS}]},
+        "sampling_params": {"max_tokens": 2},
+    }
+    s1, s2 = api.post("/asample", json=sample), api.post("/asample", json=sample)
+    assert s1.json() == s2.json() and len(s1.json()["sample_sequence_ids"]) == 2
+    s3 = api.post("/asample", json={**sample, "seq_id": 1})
+    assert s3.json()["request_id"] != s1.json()["request_id"]
