@@ -15,7 +15,7 @@ import pytest
 import tinker
 from tinker import types
 
-from tests.conftest import Service, result_of
+from tests.conftest import Service, result_of, start_service
 
 TIMEOUT_S = 120
 TOKENS = [5, 17, 42, 99, 7, 300, 12, 64]
@@ -183,3 +183,35 @@ def test_a_resubmitted_op_is_applied_once(service: Service, http: httpx.Client) 
     assert s1.json() == s2.json() and len(s1.json()["sample_sequence_ids"]) == 2
     s3 = api.post("/asample", json={**sample, "seq_id": 1})
     assert s3.json()["request_id"] != s1.json()["request_id"]
+
+
+def test_api_keys_and_tenants(tmp_path, model_cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With keys configured the SDK's X-API-Key must be one of them, and a tenant's Tinker
+    models are unknown to another tenant."""
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    svc = start_service(
+        tmp_path, model_cache, extra_env={"EZTINKER_API_KEYS": "tml-ka:alice, tml-kb:bob"}
+    )
+    try:
+        with tinker.ServiceClient(base_url=svc.base_url, api_key="tml-ka") as alice:
+            tc = _bounded(
+                lambda: alice.create_lora_training_client(base_model="tiny-gpt2", rank=4).result()
+            )
+            loss = _bounded(lambda: tc.forward([_datum()], "cross_entropy").result())
+            assert math.isfinite(loss.metrics["loss:sum"])
+            bob = tinker.RestClient(base_url=svc.base_url, api_key="tml-kb")
+            with pytest.raises(tinker.NotFoundError):
+                _bounded(lambda: bob.get_training_run(tc.model_id).result())
+            mine = _bounded(
+                lambda: (
+                    tinker.RestClient(base_url=svc.base_url, api_key="tml-ka")
+                    .get_training_run(tc.model_id)
+                    .result()
+                )
+            )
+            assert mine.model_owner == "alice"
+        stranger = tinker.ServiceClient(base_url=svc.base_url, api_key="tml-nobody")
+        with pytest.raises(tinker.AuthenticationError):
+            _bounded(lambda: stranger.create_lora_training_client(base_model="tiny-gpt2").result())
+    finally:
+        svc.stop()
