@@ -5,7 +5,9 @@ Handshake and sessions (``client/config``, ``create_session``, heartbeat, teleme
 ``create_model`` is ``POST /v1/runs``; ``forward_backward`` (protobuf) and ``optim_step`` are
 the run's own operations, with the SDK's ``seq_id`` as the run's seq_id, so ordering,
 idempotency (a resubmit with the same seq_id and body gets the same future) and the engine are
-``/v1``'s. Submits only queue; ``retrieve_future`` long-polls (``futures``).
+``/v1``'s. Submits only queue; ``retrieve_future`` long-polls (``futures``). Checkpoints
+(``save_weights*``, ``load_weights``) use ``tinker://`` paths (``paths``); sampling lives in
+``sampling``, the RestClient's listings in ``rest``, the ids Tinker adds in ``state``.
 
 Not in ``/openapi.json``: this is Tinker's wire format, specified by the SDK it serves (whose
 client validates every reply), with protobuf bodies an OpenAPI JSON schema cannot describe;
@@ -38,7 +40,11 @@ from eztinker_web.tinker_api.wire import blp, body_of, field
 # -- handshake and sessions -------------------------------------------------------------------
 @blp.post("/client/config")
 def client_config():
-    """Feature flags: plain httpx, no JWT exchange, fwd/bwd chunks sent in seq_id order."""
+    """Feature flags: plain httpx, no JWT exchange, fwd/bwd chunks sent in seq_id order.
+
+    The SDK would send a large forward_backward's chunks at once, first chunk last; a run
+    refuses a seq_id below its latest (it would run out of order), so chunks go one by one.
+    """
     return jsonify(
         {
             "pjwt_auth_enabled": False,
