@@ -45,6 +45,10 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     for blp in (health_blp, models_blp, runs_blp, futures_blp, sampling_blp, checkpoints_blp):
         api.register_blueprint(blp)
+    from eztinker_web.tinker_api import blueprint as tinker_blueprint
+
+    # Tinker's wire format, for the official SDK: not in the spec (``tinker_api.routes`` says why)
+    app.register_blueprint(tinker_blueprint())
     register_error_handlers(app)
     install_auth(app, settings.key_tenants())
     require_json_bodies(app)

@@ -1,11 +1,12 @@
-"""API keys and who is calling: the tenant a ``/v1`` request acts for.
+"""API keys and who is calling: the tenant a ``/v1`` or ``/api/v1`` request acts for.
 
 When keys are configured (``EZTINKER_API_KEYS`` / ``EZTINKER_API_KEYS_FILE``, see
-``config.tenants``), every ``/v1`` request must carry one: ``Authorization: Bearer <key>`` or
-``X-API-Key: <key>``; ``/health`` and the docs stay open. The key names the request's
-``Caller``: its tenant, whether it sees every tenant's objects (an ``admin`` key), and whether
-the per-tenant limits apply to it. With no keys configured, auth is off and every request is
-the one ``default`` tenant, which sees everything (as before tenants existed).
+``config.tenants``), every ``/v1`` and ``/api/v1`` (Tinker's protocol) request must carry
+one: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; ``/health`` and the docs stay
+open. The key names the request's ``Caller``: its tenant, whether it sees every tenant's
+objects (an ``admin`` key), and whether the per-tenant limits apply to it. With no keys
+configured, auth is off and every request is the one ``default`` tenant, which sees
+everything (as before tenants existed).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def install_auth(app: Flask, keys: Mapping[str, str]) -> None:
 
     @app.before_request
     def _check_key():
-        if not request.path.startswith("/v1"):
+        if not request.path.startswith(("/v1", "/api/v1")):
             return None
         header = request.headers.get("Authorization", "")
         given = header[7:] if header.startswith("Bearer ") else request.headers.get("X-API-Key")

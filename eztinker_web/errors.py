@@ -180,6 +180,8 @@ def require_json_bodies(app: Flask) -> None:
             return None
         if request.is_json:
             return None
+        if request.path.startswith("/api/v1/") and request.mimetype == "application/x-protobuf":
+            return None  # Tinker's protobuf forward_backward (``tinker_api``)
         sent = request.mimetype or "no Content-Type"
         raise UnsupportedMediaType(
             f"the request body must be JSON sent with Content-Type: application/json "

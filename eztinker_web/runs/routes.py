@@ -100,7 +100,9 @@ def delete_run(run_id: str):
     return submitted.to_dict()
 
 
-def _check_forward(run_id: str, req: ForwardRequest):
+def check_forward(run_id: str, req: ForwardRequest):
+    """The run's target and the op's params, after every check a forward(_backward) gets
+    (also used by ``/api/v1``)."""
     settings = services().settings
     target = dispatch.run_target(run_id)
     if len(req.data) > settings.max_datums:
@@ -137,7 +139,7 @@ def _check_forward(run_id: str, req: ForwardRequest):
 @blp.errors(400, 404, 409)
 def forward_backward(req: ForwardRequest, run_id: str):
     """Forward + backward on a batch; gradients accumulate until optim_step."""
-    target, params = _check_forward(run_id, req)
+    target, params = check_forward(run_id, req)
     return dispatch.submit_run_op(target, names.FORWARD_BACKWARD, params, req.seq_id).to_dict()
 
 
@@ -147,7 +149,7 @@ def forward_backward(req: ForwardRequest, run_id: str):
 @blp.errors(400, 404, 409)
 def forward(req: ForwardRequest, run_id: str):
     """The same outputs as forward_backward, with no gradient and no state change."""
-    target, params = _check_forward(run_id, req)
+    target, params = check_forward(run_id, req)
     return dispatch.submit_run_op(target, names.FORWARD, params, req.seq_id).to_dict()
 
 

@@ -50,6 +50,11 @@ def _resolve(source: SampleSource) -> tuple[SampleSource, RunRecord | None, str 
 @blp.errors(400, 404, 409)
 def sample(req: SampleRequest):
     """Sample `num_samples` continuations of a prompt (text or tokens)."""
+    return submit_sample(req).to_dict()
+
+
+def submit_sample(req: SampleRequest) -> dispatch.Submitted:
+    """Check a sample request and queue it (also used by ``/api/v1/asample``)."""
     settings = services().settings
     check_sampling_params(req.params)
     if req.num_samples > settings.max_samples:
@@ -76,7 +81,7 @@ def sample(req: SampleRequest):
         "prompt_text": req.prompt_text,
         "prompt_logprobs": req.prompt_logprobs,
     }
-    return dispatch.submit_shared(names.SAMPLE, params, run).to_dict()
+    return dispatch.submit_shared(names.SAMPLE, params, run)
 
 
 @blp.route("/compute_logprobs", methods=["POST"])

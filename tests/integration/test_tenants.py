@@ -22,6 +22,7 @@ import pytest
 import eztinker
 from config import Settings
 from eztinker_web import create_app
+from tests.integration.tenant_tinker_cases import CASES as TINKER_CASES
 from tests.integration.tenant_world import FB, KEYS, TOKENS, World, build_world, elapsed
 
 Case = Callable[[World], None]
@@ -379,6 +380,7 @@ def _static(w: World) -> None:
 
 
 # -- the walk --------------------------------------------------------------------------------
+CASES.update(TINKER_CASES)  # /api/v1, Tinker's protocol
 ROUTES = app_routes()
 
 
