@@ -6,7 +6,7 @@
   subscription per process), so that subscription is pure overhead on the submit path.
 - Before storing a result the stock backend reads the current one, so that a lost, redelivered
   task cannot overwrite a SUCCESS. EZTinker's workers answer a redelivered operation from its
-  stored result by seq_id (see ``tasks._run_op``), so a second store writes the same SUCCESS;
+  stored result by seq_id (see ``applying._run_op``), so a second store writes the same SUCCESS;
   the read is skipped.
 
 And one addition: a task may attach writes of its own to its result (``write_with_result``),

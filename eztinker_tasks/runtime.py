@@ -40,7 +40,7 @@ class WorkerRuntime:
     oplog: OpLog  # recoverable runs' op logs and snapshot records
     snapshots: Snapshots  # when to snapshot a run, and the thread that writes snapshots
     # The highest seq_id applied to each run by this process: a run applies its operations in
-    # seq_id order, so an operation below it can only be a late redelivery (see tasks._run_op).
+    # seq_id order, so an operation below it can only be a late redelivery (see applying._run_op).
     applied_seq: dict[str, int] = field(default_factory=dict)
 
     def applied(self, run_id: str, seq_id: int | None) -> None:

@@ -32,7 +32,7 @@ from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import task_received, worker_ready, worker_shutdown
 
 from config import Settings
-from eztinker_tasks import names, recovery, runtime, tasks
+from eztinker_tasks import applying, names, recovery, runtime, tasks  # noqa: F401 - tasks: registers them
 from eztinker_tasks.store import StartingWorker, Store, WorkerRecord
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def _on_received(request: Any = None, **_: object) -> None:
         return
     try:
         kwargs = request.kwargs if isinstance(request.kwargs, dict) else {}
-        spec = tasks.expected_begin(str(request.name), str(request.id), kwargs, rt.settings)
+        spec = applying.expected_begin(str(request.name), str(request.id), kwargs, rt.settings)
         rt.prefetch.send(spec, rt.worker_name)
     except Exception:  # the task makes the round trip itself
         log.exception("begin prefetch failed")

@@ -21,10 +21,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import os
-import shutil
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,11 +32,10 @@ from safetensors.torch import load_file, save_file
 
 from eztinker_tasks import checkpoint_paths
 from eztinker_tasks.atomic_dirs import write_atomically
-from eztinker_tasks.catalog import file_lock
 from eztinker_tasks.engine.adapters import AdapterConfig, input_embedding_weight, lora_config
-from eztinker_tasks.engine.runs import RunState, checked_lora_spec
+from eztinker_tasks.engine.runs import RunState, checked_lora_spec, make_optimizer
 from eztinker_tasks.errors import CheckpointNotFound, InvalidRequest
-from eztinker_tasks.types import CheckpointInfo, CheckpointKind, LoraSpec
+from eztinker_tasks.types import CheckpointInfo, CheckpointKind, LoraSpec, RunInfo
 
 FORMAT_VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"
@@ -165,6 +161,7 @@ def _meta(run: RunState, kind: CheckpointKind, name: str) -> dict[str, Any]:
         "name": name,
         "step": run.step,
         "tokens_trained": run.tokens_trained,
+        "last_loss": run.last_loss,
         "base_model": run.base.name,
         "base_model_source": run.base.source,
         "lora": run.lora.to_dict(),
@@ -311,6 +308,32 @@ def optimizer_state_dict(directory: Path, run: RunState, fresh: dict[str, Any]) 
     return {"state": state, "param_groups": groups}
 
 
+def load_into(
+    run: RunState, directory: Path, meta: dict[str, Any], optimizer: bool, device: torch.device
+) -> RunInfo:
+    """Load the checkpoint in ``directory`` into ``run``: adapter weights, and with
+    ``optimizer`` the AdamW state and RNG; step and counters. Everything is validated before
+    the run changes (InvalidRequest: another base, LoRA shape or kind)."""
+    check_kind(meta, optimizer)
+    check_compatible(run, meta)
+    tensors = load_adapter_tensors(directory, dict(run.params))
+    fresh = make_optimizer(run.leaves, device)
+    state = optimizer_state_dict(directory, run, fresh.state_dict()) if optimizer else None
+    with torch.no_grad():
+        for name, param in run.params.items():
+            param.copy_(tensors[name])
+    for leaf in run.leaves:
+        leaf.grad = None
+    if state is not None:
+        fresh.load_state_dict(state)
+        restore_rng(run, meta)
+    run.optimizer = fresh
+    run.step = int(meta["step"])
+    run.tokens_trained = int(meta.get("tokens_trained", 0))
+    run.last_loss = meta.get("last_loss", run.last_loss)
+    return run.info()
+
+
 def restore_rng(run: RunState, meta: dict[str, Any]) -> None:
     encoded = meta.get("rng_state")
     if encoded is None or meta.get("rng_device") != run.generator.device.type:
@@ -345,37 +368,3 @@ def check_compatible(run: RunState, meta: Mapping[str, Any]) -> None:
                 f"{run.run_id!r} ({key}={getattr(run.lora, key)!r})",
                 errors={"path": [f"{key} mismatch"]},
             )
-
-
-# ---------------------------------------------------------------- listing and deleting
-
-
-def list_all(checkpoints_dir: Path, run_id: str | None = None) -> list[CheckpointInfo]:
-    root = Path(checkpoints_dir)
-    if run_id is not None:
-        checkpoint_paths.validate_name(run_id, "run_id")
-        run_dirs = [root / run_id]
-    else:
-        run_dirs = sorted(root.iterdir()) if root.is_dir() else []
-    infos = []
-    for run_dir in run_dirs:
-        if run_dir.name.startswith(".") or not run_dir.is_dir():
-            continue
-        for directory in sorted(run_dir.iterdir()):
-            if directory.name.startswith(".") or not directory.is_dir():
-                continue
-            try:
-                infos.append(info_from_dir(directory))
-            except (CheckpointNotFound, InvalidRequest, ValueError, KeyError):
-                continue  # not a complete checkpoint
-    return sorted(infos, key=lambda info: (info.created_at, info.path))
-
-
-def delete(checkpoints_dir: Path, path: str) -> Path:
-    """Remove checkpoint ``path`` (renamed away first, so it vanishes atomically)."""
-    directory, _ = resolve_existing(checkpoints_dir, path)
-    with file_lock(directory.parent / f".{directory.name}.lock"):
-        doomed = directory.parent / f".del-{directory.name}-{uuid.uuid4().hex[:12]}"
-        os.rename(directory, doomed)
-        shutil.rmtree(doomed)
-    return directory

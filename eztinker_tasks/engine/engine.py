@@ -22,7 +22,15 @@ import torch
 from torch import nn
 
 from eztinker_tasks import checkpoint_paths
-from eztinker_tasks.engine import adapters, checkpoints, sample_batches, sampler, training
+from eztinker_tasks.engine import (
+    adapters,
+    checkpoint_listing,
+    checkpoints,
+    memory,
+    sample_batches,
+    sampler,
+    training,
+)
 from eztinker_tasks.engine import calls as calls_mod
 from eztinker_tasks.engine.batching import check_length, token_array
 from eztinker_tasks.engine.checkpoint_adapters import CheckpointAdapters
@@ -307,39 +315,12 @@ class Engine:
         """Load adapter weights (and optimizer state, step, RNG) from a checkpoint."""
         run = self._run(run_id)
         directory, meta = checkpoints.resolve_existing(self._ckpt_dir, path)
-        return self._load_dir(run, directory, meta, optimizer)
-
-    def _load_dir(
-        self, run: RunState, directory: Path, meta: dict[str, Any], optimizer: bool
-    ) -> RunInfo:
-        checkpoints.check_kind(meta, optimizer)
-        checkpoints.check_compatible(run, meta)
-        tensors = checkpoints.load_adapter_tensors(directory, dict(run.params))
-        fresh = make_optimizer(run.leaves, self._device)
-        state = None
-        if optimizer:
-            state = checkpoints.optimizer_state_dict(directory, run, fresh.state_dict())
-        # Everything is validated: now change the run.
-        with torch.no_grad():
-            for name, param in run.params.items():
-                param.copy_(tensors[name])
-        for leaf in run.leaves:
-            leaf.grad = None
-        if state is not None:
-            fresh.load_state_dict(state)
-            checkpoints.restore_rng(run, meta)
-        run.optimizer = fresh
-        run.step = int(meta["step"])
-        run.tokens_trained = int(meta.get("tokens_trained", 0))
-        run.last_loss = meta.get("last_loss", run.last_loss)
-        return run.info()
+        return checkpoints.load_into(run, directory, meta, optimizer, self._device)
 
     def capture_state(self, run_id: str) -> checkpoints.Captured:
-        """The run's full state (adapter, optimizer, step, counters, RNG) copied to host
-        memory, as a state checkpoint to write later (``Captured.write``): a snapshot."""
-        captured = checkpoints.capture(self._run(run_id), "state", "snapshot")
-        captured.meta["last_loss"] = self._run(run_id).last_loss
-        return captured
+        """The run's full state (adapter, optimizer, step, counters, RNG) copied aside on its
+        device, as a state checkpoint to write later from any thread (``Captured.write``)."""
+        return checkpoints.capture(self._run(run_id), "state", "snapshot")
 
     def restore_run(self, run_id: str, directory: Path) -> RunInfo:
         """Build run ``run_id`` from the state checkpoint in ``directory`` (an absolute path:
@@ -354,35 +335,25 @@ class Engine:
         meta = checkpoints.read_meta(directory)
         self.create_run(run_id, str(meta["base_model"]), checkpoints.lora_spec(meta))
         try:
-            return self._load_dir(self._runs[run_id], directory, meta, optimizer=True)
+            run = self._runs[run_id]
+            return checkpoints.load_into(run, directory, meta, True, self._device)
         except BaseException:
             self.delete_run(run_id)
             raise
 
     def list_checkpoints(self, run_id: str | None = None) -> list[CheckpointInfo]:
-        return checkpoints.list_all(self._ckpt_dir, run_id)
+        return checkpoint_listing.list_all(self._ckpt_dir, run_id)
 
     def delete_checkpoint(self, path: str) -> None:
-        self._samplers.forget(checkpoints.delete(self._ckpt_dir, path))
+        self._samplers.forget(checkpoint_listing.delete(self._ckpt_dir, path))
 
     # ------------------------------------------------------------------ memory
 
     def memory_stats(self) -> dict[str, int]:
-        stats = {
-            "base_params_bytes": sum(b.param_bytes for b in self.models.bases.values()),
-            "num_runs": len(self._runs),
-            "adapter_bytes": sum(r.adapter_bytes() for r in self._runs.values()),
-            "optimizer_bytes": sum(r.optimizer_bytes() for r in self._runs.values()),
-            "sampler_adapters": len(self._samplers),
-        }
-        for run_id, run in self._runs.items():
-            stats[f"run.{run_id}.adapter_bytes"] = run.adapter_bytes()
-            stats[f"run.{run_id}.optimizer_bytes"] = run.optimizer_bytes()
-        if self._device.type == "cuda":
-            stats["cuda_allocated_bytes"] = torch.cuda.memory_allocated(self._device)
-            stats["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self._device)
-            stats["cuda_reserved_bytes"] = torch.cuda.memory_reserved(self._device)
-        return stats
+        """Bytes: base params, per-run adapter and optimizer, samplers, CUDA allocations."""
+        return memory.engine_stats(
+            self.models.bases.values(), self._runs, len(self._samplers), self._device
+        )
 
     # ------------------------------------------------------------------ internals
 

@@ -13,9 +13,12 @@ not measurements: they only decide a switch.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import torch
 
 from eztinker_tasks.engine.models import LoadedBase
+from eztinker_tasks.engine.runs import RunState
 from eztinker_tasks.errors import InvalidRequest
 
 MODES = ("auto", "always", "never")
@@ -77,3 +80,27 @@ def check_fits(base: LoadedBase, tokens: int, free: int) -> None:
             f"about {limit} tokens: send fewer or shorter datums per call",
             errors={"data": [f"over the memory limit of about {limit} tokens per pass"]},
         )
+
+
+def engine_stats(
+    bases: Iterable[LoadedBase],
+    runs: Mapping[str, RunState],
+    sampler_adapters: int,
+    device: torch.device,
+) -> dict[str, int]:
+    """An engine's memory in bytes: base params, per-run adapter and optimizer, CUDA."""
+    stats = {
+        "base_params_bytes": sum(b.param_bytes for b in bases),
+        "num_runs": len(runs),
+        "adapter_bytes": sum(r.adapter_bytes() for r in runs.values()),
+        "optimizer_bytes": sum(r.optimizer_bytes() for r in runs.values()),
+        "sampler_adapters": sampler_adapters,
+    }
+    for run_id, run in runs.items():
+        stats[f"run.{run_id}.adapter_bytes"] = run.adapter_bytes()
+        stats[f"run.{run_id}.optimizer_bytes"] = run.optimizer_bytes()
+    if device.type == "cuda":
+        stats["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
+        stats["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        stats["cuda_reserved_bytes"] = torch.cuda.memory_reserved(device)
+    return stats

@@ -14,8 +14,8 @@ import sys
 
 from celery import shared_task
 
+from eztinker_tasks.applying import _call  # the path every operation takes
 from eztinker_tasks.errors import RunStateLost
-from eztinker_tasks.tasks import _call  # the path every operation takes
 
 
 def _ratio(numerator: int, denominator: int) -> float:

@@ -20,10 +20,10 @@ from kombu import Connection
 
 from config import Settings
 from eztinker_tasks import names
+from eztinker_tasks.applying import coalesce_peek, expected_begin
 from eztinker_tasks.deferred import DeferredReplies
 from eztinker_tasks.prefetch import BeginPrefetch, BeginSpec
 from eztinker_tasks.store import RunRecord, Store
-from eztinker_tasks.tasks import coalesce_peek, expected_begin
 from eztinker_tasks.transport import QoS, Transport
 from tests.conftest import Service
 
