@@ -42,8 +42,9 @@ class FutureErrorSchema(Schema):
 class ProgressSchema(Schema):
     phase = fields.String(
         metadata={
-            "description": "queued | running | prefill | decode | forward | backward "
-            "(running: started, no finer phase known)"
+            "description": "queued | running | prefill | decode | forward | backward | "
+            "recovering (running: started, no finer phase known; recovering: its worker died "
+            "and the run's recovery will answer it)"
         }
     )
     ops_ahead = fields.Integer(

@@ -104,8 +104,10 @@ def _stall_reason(
     record: FutureRecord,
     started: dict[str, Any] | None,
     workers: Workers | None = None,
+    notes: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """Why an unfinished operation can no longer finish, if it cannot.
+    """Why an unfinished operation can no longer finish, if it cannot. ``notes["recovering"]``
+    is set when it waits for its run's recovery instead.
 
     - it has run for longer than the operation timeout;
     - the worker that started it is gone, or restarted since (the operation died with it);
@@ -138,7 +140,7 @@ def _stall_reason(
                 "worker_gone",
                 f"worker {worker_name} restarted while running this operation; it was lost",
             )
-        return _recovery_wait(svc, record, lost, started=True)
+        return _recovery_wait(svc, record, lost, True, notes)
     if record.worker:
         if workers.get(record.worker) is None:
             lost = _error(
@@ -147,14 +149,18 @@ def _stall_reason(
                 "longer reports itself alive), so the operation cannot run; load a saved state "
                 "to move the run to a live worker",
             )
-            return _recovery_wait(svc, record, lost, started=False)
+            return _recovery_wait(svc, record, lost, False, notes)
     elif not workers.any_live():
         return _error("worker_gone", "no live worker to run this operation")
     return None
 
 
 def _recovery_wait(
-    svc: Services, record: FutureRecord, lost: dict[str, Any], started: bool
+    svc: Services,
+    record: FutureRecord,
+    lost: dict[str, Any],
+    started: bool,
+    notes: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """None while the op's run will be recovered (and the op answered then); else ``lost``.
 
@@ -171,6 +177,8 @@ def _recovery_wait(
     if run is None or not run.recoverable or run.status in ("deleted", "failed", "lost"):
         return lost
     store = svc.store
+    if notes is not None:
+        notes["recovering"] = run.run_id
     if store.worker(run.worker) is not None:
         return None
     if run.worker in {s.name for s in store.starting_workers()}:
@@ -278,7 +286,8 @@ def future_status(
     else:
         started_key = svc.store.future_key(future_id) + ":started"
         started, published = read_running(svc.redis_client, started_key, future_id)
-        stall = _stall_reason(svc, record, started)
+        notes: dict[str, Any] = {}
+        stall = _stall_reason(svc, record, started, notes=notes)
         if stall is not None:
             body["status"] = "failed"
             body["error"] = stall
@@ -288,6 +297,8 @@ def future_status(
             body["status"] = "running" if running else "pending"
             places = places if places is not None else QueuePlaces(svc.redis_client)
             body["progress"] = progress_body(record, running, started, published, places)
+            if notes.get("recovering"):  # its worker died: the run's recovery answers it
+                body["progress"]["phase"] = "recovering"
     return body
 
 

@@ -88,6 +88,14 @@ def test_a_run_whose_worker_never_comes_back_is_adopted(stack: Service) -> None:
         old = stack.processes["worker-cpu0"]
         old.send_signal(signal.SIGKILL)
         old.wait()
+        # Its futures wait, saying so, once its heartbeat has lapsed (no worker is left yet).
+        deadline = time.monotonic() + 30
+        while (waiting := http.get(f"/v1/futures/{in_flight[-1]}").json())["progress"][
+            "phase"
+        ] != "recovering":
+            assert waiting["status"] in ("pending", "running"), waiting
+            assert time.monotonic() < deadline, waiting
+            time.sleep(0.05)
         # The switch to another launch mode: a worker of another name (honcho's gpu0).
         stack.start_worker("gpu0")
         stack.wait_workers(1)
