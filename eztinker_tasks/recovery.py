@@ -335,18 +335,28 @@ def request_recovery(app: Celery, worker: str, run_ids: list[str]) -> None:
 def adopt_orphans(app: Celery, rt: WorkerRuntime) -> list[str]:
     """Adopt the recoverable runs whose worker has been gone ``rehome_after_s``; their ids.
 
-    A worker that is starting again (its launch recorded, not yet live) keeps its runs.
+    A worker that is starting again (its launch recorded, not yet live) keeps its runs. A live
+    worker that already holds a run on the orphan's base (its weights loaded) gets the first
+    chance: the others wait two heartbeats more.
     """
     settings = rt.settings
     if not settings.recovery:
         return []
     store = rt.store
-    alive = {w.name for w in store.live_workers()} | {s.name for s in store.starting_workers()}
+    live = store.live_workers()
+    alive = {w.name for w in live} | {s.name for s in store.starting_workers()}
+    runs = store.list_runs()
+    base_of = {r.run_id: r.base_model for r in runs}
+    bases = {w.name: {base_of.get(run_id) for run_id in w.runs} for w in live}
     adopted = []
-    for record in store.list_runs():
+    for record in runs:
         if not record.recoverable or record.worker in alive or record.status in ("failed",):
             continue
-        if time.time() - rt.oplog.orphaned_since(record.run_id) < settings.rehome_after_s:
+        wait = settings.rehome_after_s
+        base = record.base_model
+        if base not in bases.get(rt.worker_name, set()) and any(base in b for b in bases.values()):
+            wait += 2 * settings.worker_heartbeat_s
+        if time.time() - rt.oplog.orphaned_since(record.run_id) < wait:
             continue
         _, moved = store.move_run(record.run_id, record.worker, rt.worker_name)
         if not moved:

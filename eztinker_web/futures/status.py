@@ -166,8 +166,8 @@ def _recovery_wait(
 
     An op of a recoverable run waits if it is logged (it has a seq_id: the recovery applies
     it) or had not started (its message waits in the run's queue for the run's next worker):
-    while the run's worker is alive (restarted, or the adopter) or starting again, or, with no
-    such worker, for ``EZTINKER_REHOME_AFTER_S`` plus a grace period for a live worker to
+    while the run's worker is alive (restarted, or the adopter) or any worker is starting, or,
+    with neither, for ``EZTINKER_REHOME_AFTER_S`` plus a grace period for a live worker to
     adopt the run. After that it fails with ``lost``, recorded as its result, so that it is
     not applied later. A sample that was running on the dead worker fails at once.
     """
@@ -181,7 +181,7 @@ def _recovery_wait(
         notes["recovering"] = run.run_id
     if store.worker(run.worker) is not None:
         return None
-    if run.worker in {s.name for s in store.starting_workers()}:
+    if store.starting_workers():  # its own worker restarting, or one that may adopt the run
         return None
     settings = svc.settings
     grace = settings.rehome_after_s + 4 * settings.worker_heartbeat_s + settings.worker_ttl_s + 10
