@@ -25,7 +25,7 @@ from typing import Any
 import redis
 
 from eztinker_tasks.coalesce import decode_message
-from eztinker_tasks.store_records import P
+from eztinker_tasks.store_records import P, known_fields
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,7 @@ class SnapshotRecord:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> SnapshotRecord:
-        data = json.loads(raw)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        return cls(**known_fields(cls, json.loads(raw)))
 
 
 @dataclass(frozen=True)

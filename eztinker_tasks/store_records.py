@@ -7,8 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 from config.tenants import DEFAULT_TENANT
 
@@ -44,6 +47,12 @@ def body_hash(payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def known_fields(cls: type[DataclassInstance], data: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a stored record's JSON that are fields of ``cls`` (a dataclass): a
+    record written by an older or newer version loads, its unknown keys dropped."""
+    return {f.name: data[f.name] for f in fields(cls) if f.name in data}
+
+
 @dataclass(frozen=True)
 class WorkerRecord:
     name: str
@@ -59,7 +68,7 @@ class WorkerRecord:
     def from_json(cls, raw: str | bytes) -> WorkerRecord:
         data = json.loads(raw)
         data["runs"] = tuple(data.get("runs", ()))
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        return cls(**known_fields(cls, data))
 
 
 @dataclass(frozen=True)
@@ -73,8 +82,7 @@ class StartingWorker:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> StartingWorker:
-        data = json.loads(raw)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        return cls(**known_fields(cls, json.loads(raw)))
 
 
 @dataclass(frozen=True)
@@ -97,8 +105,7 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> RunRecord:
-        data = json.loads(raw)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        return cls(**known_fields(cls, json.loads(raw)))
 
 
 # Fields kept (also) in the run's stats hash, which the worker updates with each result; a
@@ -119,8 +126,7 @@ class FutureRecord:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> FutureRecord:
-        data = json.loads(raw)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        return cls(**known_fields(cls, json.loads(raw)))
 
 
 @dataclass(frozen=True)

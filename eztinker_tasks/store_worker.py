@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import redis
 
 from eztinker_tasks.store_records import P, RunRecord, StartingWorker, WorkerRecord, _text
+
+R = TypeVar("R")
 
 
 class Begun(NamedTuple):
@@ -46,17 +49,7 @@ class WorkerRecords:
         return WorkerRecord.from_json(raw) if raw else None
 
     def live_workers(self) -> list[WorkerRecord]:
-        names = sorted(_text(n) for n in self.r.smembers(f"{P}:workers"))
-        if not names:
-            return []
-        raws = self.r.mget([f"{P}:worker:{n}" for n in names])
-        live = []
-        for name, raw in zip(names, raws, strict=True):
-            if raw is None:
-                self.r.srem(f"{P}:workers", name)
-            else:
-                live.append(WorkerRecord.from_json(raw))
-        return live
+        return self._members("workers", "worker", WorkerRecord.from_json)
 
     def worker_starting(self, record: StartingWorker, ttl_s: float) -> None:
         """Record (or refresh) a starting worker; the record lapses after ``ttl_s`` seconds.
@@ -82,17 +75,22 @@ class WorkerRecords:
 
     def starting_workers(self) -> list[StartingWorker]:
         """Workers launched but not yet live (their heartbeat has not begun)."""
-        names = sorted(_text(n) for n in self.r.smembers(f"{P}:starting"))
+        return self._members("starting", "starting", StartingWorker.from_json)
+
+    def _members(self, index: str, kind: str, load: Callable[[str | bytes], R]) -> list[R]:
+        """The records ``ezt:<kind>:<name>`` of the names in the set ``ezt:<index>``, by name;
+        a name whose record lapsed (TTL) leaves the set."""
+        names = sorted(_text(n) for n in self.r.smembers(f"{P}:{index}"))
         if not names:
             return []
-        raws = self.r.mget([f"{P}:starting:{n}" for n in names])
-        starting = []
+        raws = self.r.mget([f"{P}:{kind}:{n}" for n in names])
+        out = []
         for name, raw in zip(names, raws, strict=True):
             if raw is None:
-                self.r.srem(f"{P}:starting", name)
+                self.r.srem(f"{P}:{index}", name)
             else:
-                starting.append(StartingWorker.from_json(raw))
-        return starting
+                out.append(load(raw))
+        return out
 
 
 class Application:

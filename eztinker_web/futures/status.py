@@ -140,7 +140,7 @@ def _stall_reason(
                 "worker_gone",
                 f"worker {worker_name} restarted while running this operation; it was lost",
             )
-        return _recovery_wait(svc, record, lost, True, notes)
+        return _recovery_wait(svc, record, lost, True, workers, notes)
     if record.worker:
         if workers.get(record.worker) is None:
             lost = _error(
@@ -149,7 +149,7 @@ def _stall_reason(
                 "longer reports itself alive), so the operation cannot run; load a saved state "
                 "to move the run to a live worker",
             )
-            return _recovery_wait(svc, record, lost, False, notes)
+            return _recovery_wait(svc, record, lost, False, workers, notes)
     elif not workers.any_live():
         return _error("worker_gone", "no live worker to run this operation")
     return None
@@ -160,6 +160,7 @@ def _recovery_wait(
     record: FutureRecord,
     lost: dict[str, Any],
     started: bool,
+    workers: Workers,
     notes: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """None while the op's run will be recovered (and the op answered then); else ``lost``.
@@ -179,7 +180,7 @@ def _recovery_wait(
     store = svc.store
     if notes is not None:
         notes["recovering"] = run.run_id
-    if store.worker(run.worker) is not None:
+    if workers.get(run.worker) is not None:
         return None
     if store.starting_workers():  # its own worker restarting, or one that may adopt the run
         return None
