@@ -8,6 +8,7 @@ configuration.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -148,6 +149,13 @@ class Settings:
         "EZTINKER_REHOME_AFTER_S",
         20.0,
         "A run whose worker is gone (and not restarting) this long moves to another live worker.",
+    )
+    broker_bind: tuple[str, ...] = _setting(
+        "EZTINKER_BROKER_BIND",
+        (),
+        "More addresses the embedded broker listens on besides 127.0.0.1, comma-separated IPs "
+        "(this host's LAN address, or 0.0.0.0): for workers on other hosts. It always asks "
+        "for its password; empty = loopback only.",
     )
     flower_port: int = _setting("EZTINKER_FLOWER_PORT", 5555, "Port of the Flower UI.")
     web_workers: int = _setting(
@@ -306,6 +314,14 @@ def _host(raw: str) -> str:
     raise ValueError("must be a host name or an IP address (like localhost or 0.0.0.0)")
 
 
+def _addresses(raw: str) -> tuple[str, ...]:
+    out = []
+    for part in re.split(r"[,\s]+", raw.strip()):
+        if part:
+            out.append(str(ipaddress.ip_address(part)))  # ValueError names the bad one
+    return tuple(out)
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_url": _redis_url,
     "checkpoints_dir": Path,
@@ -338,6 +354,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "snapshot_interval_s": _non_negative_float,
     "snapshot_every_steps": _non_negative_int,
     "rehome_after_s": _non_negative_float,
+    "broker_bind": _addresses,
     "flower_port": _port,
     "web_workers": _non_negative_int,
     "access_log": _flag,

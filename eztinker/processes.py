@@ -93,7 +93,7 @@ def run_broker() -> int:
         while not stop.wait(1.0):
             pass
         return 0
-    broker = EmbeddedBroker(settings.data_dir)
+    broker = EmbeddedBroker(settings.data_dir, settings.broker_bind)
     try:
         record = broker.start()
     except EZTinkerError as exc:
@@ -108,6 +108,11 @@ def run_broker() -> int:
             pass
         return 0
     say(f"embedded broker on 127.0.0.1:{record.port} (pid {record.pid})")
+    for url in broker.remote_urls(record):
+        say(
+            f"workers on other hosts: EZTINKER_REDIS_URL={url} "
+            f"(<password>: the contents of {broker.password_file})"
+        )
     exits = Exits()
     while not stop.wait(0.5):
         if broker.process is not None and broker.process.poll() is None:

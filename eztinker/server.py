@@ -179,7 +179,7 @@ def _start_broker(settings: Settings) -> tuple[EmbeddedBroker | None, str | None
 
     if settings.redis_url:
         return None, settings.redis_url
-    broker = EmbeddedBroker(settings.data_dir)
+    broker = EmbeddedBroker(settings.data_dir, settings.broker_bind)
     try:
         record = broker.start()
     except EZTinkerError as exc:
@@ -194,6 +194,11 @@ def _start_broker(settings: Settings) -> tuple[EmbeddedBroker | None, str | None
         )
         return None, None
     say(f"embedded broker on 127.0.0.1:{record.port} (data in {broker.dir})")
+    for url in broker.remote_urls(record):
+        say(
+            f"workers on other hosts: EZTINKER_REDIS_URL={url} "
+            f"(<password>: the contents of {broker.password_file})"
+        )
     return broker, record.url
 
 

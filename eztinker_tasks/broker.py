@@ -127,8 +127,11 @@ class EmbeddedBroker:
     server dies with the thread that started it, see ``eztinker_tasks.lifeline``).
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, bind: tuple[str, ...] = ()) -> None:
         self.dir = Path(data_dir) / "broker"
+        # 127.0.0.1 always (this host's processes use it); ``bind`` adds addresses for workers
+        # on other hosts (``EZTINKER_BROKER_BIND``). The password is required on every one.
+        self.bind = ("127.0.0.1", *(a for a in bind if a != "127.0.0.1"))
         self.record_path = self.dir / "broker.json"
         self.conf_path = self.dir / "valkey.conf"
         self.pid_path = self.dir / "valkey.pid"
@@ -206,7 +209,7 @@ class EmbeddedBroker:
         self.conf_path.write_text(
             "\n".join(
                 [
-                    "bind 127.0.0.1",
+                    f"bind {' '.join(self.bind)}",
                     f"port {port}",
                     f"requirepass {password}",
                     "protected-mode yes",
@@ -265,6 +268,16 @@ class EmbeddedBroker:
             json.dump(asdict(record), f)
         os.replace(tmp, self.record_path)
         return record
+
+    def remote_urls(self, record: BrokerRecord) -> list[str]:
+        """The URLs workers on other hosts set as ``EZTINKER_REDIS_URL``, with the password
+        left as ``<password>`` (it is in ``password_file``); empty when loopback-only."""
+        hosts = [socket.getfqdn() if a in ("0.0.0.0", "::") else a for a in self.bind[1:]]
+        return [f"redis://:<password>@{f'[{h}]' if ':' in h else h}:{record.port}/0" for h in hosts]
+
+    @property
+    def password_file(self) -> Path:
+        return (self.dir / "password").resolve()
 
     def _shut_down(self, record: BrokerRecord) -> None:
         """Stop a server this process does not own (SHUTDOWN flushes the append-only file)."""

@@ -6,7 +6,8 @@ only use the standard library and the ``tokenizers`` package. It owns:
 - ``BUILTIN_MODELS``: the tiny offline models (name -> architecture, shape, vocab, context, EOS);
 - ``tokenizer_dir(name, data_dir)``: where the tokenizer files of any model live
   (``data_dir/tokenizers/<safe name>/``; for hub or local models the engine writes them there
-  when it loads the model);
+  when it loads the model, and publishes a copy under the checkpoints dir, which every host
+  shares: ``shared_tokenizer_dir``; ``find_tokenizer_dir`` looks in both);
 - ``ensure_tokenizer(name, data_dir)``: builds a built-in model's byte-level BPE tokenizer once
   (trained on the shipped corpus, written to a temp dir and renamed into place under a file
   lock) so that both ``tokenizers.Tokenizer.from_file(dir / "tokenizer.json")`` and
@@ -128,6 +129,27 @@ def tokenizer_dir(name: str, data_dir: Path) -> Path:
 
 def has_tokenizer(directory: Path) -> bool:
     return (directory / "tokenizer_config.json").is_file()
+
+
+SHARED_TOKENIZERS = ".tokenizers"
+
+
+def shared_tokenizer_dir(name: str, checkpoints_dir: Path) -> Path:
+    """Where a worker publishes the tokenizer files of a hub or local model for every host:
+    ``checkpoints_dir/.tokenizers/<safe name>/``. The checkpoints dir is the one directory the
+    hosts of a multi-host service share; the dot keeps it out of checkpoint listings."""
+    return Path(checkpoints_dir) / SHARED_TOKENIZERS / safe_dir_name(tokenizer_model(name))
+
+
+def find_tokenizer_dir(name: str, data_dir: Path, checkpoints_dir: Path | None = None) -> Path:
+    """This host's tokenizer directory of ``name`` if it holds the files, else the shared one
+    if that does (a worker on another host loaded the model), else this host's (empty)."""
+    local = tokenizer_dir(name, data_dir)
+    if checkpoints_dir is not None and not has_tokenizer(local):
+        shared = shared_tokenizer_dir(name, checkpoints_dir)
+        if has_tokenizer(shared):
+            return shared
+    return local
 
 
 @contextlib.contextmanager

@@ -108,7 +108,7 @@ def get_runtime(app: Celery) -> WorkerRuntime:
                 settings=settings,
                 store=store,
                 engine=engine,
-                tokenizers=TokenizerCache(settings.data_dir),
+                tokenizers=TokenizerCache(settings.data_dir, settings.checkpoints_dir),
                 worker_name=_worker_name,
                 prefetch=BeginPrefetch(store, DeferredReplies(client.connection_pool)),
                 progress=ProgressPublisher(client, ttl_s=settings.op_timeout_s + 60),

@@ -1,8 +1,9 @@
 """Torch-free tokenizers for the web process and the tasks layer.
 
-Built-in models build their tokenizer locally (``catalog.ensure_tokenizer``); for hub models the
-worker writes the tokenizer files into ``catalog.tokenizer_dir`` when it first loads the model,
-so the web process can tokenize without importing torch or transformers.
+Built-in models build their tokenizer locally (``catalog.ensure_tokenizer``); for hub and local
+models the worker writes the tokenizer files into ``catalog.tokenizer_dir`` when it first loads the
+model, and a copy into the shared checkpoints dir (``catalog.shared_tokenizer_dir``), so the web
+process, on this host or another, can tokenize without importing torch or transformers.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from eztinker_tasks.errors import UnknownModel
 class TokenizerCache:
     """Loads each model's ``tokenizer.json`` once per process."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, checkpoints_dir: Path | None = None) -> None:
         self.data_dir = Path(data_dir)
+        self.checkpoints_dir = None if checkpoints_dir is None else Path(checkpoints_dir)
         self._cache: dict[str, Tokenizer] = {}
         self._lock = threading.Lock()
 
@@ -33,7 +35,7 @@ class TokenizerCache:
             if model in catalog.BUILTIN_MODELS:
                 directory = catalog.ensure_tokenizer(model, self.data_dir)
             else:
-                directory = catalog.tokenizer_dir(model, self.data_dir)
+                directory = catalog.find_tokenizer_dir(model, self.data_dir, self.checkpoints_dir)
             path = Path(directory) / "tokenizer.json"
             if not path.exists() and not (catalog.is_hub_id(model) or Path(model).is_dir()):
                 known = ", ".join(sorted(catalog.BUILTIN_MODELS))

@@ -33,7 +33,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         JSON_SORT_KEYS=False,
     )
     app.json.sort_keys = False  # ty: ignore[missing-attribute]
-    app.extensions["eztinker"] = Services(settings, TokenizerCache(settings.data_dir))
+    app.extensions["eztinker"] = Services(
+        settings, TokenizerCache(settings.data_dir, settings.checkpoints_dir)
+    )
 
     api = EZTinkerApi(app)
     from eztinker_web.checkpoints.routes import blp as checkpoints_blp

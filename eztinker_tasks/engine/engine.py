@@ -66,7 +66,9 @@ class Engine:
         self.config = config
         self._device = resolve_device(config.device)
         self._dtype = resolve_dtype(config.dtype, self._device)
-        self.models = ModelRegistry(Path(config.data_dir), self._device, self._dtype)
+        self.models = ModelRegistry(
+            Path(config.data_dir), self._device, self._dtype, Path(config.checkpoints_dir)
+        )
         self._runs: dict[str, RunState] = {}
         self._samplers = CheckpointAdapters(
             self.models,

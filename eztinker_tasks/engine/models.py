@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,15 @@ def _eos_id(config: Any, tokenizer: Any | None) -> int | None:
 class ModelRegistry:
     """Resolves model names and holds every loaded base of one engine."""
 
-    def __init__(self, data_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        shared_dir: Path | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
+        self.shared_dir = None if shared_dir is None else Path(shared_dir)
         self.device = device
         self.dtype = dtype
         self.bases: dict[str, LoadedBase] = {}
@@ -184,7 +192,27 @@ class ModelRegistry:
                 catalog.atomic_directory(directory) as tmp,
             ):
                 tokenizer.save_pretrained(tmp)
+        if tokenizer is not None and self.shared_dir is not None:
+            self._publish_tokenizer(name, directory)
         return tokenizer
+
+    def _publish_tokenizer(self, name: str, directory: Path) -> None:
+        """Copy this host's tokenizer files of ``name`` to the shared checkpoints dir, so a web
+        or worker on another host can tokenize for the model (``catalog.find_tokenizer_dir``).
+        A failed copy only costs the other hosts their text input; it is logged, not raised."""
+        assert self.shared_dir is not None
+        shared = catalog.shared_tokenizer_dir(name, self.shared_dir)
+        if catalog.has_tokenizer(shared):
+            return
+        try:
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            with catalog.file_lock(shared.parent / f".{shared.name}.lock"):
+                if catalog.has_tokenizer(shared):  # another worker published it meanwhile
+                    return
+                with catalog.atomic_directory(shared) as tmp:
+                    shutil.copytree(directory, tmp, dirs_exist_ok=True)
+        except OSError as exc:
+            log.warning("could not publish the tokenizer of %s to %s: %s", name, shared, exc)
 
     def _shaped(self, name: str) -> tuple[PreTrainedModel, Any]:
         """A random-weight model of a real shape, built on the device (see ``shapes``)."""

@@ -6,7 +6,6 @@ base a run of the caller's tenant (every one for a caller who sees all).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from flask import send_file
@@ -104,7 +103,9 @@ def _tokenizer_file(name: str, filename: str):
         raise NotFound(f"no tokenizer file {filename!r}; one of {list(catalog.TOKENIZER_FILES)}")
     svc = services()
     svc.tokenizers.get(name)  # builds a built-in tokenizer / 404s an unknown model
-    directory = Path(catalog.tokenizer_dir(name, svc.settings.data_dir))
+    directory = catalog.find_tokenizer_dir(
+        name, svc.settings.data_dir, svc.settings.checkpoints_dir
+    )
     path = directory / filename
     if not path.is_file():
         raise NotFound(f"model {name!r} has no {filename}")

@@ -156,7 +156,10 @@ def get_info():
     if model.base_model in catalog.BUILTIN_MODELS:
         tokenizer = str(catalog.ensure_tokenizer(model.base_model, services().settings.data_dir))
     else:
-        directory = catalog.tokenizer_dir(model.base_model, services().settings.data_dir)
+        settings = services().settings
+        directory = catalog.find_tokenizer_dir(
+            model.base_model, settings.data_dir, settings.checkpoints_dir
+        )
         tokenizer = str(directory) if catalog.has_tokenizer(directory) else None
     return jsonify(
         {

@@ -75,6 +75,7 @@ def test_api_keys_guard_v1_but_not_health(service: Service, tmp_path: Path) -> N
         ({"EZTINKER_HOST": "bad host!"}, "EZTINKER_HOST"),
         ({"EZTINKER_WEB_WORKERS": "-1"}, "EZTINKER_WEB_WORKERS"),
         ({"EZTINKER_ACCESS_LOG": "sometimes"}, "EZTINKER_ACCESS_LOG"),
+        ({"EZTINKER_BROKER_BIND": "10.0.0.1,lan-host"}, "EZTINKER_BROKER_BIND"),
     ],
 )
 def test_invalid_settings_name_the_variable(env: dict[str, str], name: str) -> None:
