@@ -90,7 +90,9 @@ def test_streamed_steps_equal_the_output(trained) -> None:
         assert streamed == seq.tokens
         lps = [s.logprobs[row] for s in steps if s.logprobs[row] is not None]
         assert lps == pytest.approx(seq.logprobs)
-        tops = [s.top_logprobs[row] for s in steps if s.top_logprobs and s.tokens[row] is not None]
+        tops = [
+            s.top_logprobs[row] or [] for s in steps if s.top_logprobs and s.tokens[row] is not None
+        ]
         assert [[t for t, _ in top] for top in tops] == [
             [t for t, _ in p] for p in seq.top_logprobs
         ]
