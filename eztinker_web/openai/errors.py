@@ -26,6 +26,17 @@ _TYPES = {
 }
 
 
+# ``/v1``'s field names where OpenAI's differ
+PARAMS = {
+    "prompt_tokens": "prompt",
+    "num_samples": "n",
+    "base_model": "model",
+    "run_id": "model",
+    "checkpoint": "model",
+    "path": "model",
+}
+
+
 def error_type(status: int) -> str:
     if status >= 500:
         return "server_error"
@@ -42,6 +53,7 @@ def from_envelope(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     status = 400 if status == 422 else status
     errors = body.get("errors")
     param = next(iter(errors), None) if isinstance(errors, dict) and errors else None
+    param = PARAMS.get(param, param) if param is not None else None
     code = body.get("code")
     if code in ("unknown_model", "unknown_run", "checkpoint_not_found") or (
         status == 404 and param in ("model", "path", "run_id", "base_model")
