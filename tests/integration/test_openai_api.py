@@ -54,7 +54,9 @@ def test_models_lists_bases_runs_and_checkpoints(client: openai.OpenAI, trained)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.3])
-def test_completion_equals_v1_sample(client: openai.OpenAI, http: httpx.Client, temperature) -> None:
+def test_completion_equals_v1_sample(
+    client: openai.OpenAI, http: httpx.Client, temperature
+) -> None:
     out = client.completions.create(
         model="tiny-gpt2", prompt="Once upon a time", max_tokens=20, temperature=temperature,
         seed=11, n=3, logprobs=2,
@@ -280,9 +282,7 @@ def test_bad_chat_and_raw_errors(client: openai.OpenAI, service: Service) -> Non
     assert ours.status_code == 422 and ours.json()["code"] == "invalid_request"
 
 
-def test_a_client_that_goes_away_stops_the_generation(
-    service: Service, http: httpx.Client
-) -> None:
+def test_a_client_that_goes_away_stops_the_generation(service: Service, http: httpx.Client) -> None:
     body = {"model": "tiny-gpt2", "prompt": "Once", "max_tokens": 1000, "seed": 1, "stream": True}
     url = service.base_url + "/openai/v1/completions"
     with httpx.Client(timeout=30) as raw, raw.stream("POST", url, json=body) as response:
