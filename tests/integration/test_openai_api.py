@@ -82,7 +82,7 @@ def test_completion_equals_v1_sample(
 
 
 def test_chat_uses_the_chat_template(client: openai.OpenAI, http: httpx.Client, service) -> None:
-    messages = [
+    messages: list[Any] = [
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Tell me about the river."},
     ]
@@ -214,7 +214,7 @@ def test_live_weights_are_a_snapshot_at_the_request(
     created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 8})
     run_id = result_of(http, created) and created.json()["run_id"]
     tokens = http.post("/v1/tokenize", json={"text": SENTENCE}).json()["tokens"]
-    ask = {"prompt": "The river", "max_tokens": 8, "temperature": 0}
+    ask: dict[str, Any] = {"prompt": "The river", "max_tokens": 8, "temperature": 0}
     before = client.completions.create(model=f"run:{run_id}", **ask)
     body = {"input_ids": tokens, "target_ids": tokens}
     for _ in range(8):  # queued, not awaited
