@@ -70,7 +70,8 @@ def sse(
                     if b"end" in fields:
                         ended = True
                     elif b"s" in fields:
-                        _feed(rows, json.loads(fields[b"s"]))
+                        for step in json.loads(fields[b"s"]):
+                            _feed(rows, step)
             choices = []
             for i, row in enumerate(rows):
                 piece = row.take(final=False)
