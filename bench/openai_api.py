@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -45,7 +46,7 @@ def main() -> None:
         wait_healthy(base, 180, str(log))
         http = httpx.Client(base_url=base, timeout=120)
         client = openai.OpenAI(base_url=base + "/openai/v1", api_key="bench", max_retries=0)
-        ask = {"max_tokens": args.tokens, "temperature": 1.0, "seed": SEED}
+        ask: dict[str, Any] = {"max_tokens": args.tokens, "temperature": 1.0, "seed": SEED}
 
         def v1() -> tuple[float, float, int]:
             t0 = time.perf_counter()

@@ -23,6 +23,7 @@ MESSAGES = [
 @pytest.mark.parametrize("name", sorted(catalog.BUILTIN_MODELS))
 def test_web_rendering_equals_transformers(data_dir: Path, name: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(catalog.model_dir(name, data_dir))
+    assert tokenizer is not None
     want = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     got = render(name, data_dir, MESSAGES)
     assert got == want
