@@ -19,7 +19,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from eztinker_tasks import catalog
-from eztinker_tasks.errors import InvalidRequest
+from eztinker_tasks.errors import InvalidRequest, UnknownModel
 
 _lock = threading.Lock()
 
@@ -45,10 +45,17 @@ def _token_text(value: Any) -> str:
 def template_of(model: str, data_dir: Path) -> tuple[str, dict[str, str]]:
     """The chat template of ``model`` and its special tokens (``bos_token``, ``eos_token``).
 
-    Raises ``InvalidRequest`` (400) when the model has none: use ``/completions`` then.
+    Raises ``InvalidRequest`` (400) when the model has none (use ``/completions`` then), and
+    ``UnknownModel`` while its tokenizer files are not here yet.
     """
     spec = catalog.get_builtin(catalog.tokenizer_model(model))
     directory = catalog.tokenizer_dir(model, data_dir)
+    if spec is None and not catalog.has_tokenizer(directory):
+        raise UnknownModel(
+            f"no tokenizer files for {model!r} here yet (a worker writes them when it first "
+            "loads the model)",
+            errors={"model": ["tokenizer not available yet"]},
+        )
     config: dict[str, Any] = {}
     config_path = directory / "tokenizer_config.json"
     if config_path.is_file():

@@ -24,7 +24,7 @@ class Reply:
     request: GenerationRequest
     future_id: str
     token_text: TokenText
-    prompt_tokens: int
+    prompt_tokens: int | None  # None until the result says (the worker tokenized the text)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -42,10 +42,11 @@ class Reply:
         }
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
+        prompt = self.prompt_tokens or 0
         return {
-            "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens": prompt,
             "completion_tokens": completion_tokens,
-            "total_tokens": self.prompt_tokens + completion_tokens,
+            "total_tokens": prompt + completion_tokens,
         }
 
     def logprobs(self, row: RowText, piece: Piece) -> dict[str, Any] | None:

@@ -18,7 +18,13 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from eztinker_tasks import errors as ezt_errors
-from eztinker_tasks.errors import EZTinkerError, InvalidRequest, OperationTimeout
+from eztinker_tasks.errors import (
+    Conflict,
+    EZTinkerError,
+    InvalidRequest,
+    OperationTimeout,
+    UnknownModel,
+)
 from eztinker_tasks.types import SamplingParams
 from eztinker_web import dispatch
 from eztinker_web.auth import caller
@@ -74,25 +80,38 @@ def chat_completions():
     return _generate(schemas.chat_request(request.get_json(silent=True)))
 
 
-def _prompt(req: schemas.GenerationRequest, base: str) -> list[int]:
+def _prompt(req: schemas.GenerationRequest, base: str) -> list[int] | None:
+    """The prompt's tokens; None: a completion's text the worker tokenizes, because the web
+    has no tokenizer for ``base`` yet (a worker writes it when it first loads the model)."""
     svc = services()
     if req.prompt_tokens is not None:
         return list(req.prompt_tokens)
-    text = req.prompt_text
-    if req.messages is not None:
-        text = chat.render(base, svc.settings.data_dir, list(req.messages))
-    tokens = svc.tokenizers.encode(base, text or "")
+    try:
+        if req.messages is None:
+            tokens = svc.tokenizers.encode(base, req.prompt_text or "")
+        else:
+            text = chat.render(base, svc.settings.data_dir, list(req.messages))
+            tokens = svc.tokenizers.encode(base, text)
+    except UnknownModel:
+        if req.messages is None:
+            return None  # /v1/sample's way: the worker tokenizes the text
+        raise Conflict(
+            f"the chat template of {base!r} is not here yet: a worker writes a model's "
+            "tokenizer files when it first loads it; send a completion (or any sample) on it "
+            "first, then chat",
+            errors={"model": ["tokenizer not loaded yet"]},
+        ) from None
     if not tokens:
         raise InvalidRequest("the prompt has no tokens", errors={"prompt": ["empty"]})
     return tokens
 
 
-def _max_tokens(req: schemas.GenerationRequest, base: str, prompt: list[int]) -> int:
+def _max_tokens(req: schemas.GenerationRequest, base: str, prompt: list[int] | None) -> int:
     if req.max_tokens is not None:
         return req.max_tokens
     limits = dispatch.model_limits(base)
     most = services().settings.max_sample_tokens
-    if limits is None:
+    if limits is None or prompt is None:
         return min(most, CHAT_DEFAULT_MAX_TOKENS)
     return max(1, min(most, limits[1] - len(prompt)))
 
@@ -114,14 +133,16 @@ def _generate(req: schemas.GenerationRequest):
         seed=req.seed,
         top_logprobs=req.top_logprobs,
     )
-    sample = SampleRequest(target.source, None, tuple(prompt), req.n, params, False)
+    text = req.prompt_text if prompt is None else None
+    tokens = None if prompt is None else tuple(prompt)
+    sample = SampleRequest(target.source, text, tokens, req.n, params, False)
     submitted = submit_sample(sample, stream=req.stream)
-    tokenizer = svc.tokenizers.get(base)
     reply = Reply(
         req,
         submitted.future_id,
-        token_text=lambda t: tokenizer.decode([t], skip_special_tokens=False),
-        prompt_tokens=len(prompt),
+        # loaded when first used: by then the worker has written the tokenizer
+        token_text=lambda t: svc.tokenizers.decode(base, [t], skip_special_tokens=False),
+        prompt_tokens=None if prompt is None else len(prompt),
     )
     decode = partial(svc.tokenizers.decode, base)
     rows = [RowText(decode, req.stop) for _ in range(req.n)]
@@ -140,6 +161,7 @@ def _generate(req: schemas.GenerationRequest):
             )
         ), status
     finishes = []
+    reply.prompt_tokens = len(body["result"]["prompt_tokens"])
     for row, seq in zip(rows, body["result"]["sequences"], strict=True):
         row.add(seq["tokens"], seq["logprobs"], seq.get("top_logprobs"))
         finishes.append(finish_reason(seq["stop_reason"], row))

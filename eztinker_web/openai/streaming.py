@@ -119,6 +119,7 @@ def _final(
         yield failure_event(error, status_of(error.get("code")))
         return
     sequences = body["result"]["sequences"]
+    reply.prompt_tokens = len(body["result"]["prompt_tokens"])
     choices = []
     for i, (row, seq) in enumerate(zip(rows, sequences, strict=True)):
         have = len(row.tokens)

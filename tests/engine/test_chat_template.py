@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from eztinker_tasks import catalog
-from eztinker_tasks.errors import InvalidRequest
+from eztinker_tasks.errors import InvalidRequest, UnknownModel
 from eztinker_web.openai.chat import render
 
 MESSAGES = [
@@ -41,9 +41,15 @@ def test_a_model_without_a_template_is_refused(tmp_path: Path) -> None:
         render("someone/model", tmp_path, MESSAGES)
 
 
+def test_no_tokenizer_files_yet(tmp_path: Path) -> None:
+    with pytest.raises(UnknownModel, match="here yet"):
+        render("someone/unloaded", tmp_path, MESSAGES)
+
+
 def test_a_template_that_raises_is_a_400(tmp_path: Path) -> None:
     directory = catalog.tokenizer_dir("someone/strict", tmp_path)
     directory.mkdir(parents=True)
+    (directory / "tokenizer_config.json").write_text("{}")
     (directory / "chat_template.jinja").write_text(
         "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}"
     )

@@ -7,6 +7,7 @@ away, and equality with ``/v1/sample`` for the same seed.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from typing import Any
 
@@ -15,7 +16,7 @@ import openai
 import pytest
 import redis
 
-from eztinker_tasks import token_stream
+from eztinker_tasks import catalog, token_stream
 from eztinker_web.openai.chat import render
 from tests.conftest import Service, result_of, wait_future
 
@@ -205,6 +206,27 @@ def test_live_weights_checkpoints_and_tinker_paths(
         model="tiny-gpt2", prompt="The river", max_tokens=12, temperature=0
     )
     assert base.choices[0].text != live.choices[0].text
+
+
+def test_a_model_no_worker_has_loaded_yet(
+    client: openai.OpenAI, http: httpx.Client, service: Service, tmp_path
+) -> None:
+    """A local model the web has no tokenizer for yet: a completion's text is tokenized by the
+    worker (as ``/v1/sample`` does); chat needs the template, so it asks to load it first
+    (409), and works once a worker has."""
+    local = tmp_path / "fresh-model"
+    shutil.copytree(catalog.model_dir("tiny-llama", service.data_dir), local)
+    messages: list[Any] = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.ConflictError, match="not here yet"):
+        client.with_options(max_retries=0).chat.completions.create(
+            model=str(local), messages=messages, max_tokens=4
+        )
+    out = client.completions.create(model=str(local), prompt="Once", max_tokens=6, seed=1)
+    ref = v1_sample(http, base_model="tiny-llama", prompt="Once", max_tokens=6, seed=1)
+    assert out.choices[0].text == ref["sequences"][0]["text"]  # the same weights
+    assert out.usage is not None and out.usage.prompt_tokens == len(ref["prompt_tokens"])
+    chat = client.chat.completions.create(model=str(local), messages=messages, max_tokens=4)
+    assert chat.choices[0].message.role == "assistant"
 
 
 def test_live_weights_are_a_snapshot_at_the_request(
