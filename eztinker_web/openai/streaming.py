@@ -90,6 +90,7 @@ def sse(
                 yield from _final(reply, rows, body, status_of)
                 break
             if time.monotonic() > deadline:
+                token_stream.cancel(client, future_id)  # nobody will read the rest
                 error = {"message": f"no result within {timeout_s:g} s", "code": "timeout"}
                 yield failure_event(error, 504)
                 break
