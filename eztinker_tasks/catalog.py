@@ -35,6 +35,14 @@ from eztinker_tasks.errors import UnknownModel
 EOS_TOKEN = "<|endoftext|>"
 CORPUS_PATH = Path(__file__).resolve().parent / "data" / "corpus.txt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# The built-in models' chat template (Jinja, as transformers' ``apply_chat_template`` and the
+# OpenAI-compatible chat route render it): a role header per message, each turn ended by EOS.
+BUILTIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -248,6 +256,7 @@ def write_tokenizer_files(spec: BuiltinModel, directory: Path) -> None:
         "model_max_length": spec.max_context,
         "clean_up_tokenization_spaces": False,
         "add_prefix_space": False,
+        "chat_template": BUILTIN_CHAT_TEMPLATE,
         **special,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -193,6 +193,14 @@ class OperationTimeout(EZTinkerError):
     category = "server"
 
 
+class RequestCancelled(EZTinkerError):
+    """The consumer of a streamed sample went away: its generation was ended early."""
+
+    code = "cancelled"
+    status = 499
+    category = "user"
+
+
 class InternalError(EZTinkerError):
     code = "internal"
     status = 500

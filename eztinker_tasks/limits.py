@@ -19,6 +19,7 @@ MAX_SEED = 2**64 - 1
 # LoRA init seeds are also offset by the step when a state is restored: keep them well inside.
 MAX_LORA_SEED = 2**63 - 1
 MAX_RANK = 1024
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 # alpha / rank scales the LoRA delta in float32: a huge alpha makes 0 * inf = NaN at init.
 MAX_ALPHA = 1e6
 # The smallest normal float32: a smaller eps is 0 (or denormal, flushed to 0 on GPUs) inside
@@ -88,6 +89,11 @@ def check_sampling_params(params: SamplingParams) -> None:
     if not _is_int(params.top_k) or (params.top_k != -1 and params.top_k < 1):
         raise _invalid("top_k must be -1 (off) or a positive integer", "top_k")
     check_seed(params.seed)
+    k = params.top_logprobs
+    if not _is_int(k) or not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise _invalid(
+            f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs"
+        )
 
 
 def check_lora_spec(lora: LoraSpec) -> None:

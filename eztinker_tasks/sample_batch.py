@@ -35,6 +35,7 @@ from eztinker_tasks.errors import EZTinkerError, InternalError, OperationFailed
 from eztinker_tasks.result_backend import ResultBackend
 from eztinker_tasks.runtime import WorkerRuntime
 from eztinker_tasks.store_records import _text
+from eztinker_tasks.token_stream import RedisTokenSink
 from eztinker_tasks.types import SampleCall, SampleOutput, SampleSource, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class SampleRequest:
     prompt_tokens: list[int] | None = None
     prompt_text: str | None = None
     prompt_logprobs: bool = False
+    stream: bool = False  # publish its tokens as they are sampled (``token_stream``)
     raw: bytes = b""  # the message as it sits in its queue ("" for the starting task)
 
 
@@ -94,6 +96,7 @@ def head_samples(
                 prompt_tokens=kwargs.get("prompt_tokens"),
                 prompt_text=kwargs.get("prompt_text"),
                 prompt_logprobs=bool(kwargs.get("prompt_logprobs", False)),
+                stream=bool(kwargs.get("stream", False)),
                 raw=raw,
             )
         except (KeyError, TypeError, ValueError):
@@ -173,6 +176,7 @@ class Batch:
         self._engine_index: list[int] = []  # the engine's request k is our request i
         self._prompts: dict[int, tuple[str, list[int]]] = {}  # i -> (base, prompt tokens)
         self._tracking: dict[int, ExitStack] = {}  # i -> its progress publication
+        self._sinks: dict[int, RedisTokenSink] = {}  # i -> its token stream (streamed ones)
         self.unanswered: list[int] = []  # ended, but storing the answer failed (retried)
         self._base: str | None = None
 
@@ -226,6 +230,9 @@ class Batch:
             self._tracking[i] = tracking
             self._prompts[i] = (base, list(tokens))
             self._engine_index.append(i)
+            sink = None
+            if request.stream:
+                sink = self._sinks[i] = RedisTokenSink(self.rt.store.r, request.task_id)
             calls.append(
                 SampleCall(
                     request.source,
@@ -234,6 +241,7 @@ class Batch:
                     request.params,
                     request.prompt_logprobs,
                     progress=report,
+                    sink=sink,
                 )
             )
         return calls
@@ -258,6 +266,9 @@ class Batch:
         except Exception:  # the batch goes on; the answer is stored again at its end
             log.warning("could not store the answer of %s yet", self.requests[i].task_id)
             self.unanswered.append(i)
+        if self.requests[i].stream:
+            sink = self._sinks.pop(i, None)
+            (sink or RedisTokenSink(self.rt.store.r, self.requests[i].task_id)).end()
 
 
 def store_answers(

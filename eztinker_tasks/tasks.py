@@ -200,6 +200,7 @@ def sample(
     prompt_tokens: list[int] | None = None,
     prompt_text: str | None = None,
     prompt_logprobs: bool = False,
+    stream: bool = False,
 ) -> dict[str, Any]:
     src = SampleSource.from_dict(source)
     lead = SampleRequest(
@@ -210,6 +211,7 @@ def sample(
         prompt_tokens=prompt_tokens,
         prompt_text=prompt_text,
         prompt_logprobs=prompt_logprobs,
+        stream=stream,
     )
 
     def op(rt: WorkerRuntime) -> dict[str, Any]:

@@ -136,6 +136,7 @@ class SamplingParams:
     top_k: int = -1
     stop: tuple[str | int, ...] | None = None
     seed: int | None = None
+    top_logprobs: int = 0  # also return the k most likely tokens' logprobs at each position
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -173,9 +174,17 @@ class SampledSequence:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: StopReason
+    # With ``SamplingParams.top_logprobs`` k > 0: per token, the k most likely [token id,
+    # logprob] pairs (most likely first) of the distribution its logprob comes from.
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.top_logprobs is None:
+            del d["top_logprobs"]
+        else:
+            d["top_logprobs"] = [[list(pair) for pair in top] for top in self.top_logprobs]
+        return d
 
 
 @dataclass(frozen=True)
@@ -218,6 +227,23 @@ ProgressFn = Callable[[OpProgress], None]
 
 
 @dataclass(frozen=True)
+class TokenStep:
+    """What one decode step of a request sampled, per row (sequence): ``tokens[i]`` is row
+    i's token ``index`` (None: that row had already stopped), ``logprobs[i]`` its logprob and
+    ``top_logprobs[i]`` its top-k [token id, logprob] pairs (None unless asked for)."""
+
+    index: int
+    tokens: list[int | None]
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+# Receives each decode step of a streamed request as it is sampled; returns True when the
+# consumer is gone, which ends the request (``RequestCancelled``). Plain Python, quick.
+TokenSink = Callable[[TokenStep], bool]
+
+
+@dataclass(frozen=True)
 class SampleCall:
     """One sample request for ``Engine.sample_many`` (the arguments of ``Engine.sample``)."""
 
@@ -227,6 +253,7 @@ class SampleCall:
     params: SamplingParams
     prompt_logprobs: bool = False
     progress: ProgressFn | None = None
+    sink: TokenSink | None = None  # streams the tokens as they are sampled
 
 
 @dataclass(frozen=True)

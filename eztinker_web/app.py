@@ -51,6 +51,12 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     # Tinker's wire format, for the official SDK: not in the spec (``tinker_api.routes`` says why)
     app.register_blueprint(tinker_blueprint())
+    from eztinker_web import openai as openai_api
+    from eztinker_web.openai import errors as openai_errors
+
+    # OpenAI's API under /openai/v1: not in the spec either (``openai.routes`` says why)
+    app.register_blueprint(openai_api.blueprint())
+    openai_errors.install(app)
     register_error_handlers(app)
     install_auth(app, settings.key_tenants())
     require_json_bodies(app)

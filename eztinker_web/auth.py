@@ -2,7 +2,8 @@
 
 When keys are configured (``EZTINKER_API_KEYS`` / ``EZTINKER_API_KEYS_FILE``, see
 ``config.tenants``), every ``/v1`` and ``/api/v1`` (Tinker's protocol) request must carry
-one: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; ``/health`` and the docs stay
+one: ``Authorization: Bearer <key>`` (what the ``openai`` client sends under ``/openai/v1``)
+or ``X-API-Key: <key>``; ``/health`` and the docs stay
 open. The key names the request's ``Caller``: its tenant, whether it sees every tenant's
 objects (an ``admin`` key), and whether the per-tenant limits apply to it. With no keys
 configured, auth is off and every request is the one ``default`` tenant, which sees
@@ -62,7 +63,7 @@ def install_auth(app: Flask, keys: Mapping[str, str]) -> None:
 
     @app.before_request
     def _check_key():
-        if not request.path.startswith(("/v1", "/api/v1")):
+        if not request.path.startswith(("/v1", "/api/v1", "/openai/")):
             return None
         header = request.headers.get("Authorization", "")
         given = header[7:] if header.startswith("Bearer ") else request.headers.get("X-API-Key")

@@ -10,7 +10,7 @@ attention then masks each row to its own length.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,8 +19,23 @@ from torch import nn
 from eztinker_tasks.engine.kv_cache import KVStep
 from eztinker_tasks.engine.multilora import Adapter, LoraContext, LoraRoute, Segment
 from eztinker_tasks.engine.progress import Ticker
-from eztinker_tasks.engine.sampler import StopRule, _prompt_logprobs, _string_hits, pick
-from eztinker_tasks.types import ProgressFn, SampledSequence, SampleOutput, SamplingParams
+from eztinker_tasks.engine.sampler import (
+    StopRule,
+    Top,
+    _prompt_logprobs,
+    _string_hits,
+    pick,
+    publish,
+    rows_of_tops,
+)
+from eztinker_tasks.errors import RequestCancelled
+from eztinker_tasks.types import (
+    ProgressFn,
+    SampledSequence,
+    SampleOutput,
+    SamplingParams,
+    TokenSink,
+)
 
 Cache = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
@@ -38,6 +53,7 @@ class DecodeRequest:
     want_prompt_logprobs: bool = False
     progress: ProgressFn | None = None
     decode_text: Callable[[list[int]], str] | None = None  # for stop strings
+    sink: TokenSink | None = None  # gets each step's tokens (``sampler.publish``)
 
 
 @dataclass(eq=False)  # compared by identity
@@ -57,7 +73,9 @@ class Live:
     ticker: Ticker
     history: list[list[int]]
     prompt_logprobs: list[float | None] | None = None
+    tops: list[Top | None] = field(default_factory=list)  # per token: ``pick``'s top-k
     done: bool = False
+    cancelled: bool = False  # its sink's consumer went away
 
     @classmethod
     def of(
@@ -275,9 +293,12 @@ def pick_tokens(item: Live, logits: torch.Tensor, step: int) -> None:
     """Sample ``item``'s token of batch ``step`` for each of its rows; update its stops."""
     req = item.request
     k = step - item.start_step
-    token, token_lp = pick(logits, req.params, req.generator)
+    token, token_lp, top = pick(logits, req.params, req.generator)
     item.tokens[:, k] = token
     item.logprobs[:, k] = token_lp
+    item.tops.append(top)
+    if req.sink is not None and publish(req.sink, k, token, token_lp, top, item.finished):
+        item.cancelled = True  # ``settle`` ends it at once
     hit = torch.isin(token, item.stop_ids)
     if req.stop.strings:
         assert req.decode_text is not None
@@ -299,20 +320,29 @@ def settle(live: Sequence[Live], step: int) -> list[Live]:
     all_done = torch.stack([item.finished.all() for item in active]).tolist()
     ended = []
     for item, finished in zip(active, all_done, strict=True):
-        if finished or step - item.start_step + 1 == item.request.params.max_tokens:
+        if (
+            finished
+            or item.cancelled
+            or step - item.start_step + 1 == item.request.params.max_tokens
+        ):
             item.done = True
             ended.append(item)
     return ended
 
 
-def output_of(item: Live) -> SampleOutput:
+def output_of(item: Live) -> SampleOutput | RequestCancelled:
+    """An ended request's output (``RequestCancelled`` if its consumer went away)."""
+    if item.cancelled:
+        return RequestCancelled("the stream's consumer went away: generation stopped early")
     lengths, done = item.kept.tolist(), item.finished.tolist()
     token_rows, lp_rows = item.tokens.cpu().tolist(), item.logprobs.cpu().tolist()
+    top_rows = rows_of_tops(item.tops, item.request.num_samples)
     sequences = [
         SampledSequence(
             tokens=token_rows[i][: lengths[i]],
             logprobs=lp_rows[i][: lengths[i]],
             stop_reason="stop" if done[i] else "length",
+            top_logprobs=None if top_rows is None else top_rows[i][: lengths[i]],
         )
         for i in range(item.request.num_samples)
     ]

@@ -161,6 +161,7 @@ def decode_request(
         want_prompt_logprobs=call.prompt_logprobs,
         progress=call.progress,
         decode_text=decode_text,
+        sink=call.sink,
     )
 
 
@@ -185,6 +186,7 @@ def generate_one(
             want_prompt_logprobs=request.want_prompt_logprobs,
             chunk_elements=config.logprob_chunk_elements,
             progress=request.progress,
+            sink=request.sink,
         )
     finally:
         base.context.route = None

@@ -9,6 +9,7 @@ ids and strings (checked on a decoded window of the newest tokens), EOS unless `
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from torch import nn
 from eztinker_tasks.engine.batching import check_length, token_array
 from eztinker_tasks.engine.logprobs import target_logprobs
 from eztinker_tasks.engine.progress import Ticker
-from eztinker_tasks.errors import InvalidRequest, OperationTimeout
+from eztinker_tasks.errors import InvalidRequest, OperationTimeout, RequestCancelled
 from eztinker_tasks.limits import check_sampling_params
 from eztinker_tasks.types import (
     ModelInfo,
@@ -28,8 +29,11 @@ from eztinker_tasks.types import (
     SampledSequence,
     SampleOutput,
     SamplingParams,
+    TokenSink,
+    TokenStep,
 )
 
+log = logging.getLogger(__name__)
 MAX_NUM_SAMPLES = 1024
 
 
@@ -126,10 +130,15 @@ def scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.nan_to_num(scaled, nan=0.0, posinf=0.0, neginf=float("-inf"))
 
 
+Top = tuple[torch.Tensor, torch.Tensor]  # ([B, k] float32 logprobs, [B, k] int64 token ids)
+
+
 def pick(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token per row of float32 ``logits`` [B, V] and its (pre-filter) logprob."""
+) -> tuple[torch.Tensor, torch.Tensor, Top | None]:
+    """Next token per row of float32 ``logits`` [B, V], its (pre-filter) logprob, and (with
+    ``params.top_logprobs`` k > 0) the k largest logprobs of that same distribution with
+    their token ids, largest first."""
     if params.temperature == 0:
         token = logits.argmax(dim=-1)
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -138,7 +147,46 @@ def pick(
         logprobs = torch.log_softmax(scaled, dim=-1)
         probs = torch.softmax(_filter(scaled, params.top_k, params.top_p), dim=-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return token, logprobs.gather(1, token.unsqueeze(1)).squeeze(1)
+    top = None
+    k = min(params.top_logprobs, logprobs.shape[-1])
+    if k > 0:
+        values, ids = torch.topk(logprobs, k, dim=-1)
+        top = (values, ids)
+    return token, logprobs.gather(1, token.unsqueeze(1)).squeeze(1), top
+
+
+def top_pairs(top: Top | None) -> list[list[tuple[int, float]]] | None:
+    """``pick``'s top-k as one list of (token id, logprob) pairs per row (a device sync)."""
+    if top is None:
+        return None
+    values, ids = top[0].cpu().tolist(), top[1].cpu().tolist()
+    return [list(zip(i, v, strict=True)) for i, v in zip(ids, values, strict=True)]
+
+
+def publish(
+    sink: TokenSink,
+    index: int,
+    token: torch.Tensor,
+    token_lp: torch.Tensor,
+    top: Top | None,
+    stopped: torch.Tensor,
+) -> bool:
+    """Hand token ``index`` of each row (``pick``'s outputs) to ``sink``, None for the rows
+    that had ``stopped`` before it (a device sync). True: the consumer is gone. A sink that
+    raises is logged and taken as still there (the result is stored as usual at the end)."""
+    gone = stopped.tolist()
+    pairs = top_pairs(top)
+    step = TokenStep(
+        index,
+        [None if g else t for t, g in zip(token.tolist(), gone, strict=True)],
+        [None if g else lp for lp, g in zip(token_lp.tolist(), gone, strict=True)],
+        None if pairs is None else [None if g else p for p, g in zip(pairs, gone, strict=True)],
+    )
+    try:
+        return bool(sink(step))
+    except Exception:
+        log.warning("streaming a decode step failed", exc_info=True)
+        return False
 
 
 def sequence_logprobs(
@@ -194,11 +242,14 @@ def generate(
     want_prompt_logprobs: bool,
     chunk_elements: int,
     progress: ProgressFn | None = None,
+    sink: TokenSink | None = None,
 ) -> SampleOutput:
     """Sample ``num_samples`` continuations of ``prompt`` in one batched KV-cache loop.
 
     ``progress`` gets the ``prefill`` and ``decode`` phases, then the tokens generated per
-    sequence at most every 0.5 s (see ``engine.progress``).
+    sequence at most every 0.5 s (see ``engine.progress``). ``sink`` gets every step's tokens
+    as they are sampled (``publish``); when it answers that its consumer is gone, the loop
+    ends and raises ``RequestCancelled``.
     """
     device = generator.device
     n, max_tokens = num_samples, params.max_tokens
@@ -230,6 +281,7 @@ def generate(
 
         tokens = torch.empty((n, max_tokens), dtype=torch.long, device=device)
         logprobs = torch.empty((n, max_tokens), dtype=torch.float32, device=device)
+        tops: list[Top | None] = []
         finished = torch.zeros(n, dtype=torch.bool, device=device)
         kept = torch.full((n,), max_tokens, dtype=torch.long, device=device)
         stop_ids = torch.tensor(stop.token_ids, dtype=torch.long, device=device)
@@ -241,9 +293,12 @@ def generate(
 
         for step in range(max_tokens):
             check_deadline()
-            token, token_lp = pick(logits, params, generator)
+            token, token_lp, top = pick(logits, params, generator)
             tokens[:, step] = token
             logprobs[:, step] = token_lp
+            tops.append(top)
+            if sink is not None and publish(sink, step, token, token_lp, top, finished):
+                raise RequestCancelled("the stream's consumer went away")
             hit = torch.isin(token, stop_ids)
             if stop.strings:
                 assert decode is not None
@@ -265,12 +320,26 @@ def generate(
 
     lengths, done = kept.tolist(), finished.tolist()
     token_rows, lp_rows = tokens.cpu().tolist(), logprobs.cpu().tolist()
+    top_rows = rows_of_tops(tops, n)
     sequences = [
         SampledSequence(
             tokens=token_rows[i][: lengths[i]],
             logprobs=lp_rows[i][: lengths[i]],
             stop_reason="stop" if done[i] else "length",
+            top_logprobs=None if top_rows is None else top_rows[i][: lengths[i]],
         )
         for i in range(n)
     ]
     return SampleOutput(sequences=sequences, prompt_logprobs=prompt_lps)
+
+
+def rows_of_tops(tops: Sequence[Top | None], n: int) -> list[list[list]] | None:
+    """Per-step top-k (``pick``) as, per row, one list of (id, logprob) pairs per token."""
+    if not tops or tops[0] is None:
+        return None
+    values = torch.stack([t[0] for t in tops if t is not None], dim=1).cpu().tolist()
+    ids = torch.stack([t[1] for t in tops if t is not None], dim=1).cpu().tolist()
+    return [
+        [list(zip(i, v, strict=True)) for i, v in zip(ids[row], values[row], strict=True)]
+        for row in range(n)
+    ]

@@ -53,8 +53,10 @@ def sample(req: SampleRequest):
     return submit_sample(req).to_dict()
 
 
-def submit_sample(req: SampleRequest) -> dispatch.Submitted:
-    """Check a sample request and queue it (also used by ``/api/v1/asample``)."""
+def submit_sample(req: SampleRequest, stream: bool = False) -> dispatch.Submitted:
+    """Check a sample request and queue it (also used by ``/api/v1/asample`` and the
+    OpenAI-compatible routes). ``stream``: the worker publishes its tokens as they are sampled
+    (``eztinker_tasks.token_stream``)."""
     settings = services().settings
     check_sampling_params(req.params)
     if req.num_samples > settings.max_samples:
@@ -81,6 +83,8 @@ def submit_sample(req: SampleRequest) -> dispatch.Submitted:
         "prompt_text": req.prompt_text,
         "prompt_logprobs": req.prompt_logprobs,
     }
+    if stream:
+        params["stream"] = True
     return dispatch.submit_shared(names.SAMPLE, params, run)
 
 

@@ -22,6 +22,7 @@ import pytest
 import eztinker
 from config import Settings
 from eztinker_web import create_app
+from tests.integration.tenant_openai_cases import CASES as OPENAI_CASES
 from tests.integration.tenant_tinker_cases import CASES as TINKER_CASES
 from tests.integration.tenant_world import FB, KEYS, TOKENS, World, build_world, elapsed
 
@@ -381,6 +382,7 @@ def _static(w: World) -> None:
 
 # -- the walk --------------------------------------------------------------------------------
 CASES.update(TINKER_CASES)  # /api/v1, Tinker's protocol
+CASES.update(OPENAI_CASES)  # /openai/v1, OpenAI's API
 ROUTES = app_routes()
 
 
