@@ -39,11 +39,20 @@ def create_app(settings: Settings | None = None) -> Flask:
     from eztinker_web.checkpoints.routes import blp as checkpoints_blp
     from eztinker_web.futures.routes import blp as futures_blp
     from eztinker_web.health.routes import blp as health_blp
+    from eztinker_web.history.routes import blp as history_blp
     from eztinker_web.models.routes import blp as models_blp
     from eztinker_web.runs.routes import blp as runs_blp
     from eztinker_web.sampling.routes import blp as sampling_blp
 
-    for blp in (health_blp, models_blp, runs_blp, futures_blp, sampling_blp, checkpoints_blp):
+    for blp in (
+        health_blp,
+        models_blp,
+        runs_blp,
+        history_blp,
+        futures_blp,
+        sampling_blp,
+        checkpoints_blp,
+    ):
         api.register_blueprint(blp)
     from eztinker_web.tinker_api import blueprint as tinker_blueprint
 
