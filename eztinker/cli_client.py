@@ -37,6 +37,7 @@ from eztinker.cli_progress import (
 )
 from eztinker.cli_service import models, status, wait
 from eztinker.futures import APIFuture
+from eztinker.history import loss_plot
 from eztinker.sampling_client import split_checkpoint_path
 from eztinker.service_client import ServiceClient
 
@@ -134,8 +135,9 @@ def show(
     run: Annotated[str, typer.Argument(help="Run id.")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Show one run: status, step, tokens trained, last loss and checkpoints."""
-    info = client_of(ctx).get_run(run)
+    """Show one run: status, step, tokens trained, last loss, checkpoints and its loss curve."""
+    client = client_of(ctx)
+    info = client.get_run(run)
     if as_json:
         print_json(info)
         return
@@ -163,6 +165,11 @@ def show(
     if info.checkpoints:
         out.print()
         print_table(out, _checkpoint_table(info.checkpoints))
+    width = max(40, min(100, out.width))
+    plot = loss_plot(client.get_metrics(run), width=width)
+    if plot is not None:
+        out.print()
+        out.print(plot, markup=False, highlight=False, soft_wrap=True)
 
 
 @errors_as_one_line
