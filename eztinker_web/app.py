@@ -1,8 +1,9 @@
 """The Flask application factory.
 
 ``create_app(settings)`` wires the blueprints (one per resource), the error envelope, auth, the
-body-size limit and the offline OpenAPI docs at ``/docs`` (Swagger UI assets served from the
-``swagger-ui-bundle`` package, so no CDN is needed). Nothing here imports torch.
+body-size limit, the offline OpenAPI docs at ``/docs`` (Swagger UI assets served from the
+``swagger-ui-bundle`` package, so no CDN is needed) and the web console at ``/console``, which
+``/`` leads to. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -70,8 +71,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     def docs_assets(filename: str):
         return send_from_directory(assets, filename)
 
+    from eztinker_web.console.routes import bp as console_bp
+
+    app.register_blueprint(console_bp)  # the web console: pages over this same API
+
     @app.get("/")
     def index():
-        return redirect("/docs")
+        return redirect("/console")
 
     return app

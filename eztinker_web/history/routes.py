@@ -60,8 +60,8 @@ def wants_csv(fmt: str | None) -> bool:
 
 def points_csv(points: list[MetricPoint]) -> str:
     """One row per point: seq_id, op, step, time, then every metric name (sorted; empty where
-    the op has no such metric)."""
-    names = sorted({k for p in points for k in p.metrics})
+    the op has no such metric). An optim_step's own ``step`` metric is the step column."""
+    names = sorted({k for p in points for k in p.metrics} - set(FIXED_COLUMNS))
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*FIXED_COLUMNS, *names])
