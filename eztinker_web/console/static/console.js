@@ -165,6 +165,7 @@ function runsPage() {
 }
 
 // -- one run --------------------------------------------------------------------------------
+const STEP_INCREMENTS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 1e6];
 const COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#db2777", "#0891b2"];
 
 // Per step: a forward_backward metric summed over the step's calls when it is a sum
@@ -219,7 +220,8 @@ class Charts {
           width: Math.max(320, holder.clientWidth - 8),
           height: 220,
           scales: { x: { time: false } },
-          axes: [{ label: "step" }, { size: 60 }],
+          // whole steps only on the x axis (uPlot picks among these increments)
+          axes: [{ label: "step", incrs: STEP_INCREMENTS }, { size: 60 }],
           series: [
             { label: "step" },
             { label: name, stroke: COLORS[i % COLORS.length], width: 2, points: { show: true, size: 5 } },
