@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -269,3 +270,21 @@ def test_artifacts_are_ignored_by_git() -> None:
         check=False,
     )
     assert found.stdout.strip() == "artifacts/console/runs.png"
+
+
+def test_the_wheel_ships_the_console(tmp_path: Path) -> None:
+    """Offline means packaged: templates, script, stylesheet and uPlot are in the wheel."""
+    subprocess.run(["uv", "build", "--wheel", "--quiet", "-o", str(tmp_path)], cwd=REPO, check=True)
+    (wheel,) = tmp_path.glob("eztinker-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    console = "eztinker_web/console/"
+    for name in (
+        "templates/console/base.html",
+        "templates/console/run.html",
+        "static/console.js",
+        "static/console.css",
+        "static/vendor/uPlot.iife.min.js",
+        "static/vendor/uPlot.min.css",
+        "static/vendor/uPlot.LICENSE",
+    ):
+        assert console + name in names, name
