@@ -1,14 +1,15 @@
 """A run's metrics history: every ``forward_backward`` and ``optim_step`` metric, with its step
 and time, kept in Redis for as long as the run is (``GET /v1/runs/<id>/metrics`` serves it).
 
-- ``ezt:run:<id>:metrics``: a hash, seq_id -> one ``MetricPoint`` as JSON.
+- ``ezt:run:<id>:metrics``: a sorted set of ``MetricPoint`` JSON, scored by seq_id, so a
+  poll for the points after seq_id N reads only those.
 
 A point is written by whoever stores the op's result, in the same MULTI/EXEC (the worker that
 ran it, the pass that answered a coalesced call, or the recovery that answered an op of a dead
-worker), with ``HSETNX``: the first answer of a seq_id is the one kept, so a redelivered,
-resent or replayed op never adds a second point (a recovery replays answered ops without
-answering them again, and writes nothing for them). Deleting the run deletes its history.
-Torch-free: the web reads it.
+worker), by a script that adds it only if its seq_id has no point yet: the first answer of a
+seq_id is the one kept, so a redelivered, resent or replayed op never adds a second point (a
+recovery replays answered ops without answering them again, and writes nothing for them).
+Deleting the run deletes its history. Torch-free: the web reads it.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ class MetricPoint:
         return cls(**known_fields(cls, json.loads(raw)))
 
 
+# Add a point (ARGV[2]) at seq_id ARGV[1] unless that seq_id has one. KEYS: the run's metrics.
+ADD_ONCE = """
+if redis.call('ZCOUNT', KEYS[1], ARGV[1], ARGV[1]) == 0 then
+  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+end
+"""
+
+
 def metrics_key(run_id: str) -> str:
     return f"{P}:run:{run_id}:metrics"
 
@@ -82,22 +91,19 @@ def record_point(
 ) -> None:
     """Add to ``pipe``: the op's point, unless its seq_id has one already (see module doc)."""
     point = point_of(task_name, seq_id, result, step)
-    if point is not None:
-        pipe.hsetnx(metrics_key(run_id), str(point.seq_id), json.dumps(asdict(point)))
+    if point is not None:  # EVAL, not EVALSHA: a MULTI cannot recover from NOSCRIPT
+        pipe.eval(ADD_ONCE, 1, metrics_key(run_id), point.seq_id, json.dumps(asdict(point)))
 
 
 def read_points(client: redis.Redis, run_id: str, after: int = 0) -> list[MetricPoint]:
     """The run's points with a seq_id above ``after``, in seq_id order (undecodable: skipped)."""
-    raw: Mapping[Any, Any] = client.hgetall(metrics_key(run_id))
     points = []
-    for field, value in raw.items():
+    for raw in client.zrangebyscore(metrics_key(run_id), f"({after}", "+inf"):
         try:
-            if int(field) <= after:
-                continue
-            points.append(MetricPoint.from_json(value))
-        except (TypeError, ValueError):
+            points.append(MetricPoint.from_json(raw if isinstance(raw, bytes | str) else ""))
+        except (TypeError, ValueError, KeyError):
             continue
-    return sorted(points, key=lambda p: p.seq_id)
+    return points
 
 
 def forget_points(client: redis.Redis, run_id: str) -> None:

@@ -109,10 +109,7 @@ def operations(args: dict[str, Any], run_id: str):
     r = svc.redis_client
     last = svc.store.last_seq(run_id)
     seqs = list(range(last, max(0, last - args["limit"]), -1))
-    if not seqs:
-        return {"run_id": run_id, "operations": []}
-    claims = r.hmget(f"ezt:run:{run_id}:ops", [str(s) for s in seqs])
-    ids = [json.loads(c)["future_id"] for c in claims if c]
+    ids = list(svc.store.op_futures(run_id, seqs).values())
     pipe = r.pipeline(transaction=False)
     for future_id in ids:
         key = svc.store.future_key(future_id)

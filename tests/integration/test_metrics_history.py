@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 
 import eztinker
 from eztinker.cli import app
+from eztinker_tasks import names
+from eztinker_tasks.metrics_history import forget_points, read_points, record_point
 from tests.conftest import Service, result_of, wait_future
 
 TOKENS = [5, 17, 42, 99, 7, 300, 12, 64]
@@ -174,3 +176,26 @@ def test_a_deleted_runs_history_goes_with_it(service: Service, http: httpx.Clien
     assert http.get(f"/v1/runs/{run_id}/metrics").status_code == 404
     client = redis.Redis.from_url(service.redis_url)
     assert not client.exists(f"ezt:run:{run_id}:metrics")
+
+
+def test_a_second_answer_of_a_seq_id_keeps_the_first_point(service: Service) -> None:
+    """What a replayed or redelivered op would write (its seq_id answered again, with other
+    numbers and a later time) adds nothing: the point of its first answer stays."""
+    client = redis.Redis.from_url(service.redis_url)
+    run_id = "run_metrics_guard"
+    first = {"metrics": {"loss:sum": 2.5, "num_tokens:sum": 7.0}}
+    for result, step in ((first, 3), ({"metrics": {"loss:sum": 9.0}}, 4)):
+        with client.pipeline(transaction=True) as pipe:
+            record_point(pipe, run_id, names.FORWARD_BACKWARD, 12, result, step)
+            record_point(pipe, run_id, names.OPTIM_STEP, 13, {"metrics": {"grad_norm": step}}, step)
+            record_point(pipe, run_id, names.FORWARD, 14, result, step)  # not a recorded op
+            record_point(pipe, run_id, names.OPTIM_STEP, None, result, step)  # no seq_id
+            pipe.execute()
+    points = read_points(client, run_id)
+    assert [(p.seq_id, p.op, p.step, p.metrics) for p in points] == [
+        (12, "forward_backward", 3, first["metrics"]),
+        (13, "optim_step", 3, {"grad_norm": 3.0}),
+    ]
+    assert read_points(client, run_id, after=12) == points[1:]
+    forget_points(client, run_id)
+    assert read_points(client, run_id) == []

@@ -391,14 +391,23 @@ async function playgroundPage() {
   });
 }
 
+// Each token's own text, for the per-token view: one small request per distinct token, kept.
+const tokenTexts = new Map();
+function tokenText(baseModel, token) {
+  const key = `${baseModel}\u0000${token}`;
+  if (!tokenTexts.has(key)) {
+    tokenTexts.set(key, api("/v1/detokenize", {
+      method: "POST", json: { base_model: baseModel, tokens: [token] },
+    }).then((r) => r.text));
+  }
+  return tokenTexts.get(key);
+}
+
 async function showSamples(result, prompt, baseModel) {
   const out = $("#samples");
   const cards = [];
   for (const [i, seq] of result.sequences.entries()) {
-    // Each token's own text, for the per-token view (one small request per token).
-    const pieces = await Promise.all(seq.tokens.map((t) =>
-      api("/v1/detokenize", { method: "POST", json: { base_model: baseModel, tokens: [t] } })
-        .then((r) => r.text)));
+    const pieces = await Promise.all(seq.tokens.map((t) => tokenText(baseModel, t)));
     const total = seq.logprobs.reduce((a, b) => a + b, 0);
     cards.push(el("article", { class: "card sample", "data-sample": i },
       el("h2", {}, `Sample ${i + 1} `, el("span", { class: "hint",
