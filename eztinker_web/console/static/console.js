@@ -136,7 +136,8 @@ function setUpKey(required) {
     return !required;
   }
   $("#key-status").hidden = false;
-  $("#key-label").textContent = `key …${key.slice(-4)}`;
+  // Which key (its last characters, for a long one), never enough of it to use.
+  $("#key-label").textContent = key.length >= 16 ? `key …${key.slice(-4)}` : "key set";
   return true;
 }
 
