@@ -63,6 +63,9 @@ def loss_plot(
     plt.theme("clear")  # and the escape codes stripped: plain text, any terminal
     steps, losses = zip(*series, strict=True)
     plt.plot(list(steps), list(losses), marker="braille")
+    first, last = steps[0], steps[-1]
+    every = max(1, -(-(last - first) // 5))  # at most 6 whole-step ticks
+    plt.xticks(list(range(first, last + 1, every)))
     plt.title(f"{metric} by step")
     plt.xlabel("step")
     return str(plt.uncolorize(plt.build()))
