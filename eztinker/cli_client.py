@@ -36,6 +36,7 @@ from eztinker.cli_progress import (
     download_with_progress,
 )
 from eztinker.cli_service import models, status, wait
+from eztinker.errors import NotFoundError
 from eztinker.futures import APIFuture
 from eztinker.history import loss_plot
 from eztinker.sampling_client import split_checkpoint_path
@@ -165,8 +166,11 @@ def show(
     if info.checkpoints:
         out.print()
         print_table(out, _checkpoint_table(info.checkpoints))
-    width = max(40, min(100, out.width))
-    plot = loss_plot(client.get_metrics(run), width=width)
+    try:
+        points = client.get_metrics(run)
+    except NotFoundError:  # a server older than the metrics history: the table alone
+        points = []
+    plot = loss_plot(points, width=max(40, min(100, out.width)))
     if plot is not None:
         out.print()
         out.print(plot, markup=False, highlight=False, soft_wrap=True)

@@ -195,7 +195,7 @@ def _operations(w: World) -> None:
     missing = w.get("bob", f"/v1/runs/{MISSING_RUN}/operations")
     unknown(w.get("bob", f"/v1/runs/{w.a_run}/operations"), missing, w.a_run, MISSING_RUN)
     for who in ("alice", "admin"):
-        ops = w.get(who, f"/v1/runs/{w.a_run}/operations").json()["operations"]
+        ops = w.get(who, f"/v1/runs/{w.a_run}/operations?limit=200").json()["operations"]
         assert w.a_future in {o["future_id"] for o in ops}
 
 
