@@ -49,13 +49,10 @@ FIXED_COLUMNS = ["seq_id", "op", "step", "time"]
 
 
 def wants_csv(fmt: str | None) -> bool:
+    """``format`` decides; without it, the Accept header (JSON unless CSV is preferred)."""
     if fmt is not None:
         return fmt == "csv"
-    best = request.accept_mimetypes.best_match(["application/json", "text/csv"])
-    return (
-        best == "text/csv"
-        and request.accept_mimetypes["text/csv"] > request.accept_mimetypes["application/json"]
-    )
+    return request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv"
 
 
 def points_csv(points: list[MetricPoint]) -> str:

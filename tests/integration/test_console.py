@@ -155,6 +155,20 @@ def test_the_chart_has_one_point_per_step_and_follows_training(
     expect(page.locator('figure.chart[data-metric="loss:sum"]')).to_have_attribute(
         "data-points", str(STEPS + 2), timeout=20_000
     )
+    # drag over the first half zooms in (the x axis ends before step 4); a double-click resets
+    loss_chart = page.locator('figure.chart[data-metric="loss:sum"]')
+    expect(loss_chart).to_have_attribute("data-x-max", "4")
+    box = canvas.bounding_box()
+    assert box is not None
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + 1, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.45, y, steps=8)
+    page.mouse.up()
+    expect(loss_chart).not_to_have_attribute("data-x-max", "4")
+    assert float(loss_chart.get_attribute("data-x-max") or 9) < 2.5
+    canvas.dblclick()
+    expect(loss_chart).to_have_attribute("data-x-max", "4")
     watched.shot("run-after-more-steps")
     assert watched.errors == []
 
@@ -189,6 +203,15 @@ def test_the_playground_returns_the_completion_sample_gives(
     first = chips.first.get_attribute("title") or ""
     assert f"token {expected['tokens'][0]} · logprob {expected['logprobs'][0]:.4f}" in first
     watched.shot("playground-completion")
+    # a checkpoint of the run, greedy
+    path = f"{trained}/after-{STEPS}"
+    page.select_option("#source", f"checkpoint:{path}")
+    page.fill("#temperature", "0")
+    page.click("#sample-go")
+    expect(page.locator("#sample-state")).to_contain_text("done")
+    greedy = {**same, "run_id": None, "checkpoint": path, "temperature": 0}
+    expected = result_of(http, http.post("/v1/sample", json=greedy))["sequences"][0]
+    expect(sample.locator(".generated")).to_have_text(expected["text"])
     assert watched.errors == []
 
 

@@ -228,6 +228,14 @@ class Charts {
             { label: name, stroke: COLORS[i % COLORS.length], width: 2, points: { show: true, size: 5 } },
           ],
           cursor: { drag: { x: true, y: true, uni: 20 } },
+          hooks: {
+            // the x range shown (after a zoom), readable from the page: data-x-min/max
+            setScale: [(u, key) => {
+              if (key !== "x") return;
+              holder.dataset.xMin = String(u.scales.x.min);
+              holder.dataset.xMax = String(u.scales.x.max);
+            }],
+          },
         }, data, holder);
         chart = { holder, plot };
         this.charts.set(id, chart);
