@@ -19,7 +19,7 @@ from flask import Response, request
 from eztinker_tasks.metrics_history import MetricPoint, read_points
 from eztinker_tasks.store import FutureRecord
 from eztinker_web import dispatch
-from eztinker_web.auth import caller
+from eztinker_web.auth import Caller, caller
 from eztinker_web.blueprint import Blueprint
 from eztinker_web.futures.status import failure_body, timing_body
 from eztinker_web.futures.watcher import META_PREFIX
@@ -89,7 +89,7 @@ def metrics(args: dict[str, Any], run_id: str):
         return Response(
             points_csv(points),
             mimetype="text/csv",
-            headers={"Content-Disposition": f'inline; filename="{run_id}-metrics.csv"'},
+            headers={"Content-Disposition": f'inline; filename="{record.run_id}-metrics.csv"'},
         )
     return {"run_id": record.run_id, "points": points}
 
@@ -100,7 +100,8 @@ def metrics(args: dict[str, Any], run_id: str):
 @blp.errors(404)
 def operations(args: dict[str, Any], run_id: str):
     """The run's newest operations (newest first): status, worker and timing of each (ops
-    whose future has expired are left out)."""
+    whose future has expired are left out). Statuses are as recorded: `GET /v1/futures/<id>`
+    also tells an op whose worker died (failed, or waiting for its run's recovery)."""
     record = dispatch.live_run(run_id)
     svc = services()
     r = svc.redis_client
@@ -128,8 +129,9 @@ def operations(args: dict[str, Any], run_id: str):
 
 
 def operation_body(
-    future: FutureRecord, meta: dict[str, Any], started: dict[str, Any] | None, who: Any
+    future: FutureRecord, meta: dict[str, Any], started: dict[str, Any] | None, who: Caller
 ) -> dict[str, Any]:
+    """One op as the list shows it, from its future record, result record and start marker."""
     state = meta.get("status", "PENDING")
     done = state in ("SUCCESS", "FAILURE", "REVOKED")
     if state == "SUCCESS":
