@@ -279,6 +279,16 @@ def test_with_keys_on_the_console_asks_for_one_and_shows_that_tenants_runs(
     page.goto(svc.base_url + "/console/playground")
     expect(page.locator(f'#source option[value="run:{runs["alice"]}"]')).to_have_count(1)
     expect(page.locator(f'#source option[value="run:{runs["bob"]}"]')).to_have_count(0)
+    # an admin key sees both tenants' runs, each with its tenant
+    page.click("#key-forget")
+    page.fill("#key-input", "kroot")
+    page.click('#key-form button[type="submit"]')
+    expect(page.locator("#key-label")).to_have_text("key set")
+    page.goto(svc.base_url + "/console")
+    for who, run_id in runs.items():
+        expect(page.locator(f'#runs tr[data-run-id="{run_id}"]')).to_contain_text(who)
+    expect(page.locator("#runs th.tenant-col")).to_be_visible()
+    watched.shot("runs-as-admin")
     # a wrong key is refused and asked for again
     page.click("#key-forget")
     page.fill("#key-input", "not-a-key")
