@@ -31,6 +31,7 @@ from eztinker.errors import (
     ServiceUnavailableError,
 )
 from eztinker.futures import APIFuture, FutureProgress, Submission
+from eztinker.history import MetricPoint
 from eztinker.sampling_client import SamplingClient
 from eztinker.service_client import ServiceClient
 from eztinker.tokenizer import Tokenizer
@@ -73,6 +74,7 @@ __all__ = [
     "FutureProgress",
     "InternalServerError",
     "LoadWeightsResponse",
+    "MetricPoint",
     "ModelInput",
     "NotFoundError",
     "OperationTimeoutError",

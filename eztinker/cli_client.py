@@ -36,7 +36,9 @@ from eztinker.cli_progress import (
     download_with_progress,
 )
 from eztinker.cli_service import models, status, wait
+from eztinker.errors import NotFoundError
 from eztinker.futures import APIFuture
+from eztinker.history import loss_plot
 from eztinker.sampling_client import split_checkpoint_path
 from eztinker.service_client import ServiceClient
 
@@ -134,8 +136,9 @@ def show(
     run: Annotated[str, typer.Argument(help="Run id.")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Show one run: status, step, tokens trained, last loss and checkpoints."""
-    info = client_of(ctx).get_run(run)
+    """Show one run: status, step, tokens trained, last loss, checkpoints and its loss curve."""
+    client = client_of(ctx)
+    info = client.get_run(run)
     if as_json:
         print_json(info)
         return
@@ -163,6 +166,14 @@ def show(
     if info.checkpoints:
         out.print()
         print_table(out, _checkpoint_table(info.checkpoints))
+    try:
+        points = client.get_metrics(run)
+    except NotFoundError:  # a server older than the metrics history: the table alone
+        points = []
+    plot = loss_plot(points, width=max(40, min(100, out.width)))
+    if plot is not None:
+        out.print()
+        out.print(plot, markup=False, highlight=False, soft_wrap=True)
 
 
 @errors_as_one_line

@@ -156,7 +156,7 @@ def serve(
                 live = ", ".join(sorted(startup.live)) or "none"
                 say(
                     f"ready in {time.monotonic() - startup.started:.1f} s: API on {url} "
-                    f"(docs at {url}/docs); live workers: {live}"
+                    f"(console at {url}/console, docs at {url}/docs); live workers: {live}"
                 )
                 if flower:
                     flower_child.start()

@@ -19,6 +19,7 @@ from typing import Any
 from eztinker.archive import safe_extract
 from eztinker.errors import EZTinkerError
 from eztinker.futures import APIFuture
+from eztinker.history import MetricPoint
 from eztinker.sampling_client import SamplingClient, split_checkpoint_path
 from eztinker.training_client import TrainingClient
 from eztinker.transport import RetryPolicy, Transport
@@ -175,6 +176,14 @@ class ServiceClient:
 
     def get_run(self, run_id: str) -> RunInfo:
         return RunInfo.from_json(self.transport.request("GET", f"/v1/runs/{run_id}"))
+
+    def get_metrics(self, run_id: str, after: int = 0) -> list[MetricPoint]:
+        """The run's metrics history: one point per ``forward_backward`` and ``optim_step``
+        (with a seq_id above ``after``), in seq_id order. Raises NotFoundError for a run that
+        does not exist (or is another tenant's)."""
+        params = {"after": after} if after else None
+        body = self.transport.request("GET", f"/v1/runs/{run_id}/metrics", params=params)
+        return [MetricPoint.from_json(p) for p in body.get("points", [])]
 
     def delete_run(self, run_id: str) -> APIFuture[Any]:
         """Delete a run after its queued operations (its checkpoints stay on disk)."""

@@ -28,6 +28,7 @@ from eztinker_tasks.errors import (
     StaleOperation,
     UnknownRun,
 )
+from eztinker_tasks.metrics_history import record_point
 from eztinker_tasks.prefetch import BeginSpec
 from eztinker_tasks.result_backend import ResultBackend
 from eztinker_tasks.runtime import WorkerRuntime, get_runtime, report_now
@@ -128,12 +129,17 @@ def _run_op(
                 "status": "ready",
                 "error": None,  # healthy: an earlier error (state lost, ...) is history
             }
-        # Recorded in the same transaction that stores (and publishes) the result.
+        # Recorded in the same transaction that stores (and publishes) the result, with the
+        # op's metrics point (``metrics_history``).
         task_id = str(task.request.id)
         backend: ResultBackend = task.app.backend
-        backend.write_with_result(
-            task_id, lambda pipe: rt.store.finish_op(run_id, seq_id, task_id, pipe, **stats)
-        )
+        step = stats.get("step")
+
+        def writes(pipe: Any) -> None:
+            rt.store.finish_op(run_id, seq_id, task_id, pipe, **stats)
+            record_point(pipe, run_id, str(task.name), seq_id, result, step)
+
+        backend.write_with_result(task_id, writes)
         return result
 
     return _call(task, body, run_id, seq_id, peek)

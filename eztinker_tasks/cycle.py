@@ -23,6 +23,7 @@ from typing import Any
 from eztinker_tasks import names
 from eztinker_tasks.coalesce import QueuedOp, head_calls, head_optim_step, remove_answered
 from eztinker_tasks.errors import EZTinkerError, OperationFailed
+from eztinker_tasks.metrics_history import record_point
 from eztinker_tasks.result_backend import ResultBackend
 from eztinker_tasks.runtime import WorkerRuntime
 from eztinker_tasks.store import Store
@@ -143,8 +144,10 @@ def answer(
     lead_task_id: str,
     started_at: float,
     answered: Sequence[tuple[QueuedOp, Any]],
+    task_name: str,
 ) -> Any:
-    """The writes (for a pipeline) that store every answered call's result or error."""
+    """The writes (for a pipeline) that store every answered call's result or error (and the
+    metrics point of each that succeeded; ``task_name``: what the calls are, all alike)."""
     records = []
     for op, outcome in answered:
         if isinstance(outcome, EZTinkerError):
@@ -164,6 +167,9 @@ def answer(
             store.answer_call(
                 op.run_id, op.seq_id if ok else None, op.task_id, key, value, ttl, pipe
             )
+            if ok:
+                step = stats[op.run_id].get("step")
+                record_point(pipe, op.run_id, task_name, op.seq_id, outcome.to_dict(), step)
             pipe.set(store.future_key(op.task_id) + ":started", started, ex=ttl)
         for run_id, run_stats in stats.items():
             if run_stats:

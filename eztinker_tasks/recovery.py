@@ -43,6 +43,7 @@ from eztinker_tasks.errors import (
     RunFailed,
     RunStateLost,
 )
+from eztinker_tasks.metrics_history import record_point
 from eztinker_tasks.oplog import LoggedOp
 from eztinker_tasks.result_backend import ResultBackend
 from eztinker_tasks.runtime import WorkerRuntime, report_now
@@ -199,6 +200,8 @@ def _answer(
     with rt.store.r.pipeline(transaction=True) as pipe:
         rt.store.answer_call(run_id, seq, op.future_id, key, value, ttl, pipe)
         rt.store.finish_op(run_id, None, "", pipe, **stats)
+        if seq is not None:  # its first answer: its metrics point (``metrics_history``)
+            record_point(pipe, run_id, op.task, seq, outcome, stats.get("step"))
         pipe.set(rt.store.future_key(op.future_id) + ":started", started, ex=ttl)
         pipe.lrem(names.run_queue(run_id), 1, op.raw)  # ty: ignore[no-matching-overload] - bytes work
         pipe.execute()

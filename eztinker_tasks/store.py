@@ -177,6 +177,17 @@ class Store(WorkerRecords, Application):
         raws = self.r.mget([f"{P}:run:{i}:seq" for i in run_ids])
         return {i: int(raw) if raw else 0 for i, raw in zip(run_ids, raws, strict=True)}
 
+    def op_futures(self, run_id: str, seq_ids: list[int]) -> dict[int, str]:
+        """The future each of ``seq_ids`` of the run was submitted under (those that were)."""
+        if not seq_ids:
+            return {}
+        claims = self.r.hmget(f"{P}:run:{run_id}:ops", [str(s) for s in seq_ids])
+        return {
+            seq: json.loads(claim)["future_id"]
+            for seq, claim in zip(seq_ids, claims, strict=True)
+            if claim
+        }
+
     def submit_op(
         self,
         run_id: str,

@@ -18,6 +18,7 @@ from celery import Task, shared_task
 from eztinker_tasks import cycle, names, recovery
 from eztinker_tasks.applying import _call, _run_op, coalesce_peek
 from eztinker_tasks.errors import EZTinkerError, RunFailed
+from eztinker_tasks.metrics_history import forget_points
 from eztinker_tasks.result_backend import ResultBackend
 from eztinker_tasks.runtime import WorkerRuntime, get_runtime, report_now
 from eztinker_tasks.sample_batch import SampleRequest
@@ -83,7 +84,9 @@ def _loss_op(
             _store_now(task, rt, started_at, answered)  # they stand on their own
             raise outcomes[0]
         if answered:
-            writes = cycle.answer(rt, backend, str(task.request.id), started_at, answered)
+            writes = cycle.answer(
+                rt, backend, str(task.request.id), started_at, answered, str(task.name)
+            )
             backend.write_with_result(str(task.request.id), writes)
             log.info(
                 "ran %d queued calls (%d of other runs) in the pass of run %s",
@@ -137,7 +140,9 @@ def optim_step(self: Task, run_id: str, seq_id: int, adam: dict[str, float]) -> 
             raise
         answered = cycle.optim_steps(rt, others)
         if answered:
-            writes = cycle.answer(rt, self.app.backend, str(self.request.id), started_at, answered)
+            writes = cycle.answer(
+                rt, self.app.backend, str(self.request.id), started_at, answered, names.OPTIM_STEP
+            )
             self.app.backend.write_with_result(str(self.request.id), writes)
         # An optim_step boundary: snapshot the runs that are due (off this thread).
         rt.snapshots.after_op(run_id, seq_id, str(self.request.id))
@@ -154,7 +159,7 @@ def _store_now(task: Task, rt: WorkerRuntime, started_at: float, answered: list)
     if not answered:
         return
     backend: ResultBackend = task.app.backend
-    writes = cycle.answer(rt, backend, str(task.request.id), started_at, answered)
+    writes = cycle.answer(rt, backend, str(task.request.id), started_at, answered, str(task.name))
     with backend.client.pipeline(transaction=True) as pipe:
         writes(pipe)
         pipe.execute()
@@ -244,6 +249,7 @@ def delete_run(self: Task, run_id: str) -> dict[str, Any]:
         rt.store.update_run(run_id, status="deleted")
         rt.snapshots.forget(run_id)
         rt.oplog.forget(run_id)
+        forget_points(rt.store.r, run_id)
         remove_snapshots(rt.settings.checkpoints_dir, run_id)
         self.app.control.cancel_consumer(
             names.run_queue(run_id), destination=[rt.worker_name], reply=False

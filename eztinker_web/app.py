@@ -1,8 +1,9 @@
 """The Flask application factory.
 
 ``create_app(settings)`` wires the blueprints (one per resource), the error envelope, auth, the
-body-size limit and the offline OpenAPI docs at ``/docs`` (Swagger UI assets served from the
-``swagger-ui-bundle`` package, so no CDN is needed). Nothing here imports torch.
+body-size limit, the offline OpenAPI docs at ``/docs`` (Swagger UI assets served from the
+``swagger-ui-bundle`` package, so no CDN is needed) and the web console at ``/console``, which
+``/`` leads to. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -41,11 +42,20 @@ def create_app(settings: Settings | None = None) -> Flask:
     from eztinker_web.checkpoints.routes import blp as checkpoints_blp
     from eztinker_web.futures.routes import blp as futures_blp
     from eztinker_web.health.routes import blp as health_blp
+    from eztinker_web.history.routes import blp as history_blp
     from eztinker_web.models.routes import blp as models_blp
     from eztinker_web.runs.routes import blp as runs_blp
     from eztinker_web.sampling.routes import blp as sampling_blp
 
-    for blp in (health_blp, models_blp, runs_blp, futures_blp, sampling_blp, checkpoints_blp):
+    for blp in (
+        health_blp,
+        models_blp,
+        runs_blp,
+        history_blp,
+        futures_blp,
+        sampling_blp,
+        checkpoints_blp,
+    ):
         api.register_blueprint(blp)
     from eztinker_web.tinker_api import blueprint as tinker_blueprint
 
@@ -69,8 +79,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     def docs_assets(filename: str):
         return send_from_directory(assets, filename)
 
+    from eztinker_web.console.routes import bp as console_bp
+
+    app.register_blueprint(console_bp)  # the web console: pages over this same API
+
     @app.get("/")
     def index():
-        return redirect("/docs")
+        return redirect("/console")
 
     return app

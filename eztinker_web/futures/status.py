@@ -222,7 +222,8 @@ def _error(code: str, message: str, category: str = "server") -> dict[str, Any]:
     return {"code": code, "category": category, "message": message, "errors": {}}
 
 
-def _failure(meta: dict[str, Any]) -> dict[str, Any]:
+def failure_body(meta: dict[str, Any]) -> dict[str, Any]:
+    """The error body of a failed (or revoked) future's result record."""
     result = meta.get("result") or {}
     if meta.get("status") == "REVOKED":
         return _error("revoked", "the operation was cancelled")
@@ -279,11 +280,11 @@ def future_status(
     if state == "SUCCESS":
         body["status"] = "succeeded"
         body["result"] = meta.get("result")
-        body["timing"] = _timing(svc, record, meta, caller)
+        body["timing"] = timing_body(svc, record, meta, caller)
     elif state in ("FAILURE", "REVOKED"):
         body["status"] = "failed"
-        body["error"] = _failure(meta)
-        body["timing"] = _timing(svc, record, meta, caller)
+        body["error"] = failure_body(meta)
+        body["timing"] = timing_body(svc, record, meta, caller)
     else:
         started_key = svc.store.future_key(future_id) + ":started"
         started, published = read_running(svc.redis_client, started_key, future_id)
@@ -303,8 +304,12 @@ def future_status(
     return body
 
 
-def _timing(
-    svc: Services, record: FutureRecord, meta: dict[str, Any], caller: Caller
+def timing_body(
+    svc: Services,
+    record: FutureRecord,
+    meta: dict[str, Any],
+    caller: Caller,
+    started: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """How long a finished operation waited in its queue and ran (milliseconds).
 
@@ -312,8 +317,9 @@ def _timing(
     another call's pass, the start of that pass, whose future is ``in_pass_of``, named only
     when the caller sees that future: a pass can hold other tenants' calls); ``run_ms``:
     from that start to its result. None where the start was not recorded (an older server).
+    ``started``: the op's start marker, if the caller read it already.
     """
-    started = svc.store.started(record.future_id)
+    started = started or svc.store.started(record.future_id)
     done_at = meta.get("date_done")
     if not started or not isinstance(done_at, str):
         return None

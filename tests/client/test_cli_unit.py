@@ -70,9 +70,19 @@ def test_show_and_a_404(stub: StubServer) -> None:
     ckpt = {"path": f"{RUN}/ck", "name": "ck", "kind": "state", "step": 3, "size_bytes": 2048,
             "created_at": 1.7e9, "run_id": RUN}  # fmt: skip
     stub.on("GET", f"/v1/runs/{RUN}", Reply(200, run_record(checkpoints=[ckpt])))
-    result = invoke(stub, "show", RUN)
+    result = invoke(stub, "show", RUN)  # (no metrics route: a server before the history)
     assert result.exit_code == 0 and RUN in result.stdout and f"{RUN}/ck" in result.stdout
     assert "tokens trained" in result.stdout and "120" in result.stdout
+    assert "loss:sum by step" not in result.stdout
+    points = [
+        {"seq_id": 2 * i + 1, "op": "forward_backward", "step": i, "time": 1.7e9,
+         "metrics": {"loss:sum": 10.0 / (i + 1)}}
+        for i in range(6)
+    ]  # fmt: skip
+    stub.on("GET", f"/v1/runs/{RUN}/metrics", Reply(200, {"run_id": RUN, "points": points}))
+    drawn = invoke(stub, "show", RUN)
+    assert drawn.exit_code == 0 and "loss:sum by step" in drawn.stdout
+    assert "10.0" in drawn.stdout and "1.7" in drawn.stdout  # the axis spans the losses
     err = {
         "code": "unknown_run",
         "status": 404,

@@ -132,6 +132,23 @@ def test_sigkill_of_the_runs_worker_mid_loop_loses_nothing(server, tmp_path: Pat
     run = httpx.get(f"{srv.base}/v1/runs/{faulted.run_id}").json()
     assert (run["status"], run["step"], run["error"]) == ("ready", 60, None), run
     assert run["worker"] != "" and killed[0] != worker_of(srv.base, faulted.run_id)["pid"]
+    # The metrics history: one point per op, the replayed ones not twice, and the numbers of
+    # the run that was never killed.
+    points = {}
+    for trained in (reference, faulted):
+        got = httpx.get(f"{srv.base}/v1/runs/{trained.run_id}/metrics").json()["points"]
+        points[trained.run_id] = got
+        assert [p["seq_id"] for p in got] == list(range(1, 121)), trained
+        assert [(p["op"], p["step"]) for p in got[:4]] == [
+            ("forward_backward", 0),
+            ("optim_step", 1),
+            ("forward_backward", 1),
+            ("optim_step", 2),
+        ]
+    for ref, got in zip(points[reference.run_id], points[faulted.run_id], strict=True):
+        assert (ref["op"], ref["step"]) == (got["op"], got["step"])
+        for name, value in ref["metrics"].items():
+            assert got["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-5), (ref, got)
 
 
 def test_a_restarted_server_brings_every_run_back_ready(server, tmp_path: Path) -> None:

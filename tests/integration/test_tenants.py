@@ -180,6 +180,26 @@ def _load(w: World) -> None:
     w.done("alice", w.post("alice", f"/v1/runs/{w.a_run}/load", {"path": w.a_state}))
 
 
+@route("GET", "/v1/runs/<run_id>/metrics")
+def _metrics(w: World) -> None:
+    for params in ({}, {"format": "csv"}):
+        missing = w.get("bob", f"/v1/runs/{MISSING_RUN}/metrics", params=params)
+        foreign = w.get("bob", f"/v1/runs/{w.a_run}/metrics", params=params)
+        unknown(foreign, missing, w.a_run, MISSING_RUN)
+    for who in ("alice", "admin"):
+        points = w.get(who, f"/v1/runs/{w.a_run}/metrics").json()["points"]
+        assert {p["op"] for p in points} == {"forward_backward", "optim_step"}
+
+
+@route("GET", "/v1/runs/<run_id>/operations")
+def _operations(w: World) -> None:
+    missing = w.get("bob", f"/v1/runs/{MISSING_RUN}/operations")
+    unknown(w.get("bob", f"/v1/runs/{w.a_run}/operations"), missing, w.a_run, MISSING_RUN)
+    for who in ("alice", "admin"):
+        ops = w.get(who, f"/v1/runs/{w.a_run}/operations?limit=200").json()["operations"]
+        assert w.a_future in {o["future_id"] for o in ops}
+
+
 # -- futures ---------------------------------------------------------------------------------
 def _future(w: World, prefix: str) -> None:
     missing_id = "fut_0123456789abcdef0123456789abcdef"
@@ -373,6 +393,42 @@ def _docs_assets(w: World) -> None:
 @route("GET", "/")
 def _index(w: World) -> None:
     _open(w, "/", 302)
+
+
+# The console's pages hold no tenant data (their script reads the API with the user's key:
+# tests/integration/test_console.py shows one tenant's console without the other's runs).
+@route("GET", "/console")
+def _console(w: World) -> None:
+    _open(w, "/console")
+
+
+@route("GET", "/console/")
+def _console_slash(w: World) -> None:
+    _open(w, "/console/")
+
+
+@route("GET", "/console/runs/<run_id>")
+def _console_run(w: World) -> None:
+    page = w.get("nobody", f"/console/runs/{w.a_run}")
+    assert page.status_code == 200 and w.a_run in page.text
+    for who in ("nobody", "bob"):  # nothing of the run but its id, which the URL holds
+        body = w.get(who, f"/console/runs/{w.a_run}").text
+        assert w.a_model not in body and "tiny-gpt2" not in body
+
+
+@route("GET", "/console/playground")
+def _console_playground(w: World) -> None:
+    _open(w, "/console/playground")
+
+
+@route("GET", "/console/workers")
+def _console_workers(w: World) -> None:
+    _open(w, "/console/workers")
+
+
+@route("GET", "/console/static/<path:filename>")
+def _console_static(w: World) -> None:
+    _open(w, "/console/static/console.js")
 
 
 @route("GET", "/static/<path:filename>")

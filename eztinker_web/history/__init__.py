@@ -1,0 +1,1 @@
+"""A run's history: its metrics over steps and its recent operations."""
