@@ -157,6 +157,12 @@ class Settings:
         "(this host's LAN address, or 0.0.0.0): for workers on other hosts. It always asks "
         "for its password; empty = loopback only.",
     )
+    sampler_snapshots_kept: int = _setting(
+        "EZTINKER_SAMPLER_SNAPSHOTS_KEPT",
+        8,
+        "Most unnamed sampler snapshots (save_weights_and_get_sampling_client) kept per run; "
+        "older ones are deleted when a new one is saved.",
+    )
     flower_port: int = _setting("EZTINKER_FLOWER_PORT", 5555, "Port of the Flower UI.")
     web_workers: int = _setting(
         "EZTINKER_WEB_WORKERS",
@@ -355,6 +361,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "snapshot_every_steps": _non_negative_int,
     "rehome_after_s": _non_negative_float,
     "broker_bind": _addresses,
+    "sampler_snapshots_kept": _positive_int,
     "flower_port": _port,
     "web_workers": _non_negative_int,
     "access_log": _flag,

@@ -33,7 +33,7 @@ from eztinker_web.checkpoints.listing import loadable_checkpoint
 from eztinker_web.runs.routes import check_forward
 from eztinker_web.runs.schemas import ForwardBackwardSchema
 from eztinker_web.services import services
-from eztinker_web.tinker_api import futures, paths, proto, state
+from eztinker_web.tinker_api import futures, paths, proto, snapshots, state
 from eztinker_web.tinker_api.wire import blp, body_of, field
 
 
@@ -253,7 +253,8 @@ def save_weights_for_sampler():
         n = field(body, "sampling_session_seq_id", int)
         session_id = model.model_id.rsplit(":train:", 1)[0]
         sampler_id = f"{session_id}:sample:{n}"
-        snapshot = f"snapshot-{uuid.uuid4().hex[:16]}{paths.SAMPLER_SUFFIX}"
+        snapshot = snapshots.new_name()
+        snapshots.prune(model.run_id)  # keep the newest few (RL loops make one per step)
         future_id = _save(model, snapshot, "sampler", seq_id)
         checkpoint = checkpoint_paths.format_path(model.run_id, snapshot)
         state.put_sampler(

@@ -20,7 +20,7 @@ from eztinker_web import dispatch
 from eztinker_web.auth import caller
 from eztinker_web.sampling.routes import submit_sample
 from eztinker_web.sampling.schemas import SampleSchema
-from eztinker_web.tinker_api import paths, state
+from eztinker_web.tinker_api import paths, snapshots, state
 from eztinker_web.tinker_api.wire import blp, body_of, field
 
 
@@ -100,6 +100,8 @@ def asample():
             return _submitted(*seen)
     if sampler_id is not None:
         sampler = state.get_sampler(sampler_id)
+        if sampler.checkpoint:
+            snapshots.check_kept(sampler.checkpoint)
         source = (
             {"checkpoint": sampler.checkpoint}
             if sampler.checkpoint

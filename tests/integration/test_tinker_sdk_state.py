@@ -150,3 +150,31 @@ def test_base_model_sampling(client: tinker.ServiceClient, http: httpx.Client) -
     out = _bounded(lambda: sc.sample(prompt, 2, params).result())
     assert [len(s.tokens) for s in out.sequences] == [5, 5]
     assert all(s.stop_reason == "length" for s in out.sequences)
+
+
+def test_sampler_snapshots_keep_only_the_newest(
+    client: tinker.ServiceClient, service: Service
+) -> None:
+    """An RL loop makes one ``save_weights_and_get_sampling_client`` snapshot per step: only
+    the newest EZTINKER_SAMPLER_SNAPSHOTS_KEPT (8) stay on disk; an old client says why it
+    cannot sample; named sampler weights are never pruned."""
+    tc = _bounded(
+        lambda: client.create_lora_training_client(base_model="tiny-gpt2", rank=4, seed=5).result()
+    )
+    named = _bounded(lambda: tc.save_weights_for_sampler("kept-by-name").result())
+    clients = []
+    for _ in range(11):
+        _step(tc)
+        clients.append(_bounded(lambda: tc.save_weights_and_get_sampling_client().result()))
+    run_dirs = [p for p in service.checkpoints_dir.iterdir() if p.is_dir()]
+    owner = next(d for d in run_dirs if (d / "kept-by-name.sampler").is_dir())
+    snaps = sorted(p.name for p in owner.iterdir() if p.name.startswith("snapshot-"))
+    assert len(snaps) == 8, snaps
+    prompt = types.ModelInput.from_ints(TOKENS[:4])
+    params = types.SamplingParams(max_tokens=3, seed=1)
+    newest = _bounded(lambda: clients[-1].sample(prompt, 1, params).result())
+    assert len(newest.sequences[0].tokens) == 3
+    with pytest.raises(tinker.TinkerError, match="EZTINKER_SAMPLER_SNAPSHOTS_KEPT"):
+        _bounded(lambda: clients[0].sample(prompt, 1, params).result())
+    from_named = _bounded(lambda: client.create_sampling_client(model_path=named.path).result())
+    assert len(_bounded(lambda: from_named.sample(prompt, 1, params).result()).sequences) == 1
