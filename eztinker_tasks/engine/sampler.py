@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from eztinker_tasks.engine import lockstep
 from eztinker_tasks.engine.batching import check_length, token_array
 from eztinker_tasks.engine.logprobs import target_logprobs
 from eztinker_tasks.engine.progress import Ticker
@@ -138,7 +139,10 @@ def pick(
         logprobs = torch.log_softmax(scaled, dim=-1)
         probs = torch.softmax(_filter(scaled, params.top_k, params.top_p), dim=-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return token, logprobs.gather(1, token.unsqueeze(1)).squeeze(1)
+    # A multi-GPU worker: every rank takes rank 0's token (the ranks' logits could differ in
+    # the last bit), so all feed the same tokens to the next step and stop together.
+    token = lockstep.agree(token)
+    return token, lockstep.agree(logprobs.gather(1, token.unsqueeze(1)).squeeze(1))
 
 
 def sequence_logprobs(
@@ -205,7 +209,7 @@ def generate(
     ticker = Ticker(progress)
 
     def check_deadline() -> None:
-        if time.monotonic() > deadline:
+        if lockstep.agree_flags([time.monotonic() > deadline])[0]:
             raise OperationTimeout("sampling ran past its deadline", errors={"sample": ["timeout"]})
 
     with torch.no_grad():
