@@ -118,7 +118,8 @@ def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
     for name, module in list(model.named_modules()):
         if not type(module).__name__.endswith("RotaryEmbedding"):
             continue
-        fresh = type(module)(config=config, device=device)
+        with torch.device(device):
+            fresh = type(module)(config=config)
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, fresh)
