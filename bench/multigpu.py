@@ -33,13 +33,13 @@ os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from eztinker_tasks.engine import Engine, EngineConfig, lockstep  # noqa: E402
-from eztinker_tasks.engine.distributed import LeadEngine, follow  # noqa: E402
-from eztinker_tasks.types import (  # noqa: E402
+from eztinker_tasks.engine import Engine, EngineConfig, lockstep
+from eztinker_tasks.engine.distributed import LeadEngine, follow
+from eztinker_tasks.types import (
     AdamParams,
     Datum,
     LoraSpec,
@@ -173,13 +173,17 @@ def main() -> None:
         except Exception as exc:  # report the others
             print(f"case {name} failed: {exc}", flush=True)
     (out_dir / "multigpu.json").write_text(json.dumps(results, indent=1))
-    print(f"\n{'case':6} {'gpus':>4} {'tokens/step':>11} {'step s':>7} {'tokens/s':>9} "
-          f"{'MFU':>6} {'GiB per GPU':>16} {'sample tok/s':>12}")
+    print(
+        f"\n{'case':6} {'gpus':>4} {'tokens/step':>11} {'step s':>7} {'tokens/s':>9} "
+        f"{'MFU':>6} {'GiB per GPU':>16} {'sample tok/s':>12}"
+    )
     for name, r in results.items():
         sample = f"{r['sample_tokens'] / r['sample_s']:.1f}" if "sample_s" in r else "-"
         mem = "/".join(f"{m:.1f}" for m in r["mem_gib"])
-        print(f"{name:6} {r['gpus']:>4} {r['tokens']:>11} {r['step_s']:>7.3f} "
-              f"{r['tokens_per_s']:>9.0f} {r['mfu']:>6.1%} {mem:>16} {sample:>12}")
+        print(
+            f"{name:6} {r['gpus']:>4} {r['tokens']:>11} {r['step_s']:>7.3f} "
+            f"{r['tokens_per_s']:>9.0f} {r['mfu']:>6.1%} {mem:>16} {sample:>12}"
+        )
     if "8b-1" in results and "8b-2" in results:
         ratio = results["8b-2"]["tokens_per_s"] / results["8b-1"]["tokens_per_s"]
         print(f"8B: 2 GPUs / 1 GPU throughput = {ratio:.2f}x (target >= 1.8x)")

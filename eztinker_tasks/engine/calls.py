@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from eztinker_tasks.engine import losses
+from eztinker_tasks.engine import lockstep, losses
 from eztinker_tasks.engine.batching import validate_rows
 from eztinker_tasks.engine.finite import GradientStash
-from eztinker_tasks.engine import lockstep
 from eztinker_tasks.engine.memory import needs_checkpointing
 from eztinker_tasks.engine.passes import LossCall, run_pass
 from eztinker_tasks.engine.runs import RunState

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,9 @@ from eztinker_tasks.types import (
 )
 
 log = logging.getLogger(__name__)
+
+
+WATCHDOG_GRACE_S = 1.0  # how long a failed collective waits for the watchdog's diagnosis
 
 
 class WorkerBroken(InternalError):
@@ -223,6 +227,9 @@ class LeadEngine:
         except Exception as exc:
             if self.broken is None and not _collective_error(exc):
                 raise
+            deadline = time.monotonic() + WATCHDOG_GRACE_S
+            while self.broken is None and time.monotonic() < deadline:
+                time.sleep(0.05)  # the watchdog names the rank that died, if one did
             self.mark_broken(self.broken or f"a collective failed: {exc}")
             raise self._error() from exc
 

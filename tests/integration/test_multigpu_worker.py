@@ -1,0 +1,141 @@
+"""A multi-rank worker under the real stack (2 CPU ranks on gloo, tiny-llama): it trains,
+samples, saves and loads like a one-device worker and gives the same numbers; placement refuses
+a base no worker can hold, saying what to start; killing one of its ranks fails its futures
+within seconds while another worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Service, result_of, start_service, wait_future
+
+TOKENS = [5, 9, 17, 33, 2, 8, 11, 40, 41]
+DATA = {
+    "data": [
+        {"model_input": {"tokens": TOKENS[:6]}, "loss_fn_inputs": {"target_tokens": TOKENS[1:7]}},
+        {
+            "model_input": {"tokens": TOKENS[2:]},
+            "loss_fn_inputs": {"target_tokens": [*TOKENS[3:], 0]},
+        },
+        {"model_input": {"tokens": [7, 7, 7]}, "loss_fn_inputs": {"target_tokens": [7, 7, 0]}},
+    ]
+}
+PROMPT = {"prompt_tokens": [5, 9, 17], "max_tokens": 6, "temperature": 0.0}
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Service]:
+    svc = start_service(
+        tmp_path_factory.mktemp("multigpu"), model_cache, workers=0,
+        extra_env={"EZTINKER_RECOVERY": "0"},
+    )  # fmt: skip
+    try:
+        svc.start_worker("multi", "--ranks", "2")
+        svc.wait_workers(1)
+        yield svc
+    finally:
+        svc.stop()
+
+
+def _train(http: httpx.Client, run_id: str) -> dict:
+    fb = result_of(http, http.post(f"/v1/runs/{run_id}/forward_backward", json=DATA))
+    result_of(http, http.post(f"/v1/runs/{run_id}/optim_step", json={"learning_rate": 1e-2}))
+    after = result_of(http, http.post(f"/v1/runs/{run_id}/forward", json=DATA))
+    sample = result_of(http, http.post("/v1/sample", json={**PROMPT, "run_id": run_id}))
+    return {"fb": fb, "after": after, "sample": sample}
+
+
+def _logprobs(out: dict) -> list[float]:
+    return [x for o in out["loss_fn_outputs"] for x in o["logprobs"]]
+
+
+def test_multi_rank_worker_serves_like_one_device(stack: Service) -> None:
+    with stack.http as http:
+        [worker] = http.get("/health").json()["workers"]
+        assert worker["name"].startswith("multi@")
+        created = http.post("/v1/runs", json={"base_model": "tiny-llama", "rank": 4, "seed": 7})
+        run_id = created.json()["run_id"]
+        result_of(http, created)
+        sharded = _train(http, run_id)
+        saved = result_of(http, http.post(f"/v1/runs/{run_id}/save", json={"name": "s"}))
+        second = http.post("/v1/runs", json={"base_model": "tiny-llama", "rank": 4, "seed": 8})
+        run2 = second.json()["run_id"]
+        result_of(http, second)
+        result_of(http, http.post(f"/v1/runs/{run2}/load", json={"path": saved["path"]}))
+        loaded = result_of(http, http.post(f"/v1/runs/{run2}/forward", json=DATA))
+        assert _logprobs(loaded) == pytest.approx(_logprobs(sharded["after"]), abs=1e-5)
+
+        # the same ops on a one-device worker started beside it give the same numbers
+        stack.start_worker("single")
+        stack.wait_workers(2)
+        http.delete(f"/v1/runs/{run2}")
+        created = http.post("/v1/runs", json={"base_model": "tiny-llama", "rank": 4, "seed": 7})
+        single_run = created.json()["run_id"]
+        result_of(http, created)
+        assert http.get(f"/v1/runs/{single_run}").json()["worker"].startswith("single@")
+        plain = _train(http, single_run)
+    assert _logprobs(sharded["fb"]) == pytest.approx(_logprobs(plain["fb"]), abs=1e-5)
+    assert _logprobs(sharded["after"]) == pytest.approx(_logprobs(plain["after"]), abs=1e-5)
+    assert sharded["fb"]["metrics"]["loss:sum"] == pytest.approx(
+        plain["fb"]["metrics"]["loss:sum"], abs=1e-4
+    )
+    assert [s["tokens"] for s in sharded["sample"]["sequences"]] == [
+        s["tokens"] for s in plain["sample"]["sequences"]
+    ]
+
+
+def test_placement_refuses_a_base_no_worker_holds(stack: Service) -> None:
+    with stack.http as http:
+        response = http.post("/v1/runs", json={"base_model": "shaped:llama-3.1-70b", "rank": 4})
+    assert response.status_code == 503, response.text
+    message = response.json()["message"]
+    assert "needs 131 GiB" in message and "eztinker worker --gpus" in message
+
+
+def test_killing_a_rank_fails_its_futures_fast(stack: Service) -> None:
+    multi = stack.processes["worker-multi"]
+    with stack.http as http:
+        runs = http.get("/v1/runs").json()["runs"]
+        on_multi = [r["run_id"] for r in runs if r["worker"].startswith("multi@")]
+        assert on_multi
+        [follower] = _children(multi.pid)
+        os.kill(follower, signal.SIGKILL)
+        started = time.monotonic()
+        op = http.post(f"/v1/runs/{on_multi[0]}/forward_backward", json=DATA).json()
+        body = wait_future(http, op["future_id"], timeout=30)
+        assert time.monotonic() - started < 15
+        assert body["status"] == "failed"
+        assert "rank 1" in body["error"]["message"] and "died" in body["error"]["message"]
+        # the broken worker leaves /health; the other one keeps serving
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            names = [w["name"] for w in http.get("/health").json()["workers"]]
+            if not any(n.startswith("multi@") for n in names):
+                break
+            time.sleep(0.3)
+        assert not any(n.startswith("multi@") for n in names)
+        created = http.post("/v1/runs", json={"base_model": "tiny-llama", "rank": 4})
+        run_id = created.json()["run_id"]
+        result_of(http, created)
+        result_of(http, http.post(f"/v1/runs/{run_id}/forward_backward", json=DATA))
