@@ -20,6 +20,7 @@ the collectives in flight and every operation then fails at once with ``WorkerBr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -177,11 +178,8 @@ def follow(engine: Engine, group: lockstep.Group) -> None:
         command = receive(group)
         if command["op"] == "stop":
             return
-        with lockstep.running():
-            try:
-                apply(engine, command)
-            except EZTinkerError:
-                pass
+        with lockstep.running(), contextlib.suppress(EZTinkerError):
+            apply(engine, command)
 
 
 # --------------------------------------------------------------------------- rank 0

@@ -54,7 +54,7 @@ def init(rank: int, world: int, device: torch.device, init_method: str, timeout_
         rank=rank,
         world_size=world,
         timeout=timedelta(seconds=timeout_s),
-        **({"device_id": device} if device.type == "cuda" else {}),
+        device_id=device if device.type == "cuda" else None,
     )
     _group = group
     return group

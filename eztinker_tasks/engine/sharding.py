@@ -1,4 +1,4 @@
-"""A base sharded over the ranks of a multi-GPU worker (FSDP2), and shaped bases built shard by shard.
+"""A base sharded over a multi-GPU worker's ranks (FSDP2); shaped bases built shard by shard.
 
 ``shard(model, group)`` applies ``torch.distributed.fsdp.fully_shard`` to every decoder layer:
 each rank keeps 1/K of each layer's frozen weights and all-gathers a layer just before its
@@ -17,6 +17,8 @@ RAM). Its weights therefore differ from the one-device build of the same name (b
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -27,12 +29,31 @@ from eztinker_tasks.engine.checkpointing import decoder_layers
 from eztinker_tasks.engine.lockstep import Group
 
 INIT_STD = 0.02  # transformers' default initializer_range
+KEEP_GATHERED_SHARE = 0.2  # a base under this share of one GPU stays gathered between passes
 
 
 def _mesh(group: Group) -> Any:
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(group.device.type, (group.world,))
+
+
+def reshard_after_forward(model: nn.Module, group: Group) -> bool:
+    """Whether a layer frees its gathered weights after the forward (and gathers them again in
+    the backward): yes unless the whole base takes under ``KEEP_GATHERED_SHARE`` of one GPU.
+
+    Kept gathered, a training step saves one all-gather per layer, and the weights stay whole
+    between forwards that no backward follows (sampling): memory a small base can spare. On the
+    CPU always yes. ``EZTINKER_RESHARD_AFTER_FORWARD`` = 1 / 0 forces it.
+    """
+    forced = os.environ.get("EZTINKER_RESHARD_AFTER_FORWARD", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if group.device.type != "cuda":
+        return True
+    total = torch.cuda.get_device_properties(group.device).total_memory
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return size > KEEP_GATHERED_SHARE * total
 
 
 def shard(model: nn.Module, group: Group) -> int:
@@ -46,18 +67,19 @@ def shard(model: nn.Module, group: Group) -> int:
     if layers is None:
         raise ValueError(f"{type(model).__name__} has no decoder layers to shard")
     mesh = _mesh(group)
+    reshard = reshard_after_forward(model, group)
     wrapped: list[Any] = []
     for layer in layers:
-        wrapped.append(fully_shard(layer, mesh=mesh, reshard_after_forward=True))
+        wrapped.append(fully_shard(layer, mesh=mesh, reshard_after_forward=reshard))
     # One root over the layers (the model's body, its other parameters left whole): the layers
     # then share one communication context, and each gathers the next while computing.
     body = _body(model, layers)
     in_layers = {id(p) for p in layers.parameters()}
     whole = {p for p in body.parameters() if id(p) not in in_layers}
-    fully_shard(body, mesh=mesh, reshard_after_forward=True, ignored_params=whole)
-    for this, after in zip(wrapped, wrapped[1:], strict=False):
+    fully_shard(body, mesh=mesh, reshard_after_forward=reshard, ignored_params=whole)
+    for this, after in itertools.pairwise(wrapped):
         this.set_modules_to_forward_prefetch([after])
-    for this, before in zip(wrapped[1:], wrapped, strict=False):
+    for before, this in itertools.pairwise(wrapped):
         this.set_modules_to_backward_prefetch([before])
     return len(wrapped)
 

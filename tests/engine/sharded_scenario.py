@@ -107,8 +107,11 @@ def rank_main(
     if rank == 0:
         lead = LeadEngine(engine, group)
         result = scenario(lead)
-        layers = [p for n, p in engine.models.get(BASE).model.named_parameters() if ".layers." in n]
-        local = sum(p.to_local().numel() for p in layers)  # ty: ignore[unresolved-attribute]
+        from torch.distributed.tensor import DTensor
+
+        model = engine.models.get(BASE).model
+        layers = [p for n, p in model.named_parameters() if ".layers." in n]
+        local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in layers)
         result["layer_share"] = local / sum(p.numel() for p in layers)
         lead.stop()
         Path(out).write_text(json.dumps(result))

@@ -5,8 +5,11 @@ gradients, also with fewer datums than ranks), optim_step, forward, sample, save
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +43,12 @@ def _close(a: object, b: object, what: str) -> None:
     assert np.abs(x - y).max(initial=0.0) <= TOL * max(1.0, np.abs(y).max(initial=0.0)), what
 
 
-@pytest.fixture(scope="module")
-def results(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+# "1": each layer's weights gathered for its forward and again for its backward (large bases);
+# "0": kept gathered from the forward through the backward (small bases on a GPU)
+@pytest.fixture(scope="module", params=["1", "0"], ids=["reshard", "keep-gathered"])
+def results(
+    request: pytest.FixtureRequest, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[dict, dict]]:
     if DEVICE.startswith("cuda") and torch.cuda.device_count() < 2:
         pytest.fail("the sharded CUDA test needs two GPUs")
     device = "cuda" if DEVICE.startswith("cuda") else "cpu"
@@ -49,10 +56,18 @@ def results(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[d
     out = tmp / "sharded.json"
     init = f"tcp://127.0.0.1:{free_port()}"
     args = (2, init, str(data_dir), str(tmp / "ckpt-sharded"), device, DTYPE, str(out))
-    mp.start_processes(rank_main, args=args, nprocs=2, start_method="spawn", join=True)
+    before = os.environ.get("EZTINKER_RESHARD_AFTER_FORWARD")
+    os.environ["EZTINKER_RESHARD_AFTER_FORWARD"] = request.param  # the ranks inherit it
+    try:
+        mp.start_processes(rank_main, args=args, nprocs=2, start_method="spawn", join=True)
+    finally:
+        if before is None:
+            del os.environ["EZTINKER_RESHARD_AFTER_FORWARD"]
+        else:
+            os.environ["EZTINKER_RESHARD_AFTER_FORWARD"] = before
     sharded = json.loads(out.read_text())
     plain = scenario(Engine(config(data_dir, tmp / "ckpt-plain", DEVICE, DTYPE)))
-    return sharded, json.loads(json.dumps(plain))
+    yield sharded, json.loads(json.dumps(plain))
 
 
 def test_sharded_training_equals_one_device(results: tuple[dict, dict]) -> None:
@@ -92,4 +107,4 @@ def test_split_balances_tokens_and_keeps_order() -> None:
     assert lockstep.split([1, 1, 1, 1], 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
     shares = lockstep.split(list(range(1, 30)), 3)
     assert shares[0][0] == 0 and shares[-1][1] == 29
-    assert all(a[1] == b[0] for a, b in zip(shares, shares[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(shares))

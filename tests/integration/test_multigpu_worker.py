@@ -139,3 +139,28 @@ def test_killing_a_rank_fails_its_futures_fast(stack: Service) -> None:
         run_id = created.json()["run_id"]
         result_of(http, created)
         result_of(http, http.post(f"/v1/runs/{run_id}/forward_backward", json=DATA))
+
+
+def test_followers_exit_when_rank_zero_dies(stack: Service) -> None:
+    lead = stack.start_worker("lead", "--ranks", "2")
+    deadline = time.monotonic() + 60
+    followers: list[int] = []
+    while time.monotonic() < deadline and not followers:
+        followers = _children(lead.pid)
+        time.sleep(0.2)
+    [follower] = followers
+    time.sleep(1.0)  # let it join the group and block in its first receive
+    lead.kill()
+    lead.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(follower):
+        time.sleep(0.1)
+    assert not _alive(follower), f"rank 1 (pid {follower}) outlived rank 0"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
