@@ -112,6 +112,12 @@ def serve(
             "(set EZTINKER_FLOWER_PORT to another port, or pass --no-flower)"
         )
         flower = False
+    count = workers if workers is not None else 1
+    if gpus_per_worker < 1:
+        print("error: --gpus-per-worker must be at least 1", file=sys.stderr)
+        return 1
+    if gpus_per_worker > 1 and _workers({}, count, device, False, gpus_per_worker) is None:
+        return 1
     stops = StopRequests()
     stops.install()
     broker, redis_url = _start_broker(settings)
@@ -120,13 +126,8 @@ def serve(
     env = {**os.environ, "EZTINKER_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
     web_processes = settings.web_processes()
     web = Child("web", web_argv(host, port, web_processes, access_log=settings.access_log), env)
-    if gpus_per_worker < 1:
-        print("error: --gpus-per-worker must be at least 1", file=sys.stderr)
-        return 1
-    count = workers if workers is not None else 1
     worker_children = _workers(env, count, device, flower, gpus_per_worker)
-    if worker_children is None:
-        return 1
+    assert worker_children is not None  # checked before the broker started
     flower_child = Child("flower", flower_argv(redis_url, settings.flower_port), env, optional=True)
     children = [web, *worker_children, *([flower_child] if flower else [])]
     store = Store(redis.Redis.from_url(redis_url, socket_timeout=2), settings.result_ttl_s)

@@ -181,17 +181,14 @@ def pick_worker(
         if not fitting:
             raise ServiceUnavailable(too_large(base_model or "", needed, roomy))
         roomy = fitting
-    return min(
-        roomy,
-        key=lambda w: (
-            w.memory.get("ranks", 1) > 1
-            and needed is not None
-            and any(r.memory.get("ranks", 1) == 1 for r in roomy),
-            len(w.runs),
-            -w.memory.get("free_bytes", 0),
-            w.name,
-        ),
-    )
+    # A base one GPU holds leaves the multi-GPU workers to the bases that need them.
+    single_first = needed is not None and any(w.memory.get("ranks", 1) == 1 for w in roomy)
+
+    def order(w: WorkerRecord) -> tuple[bool, int, int, str]:
+        multi = single_first and w.memory.get("ranks", 1) > 1
+        return multi, len(w.runs), -w.memory.get("free_bytes", 0), w.name
+
+    return min(roomy, key=order)
 
 
 def too_large(base_model: str, needed: int, workers: Sequence[WorkerRecord]) -> str:

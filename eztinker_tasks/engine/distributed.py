@@ -217,19 +217,22 @@ class LeadEngine:
         try:
             with lockstep.running():
                 send(command, self.group)
-                return local() if local is not None else apply(self.engine, command)
+                result = local() if local is not None else apply(self.engine, command)
         except EZTinkerError:
             if self.broken is not None:
                 raise self._error() from None
             raise
         except Exception as exc:
-            if self.broken is None and not _collective_error(exc):
-                raise
-            deadline = time.monotonic() + WATCHDOG_GRACE_S
-            while self.broken is None and time.monotonic() < deadline:
-                time.sleep(0.05)  # the watchdog names the rank that died, if one did
-            self.mark_broken(self.broken or f"a collective failed: {exc}")
+            if self.broken is None and _collective_error(exc):
+                deadline = time.monotonic() + WATCHDOG_GRACE_S
+                while self.broken is None and time.monotonic() < deadline:
+                    time.sleep(0.05)  # the watchdog names the rank that died, if one did
+            # Anything else that escapes an operation half-way leaves the ranks out of step.
+            self.mark_broken(self.broken or f"rank 0 failed in {command['op']}: {exc!r}")
             raise self._error() from exc
+        if self.broken is not None:  # aborted collectives may have returned garbage
+            raise self._error()
+        return result
 
     # -------------------------------------------------------------- reads: rank 0 alone
 

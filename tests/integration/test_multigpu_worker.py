@@ -164,3 +164,22 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+
+
+def test_commands_refuse_gpus_they_cannot_have(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "EZTINKER_DATA_DIR": str(tmp_path)}
+    server = subprocess.run(
+        [sys.executable, "-m", "eztinker", "server", "--gpus-per-worker", "2", "--no-flower"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert server.returncode == 1
+    assert "need 2 GPUs; this host shows 0" in server.stderr
+    worker = subprocess.run(
+        [sys.executable, "-m", "eztinker", "worker", "--gpus", "0,1", "--ranks", "3"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert worker.returncode == 2
+    assert "--ranks 3 contradicts --gpus 0,1" in worker.stderr
