@@ -6,6 +6,8 @@ the first task (the base models themselves load lazily inside the engine).
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +51,7 @@ class WorkerRuntime:
             self.applied_seq[run_id] = seq_id
 
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _runtime: WorkerRuntime | None = None
 _worker_name = "unnamed"
@@ -125,10 +128,20 @@ def _engine(settings: Settings) -> Backend:
     import torch
 
     device = _plan.devices[0]
+    started: list[LeadEngine] = []
+
+    def on_death(why: str) -> None:
+        if started:
+            started[0].mark_broken(why)
+            return
+        # Still joining: the rendezvous would wait for the dead rank for the whole timeout.
+        log.error("this multi-GPU worker cannot start: %s", why)
+        os._exit(1)
+
+    Watchdog(_plan.followers, on_death).start()
     group = lockstep.init(0, _plan.world, torch.device(device), _plan.init, COLLECTIVE_TIMEOUT_S)
-    lead = LeadEngine(Engine(engine_config(settings, device)), group)
-    Watchdog(_plan.followers, lead.mark_broken).start()
-    return lead
+    started.append(LeadEngine(Engine(engine_config(settings, device)), group))
+    return started[0]
 
 
 def peek_runtime() -> WorkerRuntime | None:

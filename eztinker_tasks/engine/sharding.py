@@ -2,7 +2,9 @@
 
 ``shard(model, group)`` applies ``torch.distributed.fsdp.fully_shard`` to every decoder layer:
 each rank keeps 1/K of each layer's frozen weights and all-gathers a layer just before its
-forward (and again in the backward), releasing it after. The embedding, the final norm and the
+forward (the next one prefetched while one computes) and again in the backward, releasing it
+after; a base small next to one GPU keeps its gathered layers from the forward through the
+backward instead (``reshard_after_forward``). The embedding, the final norm and the
 unembedding (``lm_head``) stay whole on every rank (about 4 GB for a 128k vocabulary at width
 8192 in bf16): the fused logprob kernel reads the unembedding weight directly. The LoRA
 adapters are no module parameters (``multilora.Adapter``), so FSDP never sees them: they and
