@@ -8,6 +8,8 @@ ranks are: ``lockstep.init``, ``LeadEngine`` on rank 0, ``follow`` on the others
 - ``70b``: ``shaped:llama-3.1-70b`` (bf16, built shard by shard) on K=2 GPUs, LoRA r32 on
   every attention/MLP/unembedding layer; a step is forward_backward of 4 x 1024 tokens plus
   optim_step. Then one sample call (8 sequences, 128-token prompt, 32 new tokens).
+- ``70b-8ck``: the same with 8 x 1024 tokens per step and activation checkpointing (each
+  layer's forward recomputed in the backward).
 - ``8b-1`` / ``8b-2``: ``shaped:llama-3.1-8b``, 8 x 1024 tokens per GPU per step, on 1 GPU
   (plain engine) and on 2 (sharded, data parallel). Ratio = tokens/s on 2 over tokens/s on 1.
 
@@ -164,6 +166,10 @@ def main() -> None:
         "8b-1": ({"base": "shaped:llama-3.1-8b", "seqs": 8, "sample": False}, 1),
         "8b-2": ({"base": "shaped:llama-3.1-8b", "seqs": 16, "sample": False}, 2),
         "70b": ({"base": "shaped:llama-3.1-70b", "seqs": 4, "sample": True}, 2),
+        "70b-8ck": (
+            {"base": "shaped:llama-3.1-70b", "seqs": 8, "sample": False, "checkpointing": "always"},
+            2,
+        ),
     }
     results = {}
     for name in args.cases.split(","):

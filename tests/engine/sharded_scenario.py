@@ -86,24 +86,34 @@ def scenario(engine: Any) -> dict[str, Any]:
     return out
 
 
-def config(data_dir: Path, checkpoints_dir: Path, device: str, dtype: str) -> EngineConfig:
+def config(
+    data_dir: Path, checkpoints_dir: Path, device: str, dtype: str, checkpointing: str = "never"
+) -> EngineConfig:
     return EngineConfig(
         data_dir=data_dir,
         checkpoints_dir=checkpoints_dir,
         device=device,
         dtype=dtype,
-        activation_checkpointing="never",
+        activation_checkpointing=checkpointing,
     )
 
 
 def rank_main(
-    rank: int, world: int, init: str, data_dir: str, ckpt: str, device: str, dtype: str, out: str
+    rank: int,
+    world: int,
+    init: str,
+    data_dir: str,
+    ckpt: str,
+    device: str,
+    dtype: str,
+    out: str,
+    checkpointing: str = "never",
 ) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     dev = torch.device(f"cuda:{rank}" if device == "cuda" else "cpu")
     group = lockstep.init(rank, world, dev, init, timeout_s=120)
-    engine = Engine(config(Path(data_dir), Path(ckpt), str(dev), dtype))
+    engine = Engine(config(Path(data_dir), Path(ckpt), str(dev), dtype, checkpointing))
     if rank == 0:
         lead = LeadEngine(engine, group)
         result = scenario(lead)

@@ -43,9 +43,10 @@ def _close(a: object, b: object, what: str) -> None:
     assert np.abs(x - y).max(initial=0.0) <= TOL * max(1.0, np.abs(y).max(initial=0.0)), what
 
 
-# "1": each layer's weights gathered for its forward and again for its backward (large bases);
+# "1": each layer's weights gathered for its forward and again for its backward (large bases),
+# here with activation checkpointing (the backward recomputes each layer's forward);
 # "0": kept gathered from the forward through the backward (small bases on a GPU)
-@pytest.fixture(scope="module", params=["1", "0"], ids=["reshard", "keep-gathered"])
+@pytest.fixture(scope="module", params=["1", "0"], ids=["reshard-checkpointed", "keep-gathered"])
 def results(
     request: pytest.FixtureRequest, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[dict, dict]]:
@@ -55,7 +56,10 @@ def results(
     tmp = tmp_path_factory.mktemp("sharded")
     out = tmp / "sharded.json"
     init = f"tcp://127.0.0.1:{free_port()}"
-    args = (2, init, str(data_dir), str(tmp / "ckpt-sharded"), device, DTYPE, str(out))
+    checkpointing = "always" if request.param == "1" else "never"
+    args = (
+        2, init, str(data_dir), str(tmp / "ckpt-sharded"), device, DTYPE, str(out), checkpointing
+    )  # fmt: skip
     before = os.environ.get("EZTINKER_RESHARD_AFTER_FORWARD")
     os.environ["EZTINKER_RESHARD_AFTER_FORWARD"] = request.param  # the ranks inherit it
     try:
