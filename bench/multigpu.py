@@ -40,7 +40,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from eztinker_tasks.engine import Engine, EngineConfig, lockstep
-from eztinker_tasks.engine.distributed import LeadEngine, follow
+from eztinker_tasks.engine.commands import follow
+from eztinker_tasks.engine.distributed import LeadEngine
 from eztinker_tasks.types import (
     AdamParams,
     Datum,

@@ -145,7 +145,7 @@ def follower_main(argv: Sequence[str] | None = None) -> int:
 
     from config import Settings
     from eztinker_tasks.engine import Engine, lockstep
-    from eztinker_tasks.engine.distributed import follow
+    from eztinker_tasks.engine.commands import follow
 
     settings = Settings.from_env()
     group = lockstep.init(

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from eztinker_tasks.engine import Engine, EngineConfig, lockstep
-from eztinker_tasks.engine.distributed import LeadEngine, follow
+from eztinker_tasks.engine.commands import follow
+from eztinker_tasks.engine.distributed import LeadEngine
 from eztinker_tasks.types import AdamParams, Datum, LoraSpec, SampleSource, SamplingParams
 
 BASE = "tiny-llama"
