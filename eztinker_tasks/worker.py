@@ -92,6 +92,10 @@ class Heartbeat(threading.Thread):
             if not self.stopped.is_set():
                 log.error("%s stops advertising itself: %s", self.worker_name, broken)
                 self.stopped.set()
+                # Shared sampling requests go to the healthy workers from now on.
+                self.app.control.cancel_consumer(
+                    names.SAMPLE_QUEUE, destination=[self.worker_name], reply=True, timeout=2.0
+                )
             rt.store.forget_worker(self.worker_name)
             return
         try:

@@ -53,6 +53,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterat
     try:
         svc.start_worker("multi", "--ranks", "2")
         svc.wait_workers(1)
+        with svc.http as http:  # a run of the multi-rank worker for the kill test
+            created = http.post("/v1/runs", json={"base_model": "tiny-llama", "rank": 4})
+            result_of(http, created)
         yield svc
     finally:
         svc.stop()
@@ -72,8 +75,8 @@ def _logprobs(out: dict) -> list[float]:
 
 def test_multi_rank_worker_serves_like_one_device(stack: Service) -> None:
     with stack.http as http:
-        [worker] = http.get("/health").json()["workers"]
-        assert worker["name"].startswith("multi@")
+        workers = http.get("/health").json()["workers"]
+        assert [w["name"].split("@")[0] for w in workers] == ["multi"]
         created = http.post("/v1/runs", json={"base_model": "tiny-llama", "rank": 4, "seed": 7})
         run_id = created.json()["run_id"]
         result_of(http, created)
@@ -135,10 +138,17 @@ def test_killing_a_rank_fails_its_futures_fast(stack: Service) -> None:
                 break
             time.sleep(0.3)
         assert not any(n.startswith("multi@") for n in names)
+        single = stack.processes.get("worker-single") or stack.start_worker("single")
+        stack.wait_workers(1, pids={single.pid})
         created = http.post("/v1/runs", json={"base_model": "tiny-llama", "rank": 4})
         run_id = created.json()["run_id"]
         result_of(http, created)
         result_of(http, http.post(f"/v1/runs/{run_id}/forward_backward", json=DATA))
+        # requests on the shared sampling queue no longer reach the broken worker
+        base = {**PROMPT, "base_model": "tiny-llama"}
+        submitted = [http.post("/v1/sample", json=base).json()["future_id"] for _ in range(4)]
+        for future_id in submitted:
+            assert wait_future(http, future_id, timeout=60)["status"] == "succeeded"
 
 
 def test_followers_exit_when_rank_zero_dies(stack: Service) -> None:
