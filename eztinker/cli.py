@@ -70,13 +70,23 @@ def server(
     ),
     no_flower: bool = typer.Option(False, "--no-flower", help="Do not start Flower"),
     device: str = typer.Option(None, help="Force a device for all workers (cpu, cuda)"),
+    gpus_per_worker: int = typer.Option(
+        1, help="GPUs per worker: K > 1 makes multi-GPU workers (bases sharded over K GPUs)"
+    ),
 ) -> None:
     """Start the whole service: broker, web, worker(s) and Flower."""
     require_server_extra("server")
     from eztinker.server import serve
 
     raise typer.Exit(
-        serve(host=host, port=port, workers=workers, flower=not no_flower, device=device)
+        serve(
+            host=host,
+            port=port,
+            workers=workers,
+            flower=not no_flower,
+            device=device,
+            gpus_per_worker=gpus_per_worker,
+        )
     )
 
 
@@ -86,12 +96,18 @@ def worker(
     device: str = typer.Option(None, help="cpu, cuda or cuda:N (default EZTINKER_DEVICE)"),
     loglevel: str = typer.Option("INFO", help="Log level"),
     events: bool = typer.Option(False, "--events", help="Send task events (for Flower)"),
+    gpus: str = typer.Option(
+        None, help="A multi-GPU worker over these GPUs, e.g. 0,1 (one process per GPU, FSDP2)"
+    ),
+    ranks: int = typer.Option(
+        None, help="A multi-rank worker on the CPU (with --device cpu; gloo, for tests)"
+    ),
 ) -> None:
-    """Start one worker process (one per GPU: set CUDA_VISIBLE_DEVICES)."""
+    """Start one worker (one per GPU: set CUDA_VISIBLE_DEVICES; or one over --gpus 0,1)."""
     require_server_extra("worker")
     from eztinker.processes import run_worker
 
-    run_worker(name, device, loglevel, events)
+    run_worker(name, device, loglevel, events, gpus, ranks)
 
 
 @app.command()

@@ -30,9 +30,13 @@ def web_argv(
     ]  # fmt: skip
 
 
-def worker_argv(name: str, device: str | None, events: bool = False) -> list[str]:
+def worker_argv(
+    name: str, device: str | None, events: bool = False, gpus: str | None = None
+) -> list[str]:
     argv = [sys.executable, "-m", "eztinker", "worker", "--name", name]
-    if device:
+    if gpus:
+        argv += ["--gpus", gpus]
+    elif device:
         argv += ["--device", device]
     if events:
         argv.append("--events")
@@ -143,17 +147,34 @@ def _wait_for_clients(url: str, timeout_s: float) -> None:
             time.sleep(0.1)
 
 
-def run_worker(name: str, device: str | None, loglevel: str, events: bool = False) -> None:
-    """Run one worker in the foreground; exits the process when the worker stops."""
+def run_worker(
+    name: str,
+    device: str | None,
+    loglevel: str,
+    events: bool = False,
+    gpus: str | None = None,
+    ranks: int | None = None,
+) -> None:
+    """Run one worker in the foreground; exits the process when the worker stops.
+
+    ``gpus`` ("0,1") or ``ranks`` (with ``device`` "cpu"): a multi-GPU worker of that many
+    ranks (``eztinker_tasks.ranks``).
+    """
     _quiet_interrupts()
     _quiet_progress_bars()
     from eztinker_tasks.broker import resolve_redis_url
     from eztinker_tasks.celery_app import make_celery
+    from eztinker_tasks.ranks import plan
     from eztinker_tasks.worker import run_worker as consume
 
+    try:
+        rank_plan = plan(gpus, ranks, device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     settings = load_settings()
     url = resolve_redis_url(settings, wait_s=60)
-    code = consume(make_celery(settings, url), settings, name, device, loglevel, events)
+    code = consume(make_celery(settings, url), settings, name, device, loglevel, events, rank_plan)
     # Celery has shut down cleanly by now (queues released, its record removed). What is left
     # is the interpreter tearing down torch's and transformers' objects: seconds for nothing.
     logging.shutdown()

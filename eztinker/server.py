@@ -85,8 +85,12 @@ def serve(
     workers: int | None = None,
     flower: bool = True,
     device: str | None = None,
+    gpus_per_worker: int = 1,
 ) -> int:
-    """Run the whole service until Ctrl-C / SIGTERM; the exit status (1: it could not run)."""
+    """Run the whole service until Ctrl-C / SIGTERM; the exit status (1: it could not run).
+
+    ``gpus_per_worker`` K > 1: each worker spans K GPUs (``eztinker worker --gpus``).
+    """
     import redis
 
     from eztinker_tasks.store import StartingWorker, Store
@@ -108,6 +112,12 @@ def serve(
             "(set EZTINKER_FLOWER_PORT to another port, or pass --no-flower)"
         )
         flower = False
+    count = workers if workers is not None else 1
+    if gpus_per_worker < 1:
+        print("error: --gpus-per-worker must be at least 1", file=sys.stderr)
+        return 1
+    if gpus_per_worker > 1 and _workers({}, count, device, False, gpus_per_worker) is None:
+        return 1
     stops = StopRequests()
     stops.install()
     broker, redis_url = _start_broker(settings)
@@ -116,7 +126,8 @@ def serve(
     env = {**os.environ, "EZTINKER_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
     web_processes = settings.web_processes()
     web = Child("web", web_argv(host, port, web_processes, access_log=settings.access_log), env)
-    worker_children = _workers(env, workers if workers is not None else 1, device, flower)
+    worker_children = _workers(env, count, device, flower, gpus_per_worker)
+    assert worker_children is not None  # checked before the broker started
     flower_child = Child("flower", flower_argv(redis_url, settings.flower_port), env, optional=True)
     children = [web, *worker_children, *([flower_child] if flower else [])]
     store = Store(redis.Redis.from_url(redis_url, socket_timeout=2), settings.result_ttl_s)
@@ -202,17 +213,41 @@ def _start_broker(settings: Settings) -> tuple[EmbeddedBroker | None, str | None
     return broker, record.url
 
 
-def _workers(env: dict[str, str], count: int, device: str | None, events: bool) -> list[Child]:
+def _workers(
+    env: dict[str, str], count: int, device: str | None, events: bool, per_worker: int = 1
+) -> list[Child] | None:
     """``count`` worker processes, spread over the GPUs unless ``device`` says otherwise.
 
+    ``per_worker`` K > 1: worker i spans GPUs iK .. iK+K-1 (None, said why, if too few GPUs).
     A worker gets SIGKILL if the server dies: its broker dies with the server, so it could
     finish nothing, and a running operation would only hold its GPU.
     """
     hostname = socket.gethostname()
     gpus = gpu_ids()
+    if per_worker > 1 and (device not in (None, "cuda") or len(gpus) < count * per_worker):
+        print(
+            f"error: {count} worker(s) of {per_worker} GPUs need {count * per_worker} GPUs; "
+            f"this host shows {len(gpus)}",
+            file=sys.stderr,
+        )
+        return None
     children = []
     for i in range(count):
         worker_env = dict(env)
+        if per_worker > 1:
+            mine = ",".join(gpus[i * per_worker : (i + 1) * per_worker])
+            name = f"gpus{mine.replace(',', '-')}"
+            children.append(
+                Child(
+                    f"worker {name}",
+                    worker_argv(name, "cuda", events, gpus=mine),
+                    worker_env,
+                    death_signal=signal.SIGKILL,
+                    worker=f"{name}@{hostname}",
+                    device="cuda",
+                )
+            )
+            continue
         if gpus and device is None:
             worker_env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
             name, dev = f"gpu{i}", "cuda"

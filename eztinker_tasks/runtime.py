@@ -6,6 +6,8 @@ the first task (the base models themselves load lazily inside the engine).
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from eztinker_tasks.engine import Backend
+    from eztinker_tasks.ranks import RankPlan
     from eztinker_tasks.snapshots import Snapshots
 
 
@@ -48,17 +51,22 @@ class WorkerRuntime:
             self.applied_seq[run_id] = seq_id
 
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _runtime: WorkerRuntime | None = None
 _worker_name = "unnamed"
 _device: str | None = None
 
 
-def configure(worker_name: str, device: str | None) -> None:
+_plan: RankPlan | None = None  # a multi-GPU worker's ranks (this process is rank 0)
+
+
+def configure(worker_name: str, device: str | None, rank_plan: RankPlan | None = None) -> None:
     """Called by the worker entry point before Celery starts consuming."""
-    global _worker_name, _device
+    global _worker_name, _device, _plan
     _worker_name = worker_name
     _device = device
+    _plan = rank_plan
 
 
 def set_worker_name(name: str) -> None:
@@ -73,20 +81,11 @@ def get_runtime(app: Celery) -> WorkerRuntime:
     global _runtime
     with _lock:
         if _runtime is None:
-            from eztinker_tasks.engine import Engine, EngineConfig
             from eztinker_tasks.snapshots import Snapshots, SnapshotWriter, snapshot_root
 
             settings: Settings = app.conf.eztinker_settings
             client = redis.Redis.from_url(app.conf.broker_url)
-            engine = Engine(
-                EngineConfig(
-                    data_dir=settings.data_dir,
-                    checkpoints_dir=settings.checkpoints_dir,
-                    device=_device or settings.device,
-                    dtype=settings.dtype,
-                    activation_checkpointing=settings.activation_checkpointing,
-                )
-            )
+            engine = _engine(settings)
             store = Store(client, settings.result_ttl_s)
             oplog = OpLog(client)
             backend = app.backend
@@ -116,6 +115,33 @@ def get_runtime(app: Celery) -> WorkerRuntime:
                 snapshots=snapshots,
             )
         return _runtime
+
+
+def _engine(settings: Settings) -> Backend:
+    """This worker's engine: one device's, or rank 0's of a multi-GPU worker (``ranks``)."""
+    from eztinker_tasks.engine import Engine, lockstep
+    from eztinker_tasks.engine.distributed import LeadEngine
+    from eztinker_tasks.ranks import COLLECTIVE_TIMEOUT_S, Watchdog, engine_config
+
+    if _plan is None:
+        return Engine(engine_config(settings, _device or settings.device))
+    import torch
+
+    device = _plan.devices[0]
+    started: list[LeadEngine] = []
+
+    def on_death(why: str) -> None:
+        if started:
+            started[0].mark_broken(why)
+            return
+        # Still joining: the rendezvous would wait for the dead rank for the whole timeout.
+        log.error("this multi-GPU worker cannot start: %s", why)
+        os._exit(1)
+
+    Watchdog(_plan.followers, on_death).start()
+    group = lockstep.init(0, _plan.world, torch.device(device), _plan.init, COLLECTIVE_TIMEOUT_S)
+    started.append(LeadEngine(Engine(engine_config(settings, device)), group))
+    return started[0]
 
 
 def peek_runtime() -> WorkerRuntime | None:

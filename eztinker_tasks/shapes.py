@@ -66,3 +66,28 @@ def check(name: str) -> dict[str, Any] | None:
         known = ", ".join(PREFIX + s for s in sorted(SHAPES))
         raise ValueError(f"unknown shaped model {name!r}; known: {known}")
     return dict(SHAPES[shape])
+
+
+BYTES_PER_PARAM = 2  # bf16, how GPU workers hold a base
+
+
+def param_bytes(name: str) -> int | None:
+    """The bytes of a shaped base's weights in bf16 (None: not a known ``shaped:`` name).
+
+    Embedding, per layer attention (GQA) + gated MLP + 2 norms, final norm, and an untied
+    unembedding.
+    """
+    try:
+        spec = check(name)
+    except ValueError:
+        return None
+    if spec is None:
+        return None
+    d, ff, vocab = spec["hidden_size"], spec["intermediate_size"], spec["vocab_size"]
+    heads, kv = spec["num_attention_heads"], spec["num_key_value_heads"]
+    kv_width = d // heads * kv
+    layer = 2 * d * d + 2 * d * kv_width + 3 * d * ff + 2 * d
+    params = vocab * d + spec["num_hidden_layers"] * layer + d
+    if not spec.get("tie_word_embeddings", False):
+        params += vocab * d
+    return params * BYTES_PER_PARAM

@@ -32,7 +32,14 @@ from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import task_received, worker_ready, worker_shutdown
 
 from config import Settings
-from eztinker_tasks import applying, names, recovery, runtime, tasks  # noqa: F401 - tasks: registers them
+from eztinker_tasks import (  # noqa: F401 - tasks: registers them
+    applying,
+    names,
+    ranks,
+    recovery,
+    runtime,
+    tasks,
+)
 from eztinker_tasks.store import StartingWorker, Store, WorkerRecord
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,18 @@ def free_memory_bytes(device: str) -> int:
     return 0
 
 
+def total_memory_bytes(device: str) -> int:
+    """Memory of one device of this worker: the GPU's, or the host's RAM (bytes)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return 0
+
+
 class Heartbeat(threading.Thread):
     """Writes this worker's record (device, runs held, memory) every few seconds."""
 
@@ -68,10 +87,23 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         rt = runtime.get_runtime(self.app)
+        broken = getattr(rt.engine, "broken", None)
+        if broken is not None:  # a rank died: no more placements here (its ops fail at once)
+            if not self.stopped.is_set():
+                log.error("%s stops advertising itself: %s", self.worker_name, broken)
+                self.stopped.set()
+                # Shared sampling requests go to the healthy workers from now on.
+                self.app.control.cancel_consumer(
+                    names.SAMPLE_QUEUE, destination=[self.worker_name], reply=True, timeout=2.0
+                )
+            rt.store.forget_worker(self.worker_name)
+            return
         try:
             runs = tuple(rt.engine.list_runs())
             memory = {k: v for k, v in rt.engine.memory_stats().items() if not k.startswith("run.")}
             memory["free_bytes"] = free_memory_bytes(rt.engine.device)
+            memory["device_total_bytes"] = total_memory_bytes(rt.engine.device)
+            memory.setdefault("ranks", 1)
         except RuntimeError:  # a dict changed size under us; report next time
             runs, memory = (), {}
         rt.store.heartbeat(
@@ -258,11 +290,18 @@ def run_worker(
     device: str | None,
     loglevel: str = "INFO",
     events: bool = False,
+    rank_plan: ranks.RankPlan | None = None,
 ) -> int:
-    """Consume until the worker is stopped; its exit status. ``name``: node name prefix (gpu0)."""
+    """Consume until the worker is stopped; its exit status. ``name``: node name prefix (gpu0).
+
+    ``rank_plan``: a multi-GPU worker; this process is rank 0 and starts the other ranks.
+    """
     global _starting
     hostname = f"{name}@{socket.gethostname()}"
-    runtime.configure(hostname, device)
+    if rank_plan is not None:
+        device = rank_plan.devices[0]
+        ranks.start_followers(rank_plan, name)
+    runtime.configure(hostname, device, rank_plan)
     store = Store(redis.Redis.from_url(app.conf.broker_url), settings.result_ttl_s)
     _claim_name(store, hostname)
     record = StartingWorker(hostname, os.getpid(), device or settings.device, time.time())

@@ -147,8 +147,26 @@ def check_model_name(name: str) -> None:
     )
 
 
-def pick_worker(workers: Sequence[WorkerRecord], min_free_bytes: int) -> WorkerRecord:
-    """The live worker with the fewest runs among those with enough free memory."""
+FIT_SHARE = 0.85  # of a worker's total device memory a base's weights may take
+
+
+def _capacity(worker: WorkerRecord) -> int | None:
+    """Bytes of device memory over all of a worker's GPUs (None: it does not say)."""
+    per_device = worker.memory.get("device_total_bytes")
+    if not per_device:
+        return None
+    return per_device * max(1, worker.memory.get("ranks", 1))
+
+
+def pick_worker(
+    workers: Sequence[WorkerRecord], min_free_bytes: int, base_model: str | None = None
+) -> WorkerRecord:
+    """The live worker with the fewest runs among those with enough free memory.
+
+    A base of known size (``shapes.param_bytes``: the ``shaped:`` bases) goes only to workers
+    whose devices together can hold it (``FIT_SHARE``), one-device workers first when one
+    can; ServiceUnavailable says what to start when none can.
+    """
     if not workers:
         raise ServiceUnavailable(no_live_worker(services().store))
     roomy = [w for w in workers if w.memory.get("free_bytes", min_free_bytes) >= min_free_bytes]
@@ -157,7 +175,46 @@ def pick_worker(workers: Sequence[WorkerRecord], min_free_bytes: int) -> WorkerR
             f"every live worker has less than {min_free_bytes >> 20} MiB free; delete runs or "
             "start another worker",
         )
-    return min(roomy, key=lambda w: (len(w.runs), -w.memory.get("free_bytes", 0), w.name))
+    needed = shapes.param_bytes(base_model) if base_model else None
+    if needed is not None:
+        fitting = [w for w in roomy if (_capacity(w) or needed / FIT_SHARE) * FIT_SHARE >= needed]
+        if not fitting:
+            raise ServiceUnavailable(too_large(base_model or "", needed, roomy))
+        roomy = fitting
+    # A base one GPU holds leaves the multi-GPU workers to the bases that need them.
+    single_first = needed is not None and any(w.memory.get("ranks", 1) == 1 for w in roomy)
+
+    def order(w: WorkerRecord) -> tuple[bool, int, int, str]:
+        multi = single_first and w.memory.get("ranks", 1) > 1
+        return multi, len(w.runs), -w.memory.get("free_bytes", 0), w.name
+
+    return min(roomy, key=order)
+
+
+def too_large(base_model: str, needed: int, workers: Sequence[WorkerRecord]) -> str:
+    """Why no live worker can hold ``base_model``, and what worker to start."""
+    largest = max(workers, key=lambda w: _capacity(w) or 0)
+    per_device = largest.memory.get("device_total_bytes", 0)
+    gib = 1 << 30
+    text = (
+        f"base {base_model!r} needs {needed / gib:.0f} GiB for its weights (bf16); no live "
+        f"worker can hold it (the largest, {largest.name}, has "
+        f"{(_capacity(largest) or 0) / gib:.0f} GiB over {largest.memory.get('ranks', 1)} "
+        "device(s))."
+    )
+    if per_device and largest.device.startswith("cuda"):
+        k = max(2, -(-needed // int(per_device * FIT_SHARE)))
+        ids = ",".join(str(i) for i in range(k))
+        text += (
+            f" Start a multi-GPU worker over {k} GPUs of {per_device / gib:.0f} GiB: "
+            f"`eztinker worker --gpus {ids}` (or `eztinker server --gpus-per-worker {k}`)."
+        )
+    else:
+        text += (
+            " Start a multi-GPU worker on a host with enough GPUs: `eztinker worker --gpus 0,1` "
+            "(K GPUs whose memory together exceeds the weights by ~20%)."
+        )
+    return text
 
 
 def create_run(
@@ -169,7 +226,7 @@ def create_run(
     """
     svc = services()
     store = svc.store
-    worker = pick_worker(store.live_workers(), svc.settings.min_free_bytes)
+    worker = pick_worker(store.live_workers(), svc.settings.min_free_bytes, base_model)
     run_id = new_id("run_")
     queue = names.run_queue(run_id)
     tenant = caller().tenant
@@ -245,7 +302,7 @@ def rehome(run_id: str) -> RunRecord:
     if worker_alive(record.worker):
         return record
     gone = record.worker
-    new = pick_worker(store.live_workers(), svc.settings.min_free_bytes)
+    new = pick_worker(store.live_workers(), svc.settings.min_free_bytes, record.base_model)
     record, moved = store.move_run(run_id, gone, new.name)
     svc.run_targets.drop(run_id)
     if not moved:

@@ -51,11 +51,12 @@ class Service:
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=60)
 
-    def start_worker(self, name: str) -> subprocess.Popen[bytes]:
+    def start_worker(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
+        """A CPU worker process; ``extra`` arguments go to ``eztinker worker`` (``--ranks 2``)."""
         assert self.logs is not None
         log = open(self.logs / f"worker-{name}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "eztinker", "worker", "--name", name, "--device", "cpu"],
+            [sys.executable, "-m", "eztinker", "worker", "--name", name, "--device", "cpu", *extra],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

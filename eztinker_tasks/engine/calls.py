@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from eztinker_tasks.engine import losses
+from eztinker_tasks.engine import lockstep, losses
 from eztinker_tasks.engine.batching import validate_rows
 from eztinker_tasks.engine.finite import GradientStash
 from eztinker_tasks.engine.memory import needs_checkpointing
@@ -41,6 +41,9 @@ def checkpoint_pass(mode: str, calls: Sequence[LossCall], backward: bool) -> boo
     if not backward or not calls:
         return False
     tokens = sum(len(r.tokens) for call in calls for r in call.rows)
+    group = lockstep.active()
+    if group is not None:  # a multi-GPU worker: each rank runs about its share of the rows
+        tokens = -(-tokens // group.world)
     return needs_checkpointing(mode, calls[0].run.base, tokens)
 
 

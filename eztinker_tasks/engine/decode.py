@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from eztinker_tasks.engine import lockstep
 from eztinker_tasks.engine.decode_steps import (
     Cache,
     DecodeRequest,
@@ -218,8 +219,10 @@ def decode(
             for item in settle(batch.live, step):
                 record(item, output_of(item))
             now = time.monotonic()
-            for item in active_of(batch.live):
-                if now > item.deadline:
+            running_now = active_of(batch.live)
+            late = lockstep.agree_flags([now > item.deadline for item in running_now])
+            for item, is_late in zip(running_now, late, strict=True):
+                if is_late:
                     item.done = True
                     record(item, OperationTimeout("sampling ran past its deadline"))
             batch.live = active_of(batch.live)  # the ended ones leave (their rows are free)

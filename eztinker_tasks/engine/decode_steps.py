@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from eztinker_tasks.engine import lockstep
 from eztinker_tasks.engine.kv_cache import KVStep
 from eztinker_tasks.engine.multilora import Adapter, LoraContext, LoraRoute, Segment
 from eztinker_tasks.engine.progress import Ticker
@@ -297,7 +298,10 @@ def pick_tokens(item: Live, logits: torch.Tensor, step: int) -> None:
     item.tokens[:, k] = token
     item.logprobs[:, k] = token_lp
     item.tops.append(top)
-    if req.sink is not None and publish(req.sink, k, token, token_lp, top, item.finished):
+    gone = req.sink is not None and publish(req.sink, k, token, token_lp, top, item.finished)
+    if lockstep.active() is not None:  # only rank 0 streams: every rank ends it with rank 0
+        gone = lockstep.agree_flags([gone])[0]
+    if gone:
         item.cancelled = True  # ``settle`` ends it at once
     hit = torch.isin(token, item.stop_ids)
     if req.stop.strings:

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from eztinker_tasks.engine import lockstep
 from eztinker_tasks.engine.models import LoadedBase
 from eztinker_tasks.engine.runs import RunState
 from eztinker_tasks.errors import InvalidRequest
@@ -44,12 +45,15 @@ def activation_bytes(base: LoadedBase, tokens: int, checkpointed: bool) -> int:
 
 
 def free_bytes(device: torch.device) -> int | None:
-    """Free device memory (CUDA: the driver's free plus the allocator's cached); None on CPU."""
+    """Free device memory (CUDA: the driver's free plus the allocator's cached); None on CPU.
+
+    On a multi-GPU worker, in lockstep, the least of the ranks' (so all decide alike).
+    """
     if device.type != "cuda":
-        return None
+        return lockstep.minimum(None)
     free, _ = torch.cuda.mem_get_info(device)
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(free + cached)
+    return lockstep.minimum(int(free + cached))
 
 
 def needs_checkpointing(mode: str, base: LoadedBase, tokens: int) -> bool:

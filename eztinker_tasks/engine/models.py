@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from eztinker_tasks import catalog, shapes
-from eztinker_tasks.engine import hub, kernels
+from eztinker_tasks.engine import hub, kernels, lockstep, sharding
 from eztinker_tasks.engine.adapters import Targets, discover_targets, tensor_bytes, tied_unembedding
 from eztinker_tasks.engine.multilora import LoraContext, inject
 from eztinker_tasks.engine.tiny import ensure_tiny_model
@@ -214,17 +214,25 @@ class ModelRegistry:
         except OSError as exc:
             log.warning("could not publish the tokenizer of %s to %s: %s", name, shared, exc)
 
-    def _shaped(self, name: str) -> tuple[PreTrainedModel, Any]:
+    def _shaped(self, name: str) -> tuple[nn.Module, Any]:
         """A random-weight model of a real shape, built on the device (see ``shapes``)."""
         spec = shapes.check(name)
         assert spec is not None
         model_type = spec.pop("model_type")
         config = AutoConfig.for_model(model_type, **spec)
         config._attn_implementation = "sdpa"
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.device(self.device):
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        group = lockstep.group()
+        if group is not None:  # never whole on one device: meta, sharded, then filled per shard
+            model = sharding.build_shaped(
+                lambda: AutoModelForCausalLM.from_config(config, dtype=self.dtype),
+                group,
+                self.dtype,
+            )
+        else:
+            devices = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), torch.device(self.device):
+                torch.manual_seed(0)
+                model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         directory = catalog.ensure_tokenizer(shapes.TOKENIZER, self.data_dir)
         return model, AutoTokenizer.from_pretrained(str(directory))
 
@@ -250,8 +258,14 @@ class ModelRegistry:
         return self._wrap(name, source, model, self._load_tokenizer(name, source))
 
     def _wrap(self, name: str, source: str, model: Any, tokenizer: Any | None) -> LoadedBase:
-        """Freeze a loaded model on the device and inject its multi-adapter LoRA layers."""
-        model.to(self.device)
+        """Freeze a loaded model on the device and inject its multi-adapter LoRA layers.
+
+        On a multi-GPU worker the decoder layers are then sharded over the ranks
+        (``sharding.shard``; a shaped base comes sharded already).
+        """
+        group = lockstep.group()
+        if group is None or not sharding.is_sharded(model):
+            model.to(self.device)
         model.requires_grad_(False)
         model.eval()
         kernels.fuse(model, self.device)
@@ -269,6 +283,9 @@ class ModelRegistry:
         params = inspect.signature(model.forward).parameters
         tied = tied_unembedding(model) is not None
         targets = discover_targets(model)
+        context = inject(model, targets.all)
+        if group is not None and not sharding.is_sharded(model):
+            sharding.shard(model, group)
         return LoadedBase(
             name=name,
             source=source,
@@ -278,6 +295,6 @@ class ModelRegistry:
             targets=targets,
             param_bytes=tensor_bytes(model.parameters()),
             cache_kwarg="cache" if "cache" in params else "past_key_values",
-            context=inject(model, targets.all),
+            context=context,
             tied_unembedding=tied,
         )

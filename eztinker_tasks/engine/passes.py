@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eztinker_tasks.engine import losses
+from eztinker_tasks.engine import lockstep, losses
 from eztinker_tasks.engine.attention import packed, packed_kwargs
 from eztinker_tasks.engine.batching import PackedBatch, Row, pack
 from eztinker_tasks.engine.checkpointing import activation_checkpointing
@@ -135,11 +135,15 @@ def _one_pass(
             run.adapter.requires_grad_(True)
     try:
         with torch.set_grad_enabled(backward):
-            route = LoraRoute(
-                [Segment(runs[run_id].adapter, a, b) for run_id, (a, b) in spans.items()],
-                base.dtype,
-            )
-            lp = _target_logprobs(base, batch, route, chunk_elements, checkpoint)
+            segments = [Segment(runs[run_id].adapter, a, b) for run_id, (a, b) in spans.items()]
+            group = lockstep.active()
+            if group is None or group.world == 1:
+                route = LoraRoute(segments, base.dtype)
+                lp = _target_logprobs(base, batch, route, chunk_elements, checkpoint)
+            else:
+                lp = _data_parallel_logprobs(
+                    base, rows, segments, group, chunk_elements, checkpoint
+                )
             call_results: dict[int, losses.LossResult] = {}
             for i in layout.order:
                 a, b = layout.token_span[i]
@@ -160,6 +164,14 @@ def _one_pass(
                     lp.retain_grad()
                 if total.requires_grad:
                     total.backward()
+                if lockstep.active() is not None:  # each rank back-propagated its rows only
+                    fresh = []
+                    for run in runs.values():
+                        for leaf in run.leaves:
+                            if leaf.grad is None:
+                                leaf.grad = torch.zeros_like(leaf)
+                            fresh.append(leaf.grad)
+                    lockstep.sum_(fresh)
                 for run_id, stash in stashes.items():
                     flag = stash.finite_flag()
                     run_flags[run_id] = (
@@ -302,6 +314,54 @@ def _target_logprobs(
         )
     finally:
         base.context.route = None
+
+
+def _data_parallel_logprobs(
+    base: LoadedBase,
+    rows: Sequence[Row],
+    segments: Sequence[Segment],
+    group: lockstep.Group,
+    chunk_elements: int,
+    checkpoint: bool,
+) -> torch.Tensor:
+    """The logprob of every packed target [N] (float32), each rank computing a share of the rows.
+
+    The rows are split into ``group.world`` contiguous shares balanced by tokens; this rank runs
+    the sharded model over its share only, and the shares' values are summed into the full [N]
+    vector on every rank. Only this rank's share carries autograd history, so a backward of any
+    loss over the full vector gives this rank's rows' gradient; the caller sums the ranks'
+    gradients (``lockstep.sum_``). A rank without a row runs one token of the first row with a
+    zero weight: every rank must run every forward and backward of a sharded model.
+    """
+    sizes = [len(r.tokens) for r in rows]
+    first, last = lockstep.split(sizes, group.world)[group.rank]
+    start, stop = sum(sizes[:first]), sum(sizes[:last])
+    mine = list(rows[first:last])
+    dummy = not mine
+    if dummy:
+        head = rows[0]
+        mine = [Row(head.tokens[:1], head.targets[:1], {k: v[:1] for k, v in head.floats.items()})]
+        start = stop = 0
+    local: list[Segment] = []
+    for seg in segments:  # the segments over this rank's tokens, shifted to start at 0
+        a, b = max(seg.start, start), min(seg.stop, stop)
+        if dummy and seg is segments[0]:
+            a, b = 0, 1
+        elif b <= a:
+            continue
+        else:
+            a, b = a - start, b - start
+        local.append(Segment(seg.adapter, a, b))
+    route = LoraRoute(local, base.dtype)
+    lp_mine = _target_logprobs(base, pack(mine, base.device), route, chunk_elements, checkpoint)
+    total = sum(sizes)
+    gathered = lp_mine.new_zeros(total, dtype=torch.float32)
+    if not dummy:
+        gathered[start:stop] = lp_mine.detach().float()
+    lockstep.sum_([gathered])
+    if dummy:
+        return gathered + lp_mine.float().sum() * 0.0
+    return torch.cat([gathered[:start], lp_mine.float(), gathered[stop:]])
 
 
 def _plain_unembedding(model: nn.Module) -> bool:

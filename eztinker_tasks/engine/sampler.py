@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from eztinker_tasks.engine import lockstep
 from eztinker_tasks.engine.batching import check_length, token_array
 from eztinker_tasks.engine.logprobs import target_logprobs
 from eztinker_tasks.engine.progress import Ticker
@@ -147,12 +148,15 @@ def pick(
         logprobs = torch.log_softmax(scaled, dim=-1)
         probs = torch.softmax(_filter(scaled, params.top_k, params.top_p), dim=-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    # A multi-GPU worker: every rank takes rank 0's token (the ranks' logits could differ in
+    # the last bit), so all feed the same tokens to the next step and stop together.
+    token = lockstep.agree(token)
     top = None
     k = min(params.top_logprobs, logprobs.shape[-1])
     if k > 0:
         values, ids = torch.topk(logprobs, k, dim=-1)
         top = (values, ids)
-    return token, logprobs.gather(1, token.unsqueeze(1)).squeeze(1), top
+    return token, lockstep.agree(logprobs.gather(1, token.unsqueeze(1)).squeeze(1)), top
 
 
 def top_pairs(top: Top | None) -> list[list[tuple[int, float]]] | None:
@@ -256,7 +260,7 @@ def generate(
     ticker = Ticker(progress)
 
     def check_deadline() -> None:
-        if time.monotonic() > deadline:
+        if lockstep.agree_flags([time.monotonic() > deadline])[0]:
             raise OperationTimeout("sampling ran past its deadline", errors={"sample": ["timeout"]})
 
     with torch.no_grad():
@@ -297,7 +301,10 @@ def generate(
             tokens[:, step] = token
             logprobs[:, step] = token_lp
             tops.append(top)
-            if sink is not None and publish(sink, step, token, token_lp, top, finished):
+            gone = sink is not None and publish(sink, step, token, token_lp, top, finished)
+            if lockstep.active() is not None:  # only rank 0 streams: all end with rank 0
+                gone = lockstep.agree_flags([gone])[0]
+            if gone:
                 raise RequestCancelled("the stream's consumer went away")
             hit = torch.isin(token, stop_ids)
             if stop.strings:
