@@ -73,6 +73,27 @@ def _logprobs(out: dict) -> list[float]:
     return [x for o in out["loss_fn_outputs"] for x in o["logprobs"]]
 
 
+def test_a_stream_cancelled_on_rank_zero_ends_on_every_rank(stack: Service) -> None:
+    """Only rank 0 streams: a client that goes away ends the request on all ranks together,
+    and the worker stays in step (the next sample succeeds)."""
+    with stack.http as http:
+        created = http.post("/v1/runs", json={"base_model": "tiny-llama", "rank": 4, "seed": 3})
+        run_id = created.json()["run_id"]
+        result_of(http, created)
+        assert http.get(f"/v1/runs/{run_id}").json()["worker"].startswith("multi@")
+        body = {"model": f"run:{run_id}", "prompt": "Once", "max_tokens": 1000, "stream": True}
+        url = stack.base_url + "/openai/v1/completions"
+        with httpx.Client(timeout=60) as raw, raw.stream("POST", url, json=body) as response:
+            assert response.status_code == 200
+            first = next(line for line in response.iter_lines() if line.startswith("data: {"))
+        future_id = "fut_" + first.split('"id":"cmpl-', 1)[1].split('"', 1)[0]
+        ended = wait_future(http, future_id, timeout=60)
+        assert ended["status"] == "failed" and ended["error"]["code"] == "cancelled", ended
+        after = result_of(http, http.post("/v1/sample", json={**PROMPT, "run_id": run_id}))
+        assert len(after["sequences"][0]["tokens"]) == PROMPT["max_tokens"]
+        http.delete(f"/v1/runs/{run_id}")
+
+
 def test_multi_rank_worker_serves_like_one_device(stack: Service) -> None:
     with stack.http as http:
         workers = http.get("/health").json()["workers"]
