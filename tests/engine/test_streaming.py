@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import logprob_atol, new_engine, new_run, peft_reference, sequence_datum, train
+from engine_helpers import (
+    DEVICE,
+    logprob_atol,
+    new_engine,
+    new_run,
+    peft_reference,
+    sequence_datum,
+    train,
+)
 
 from eztinker_tasks.engine.sample_batches import generate_one, prepare
 from eztinker_tasks.errors import InvalidRequest, RequestCancelled
@@ -119,7 +127,11 @@ def test_the_fallback_sampler_streams_and_cancels(trained) -> None:
         engine._source, SampleCall(RUN, [5, 6], 2, params, sink=_collect(steps))
     )
     out = generate_one(base, request, engine.config)
-    assert out == engine.sample(RUN, [5, 6], 2, params)
+    if torch.device(DEVICE).type == "cpu":
+        # Bit-identical on the CPU. On a GPU the two loops' kernels differ in the last bits
+        # (reduction order, TF32), which can flip a sampled token: there only the stream is
+        # compared with the loop's own output.
+        assert out == engine.sample(RUN, [5, 6], 2, params)
     assert [s.tokens[0] for s in steps] == out.sequences[0].tokens
     steps.clear()
     base, request = prepare(

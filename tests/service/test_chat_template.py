@@ -21,7 +21,8 @@ MESSAGES = [
 
 
 @pytest.mark.parametrize("name", sorted(catalog.BUILTIN_MODELS))
-def test_web_rendering_equals_transformers(data_dir: Path, name: str) -> None:
+def test_web_rendering_equals_transformers(model_cache: Path, name: str) -> None:
+    data_dir = model_cache  # the tiny models, built once per session
     tokenizer = AutoTokenizer.from_pretrained(catalog.model_dir(name, data_dir))
     assert tokenizer is not None
     want = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
