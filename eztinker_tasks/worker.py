@@ -40,6 +40,7 @@ from eztinker_tasks import (  # noqa: F401 - tasks: registers them
     runtime,
     tasks,
 )
+from eztinker_tasks.errors import EZTinkerError
 from eztinker_tasks.store import StartingWorker, Store, WorkerRecord
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,8 @@ def _on_shutdown(sender: object = None, **_: object) -> None:
             taken = rt.snapshots.flush(dict(rt.applied_seq))
             if taken:
                 log.info("snapshotted %d runs before stopping", taken)
+        except EZTinkerError as exc:  # e.g. a multi-GPU worker with a dead rank
+            log.warning("no snapshots before stopping (a restart replays the op log): %s", exc)
         except Exception:
             log.exception("snapshots before stopping failed (a restart replays the op log)")
     if _heartbeat is not None:
