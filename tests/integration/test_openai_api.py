@@ -366,14 +366,14 @@ def test_chat_takes_an_explicit_null_as_the_default(service: Service, param: str
 
 def test_null_is_still_refused_where_it_means_nothing(service: Service) -> None:
     url = service.base_url + "/openai/v1/"
+    no_content = [{"role": "user", "content": None}]
     cases = [
         ("completions", {"model": "tiny-gpt2", "prompt": None}, "prompt"),
         ("completions", {"model": None, "prompt": "x"}, "model"),
         ("completions", {"model": "tiny-gpt2", "prompt": "x", "top_k": None}, "top_k"),
         ("chat/completions", {"model": "tiny-gpt2", "messages": None}, "messages"),
         ("chat/completions", {"model": "tiny-gpt2", "messages": [{"role": "user"}]}, "messages"),
-        ("chat/completions", {"model": "tiny-gpt2", "messages": [{"role": "user", "content": None}]},
-         "messages[0].content"),
+        ("chat/completions", {"model": "tiny-gpt2", "messages": no_content}, "messages[0].content"),
         ("chat/completions", {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}],
                               "reasoning_effort": "low"}, "reasoning_effort"),
         ("chat/completions", {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}],
