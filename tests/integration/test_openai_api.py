@@ -258,7 +258,7 @@ def test_live_weights_are_a_snapshot_at_the_request(
         ({"temperature": 5}, openai.BadRequestError, "temperature"),
         ({"n": 0}, openai.BadRequestError, "n"),
         ({"top_p": 0}, openai.BadRequestError, "top_p"),
-        ({"max_tokens": 5000}, openai.BadRequestError, "prompt"),  # over the context
+        ({"max_tokens": 5000}, openai.BadRequestError, "max_tokens"),  # over the context
         ({"logprobs": 50}, openai.BadRequestError, "logprobs"),
         ({"echo": True}, openai.BadRequestError, "echo"),
         ({"presence_penalty": 1.0}, openai.BadRequestError, "presence_penalty"),
@@ -402,3 +402,37 @@ def test_an_assistant_turn_without_content(client: openai.OpenAI) -> None:
     )
     assert with_null.choices[0].message.content == empty.choices[0].message.content
     assert with_null.usage == empty.usage
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_over_the_context_says_so_as_openai_does(client: openai.OpenAI, stream: bool) -> None:
+    """tiny-gpt2's context is 1024: OpenAI's ``context_length_exceeded``, with the counts, and
+    the parameter to shorten (the prompt when it alone is too long, else ``max_tokens``)."""
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        ({"prompt": [5], "max_tokens": 3000}, "max_tokens", "1 in the prompt, 3000 in the"),
+        ({"prompt": "word " * 2000, "max_tokens": 4}, "prompt", "in the prompt, 4 in the"),
+        ({"prompt": [5] * 1030, "max_tokens": 4}, "prompt", "1030 in the prompt, 4 in the"),
+    ]
+    for body, param, counts in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="tiny-gpt2", stream=stream, **body)
+        error: Any = caught.value.body
+        assert (error["code"], error["param"]) == ("context_length_exceeded", param), error
+        assert "maximum context length is 1024 tokens" in error["message"], error
+        assert counts in error["message"], error
+    long_chat = [{"role": "user", "content": "word " * 2000}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny-gpt2", messages=long_chat, stream=stream)
+    error = caught.value.body
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "messages"), error
+    assert "in the messages" in error["message"], error
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="tiny-gpt2", messages=[{"role": "user", "content": "Hi"}], max_tokens=2000,
+            stream=stream,
+        )  # fmt: skip
+    error = caught.value.body
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "max_tokens"), error
+    # a completion that fits to the last position is served
+    fits = client.completions.create(model="tiny-gpt2", prompt=[5] * 1020, max_tokens=4)
+    assert fits.usage is not None and fits.usage.prompt_tokens == 1020
