@@ -241,6 +241,33 @@ def test_a_checkpoint_is_deleted_only_once_confirmed(
     assert watched.errors == []
 
 
+def test_a_run_that_is_gone_says_so_and_stops_polling(
+    service: Service, watched: Watched, http: httpx.Client
+) -> None:
+    """A deleted run (or a typo, or another tenant's run): the page says there is no such run,
+    offers nothing for it, and stops asking for it (it polled its three 404s every 2 s)."""
+    page = watched.page
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url) if "/v1/runs/" in r.url else None)
+    page.goto(f"{service.base_url}/console/runs/run_nosuchrun")
+    gone = page.locator("#run-gone")
+    expect(gone).to_be_visible()
+    expect(gone).to_contain_text("run_nosuchrun")
+    expect(page.locator("#run-sections")).to_be_hidden()
+    expect(page.locator("text=loading… >> visible=true")).to_have_count(0)
+    watched.shot("run-gone")
+    before = len(asked)
+    page.wait_for_timeout(5000)  # more than two poll periods
+    assert len(asked) == before, asked[before:]
+    # a run deleted while its page is open
+    run_id = train(service, 1)
+    page.goto(f"{service.base_url}/console/runs/{run_id}")
+    expect(page.locator('figure.chart[data-metric="loss:sum"] canvas')).to_be_visible()
+    result_of(http, http.delete(f"/v1/runs/{run_id}"))
+    expect(gone).to_be_visible(timeout=15_000)
+    expect(page.locator("#run-sections")).to_be_hidden()
+
+
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Any]:
     svc = start_tenant_stack(tmp_path_factory.mktemp("console-keys"), model_cache, {})
@@ -274,7 +301,8 @@ def test_with_keys_on_the_console_asks_for_one_and_shows_that_tenants_runs(
     assert watched.errors == []
     # bob's run page, with alice's key: unknown, as a run that never existed
     page.goto(f"{svc.base_url}/console/runs/{runs['bob']}")
-    expect(page.locator("#error")).to_contain_text(f"unknown run '{runs['bob']}'")
+    expect(page.locator("#run-gone")).to_contain_text(runs["bob"])
+    expect(page.locator("#run-sections")).to_be_hidden()
     # the playground offers alice's run, not bob's
     page.goto(svc.base_url + "/console/playground")
     expect(page.locator(f'#source option[value="run:{runs["alice"]}"]')).to_have_count(1)

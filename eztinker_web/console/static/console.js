@@ -98,15 +98,17 @@ function showError(err) {
   box.hidden = false;
 }
 
-// Poll ``fn`` every POLL_MS while the page is visible; errors show in the banner.
+// Poll ``fn`` every POLL_MS while the page is visible; errors show in the banner. The
+// function returned stops it (also from inside ``fn``).
 function poll(fn) {
   let timer = null;
+  let stopped = false;
   const tick = async () => {
     try { await fn(); showError(null); } catch (err) { showError(err); }
-    timer = setTimeout(tick, POLL_MS);
+    if (!stopped) timer = setTimeout(tick, POLL_MS);
   };
   tick();
-  return () => clearTimeout(timer);
+  return () => { stopped = true; clearTimeout(timer); };
 }
 
 // -- the key bar ---------------------------------------------------------------------------
@@ -338,7 +340,24 @@ function runPage() {
     fillBody($("#operations"), rows, "No operations yet.", 8);
   }
 
-  poll(async () => { await Promise.all([showRun(), showMetrics(), showOperations()]); });
+  // a run that is not there (deleted, mistyped, another tenant's) is said so, once
+  function runGone() {
+    $("#run-status").replaceChildren(badge("not found"));
+    $("#run-sections").hidden = true;
+    $("#run-gone").hidden = false;
+  }
+
+  const stop = poll(async () => {
+    try {
+      await showRun();
+    } catch (err) {
+      if (!(err instanceof ApiError && err.status === 404)) throw err;
+      stop();
+      runGone();
+      return;
+    }
+    await Promise.all([showMetrics(), showOperations()]);
+  });
 }
 
 // -- the playground ---------------------------------------------------------------------------
