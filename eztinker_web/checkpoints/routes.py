@@ -12,10 +12,10 @@ import tempfile
 from pathlib import Path
 
 from flask import Response, send_file
-from eztinker_web.blueprint import Blueprint
 
 from eztinker_tasks import checkpoint_paths
 from eztinker_tasks.errors import UnknownRun
+from eztinker_web.blueprint import Blueprint
 from eztinker_web.checkpoints.listing import delete_checkpoint, get_checkpoint, list_checkpoints
 from eztinker_web.checkpoints.schemas import CheckpointListSchema, CheckpointSchema
 from eztinker_web.services import services
