@@ -215,6 +215,46 @@ def test_the_playground_returns_the_completion_sample_gives(
     assert watched.errors == []
 
 
+def test_the_playground_asks_for_token_texts_once_and_drops_old_samples(
+    service: Service, watched: Watched, http: httpx.Client
+) -> None:
+    """The per-token view's texts come in one request per sampling (it sent one request per
+    distinct token: 1,749 for 8 x 512 tokens), and a new request's samples never sit beside an
+    error as if they were its answer."""
+    page = watched.page
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url) if r.url.endswith("/v1/detokenize") else None)
+    page.goto(f"{service.base_url}/console/playground")
+    page.select_option("#source", "base:tiny-gpt2")
+    page.fill("#max_tokens", "40")
+    page.fill("#temperature", "1.5")
+    page.fill("#num_samples", "4")
+    page.fill("#seed", "9")
+    page.click("#sample-go")
+    expect(page.locator("#sample-state")).to_contain_text("done")
+    expect(page.locator("article.sample")).to_have_count(4)
+    assert len(asked) == 1, len(asked)
+    body = {"base_model": "tiny-gpt2", "prompt": "Once upon a time,", "max_tokens": 40,
+            "temperature": 1.5, "top_p": 1, "num_samples": 4, "seed": 9}  # fmt: skip
+    expected = result_of(http, http.post("/v1/sample", json=body))["sequences"]
+    for i, seq in enumerate(expected):
+        chips = page.locator(f'article.sample[data-sample="{i}"] .tok-text').all_inner_texts()
+        own = [
+            http.post("/v1/detokenize", json={"base_model": "tiny-gpt2", "tokens": [t]}).json()
+            for t in seq["tokens"]
+        ]
+        assert chips == [o["text"].replace("\n", "⏎") or "·" for o in own]
+    # the same token texts again: nothing more to ask
+    page.click("#sample-go")
+    expect(page.locator("#sample-state")).to_contain_text("done")
+    assert len(asked) == 1, len(asked)
+    # a request refused: its error, and no samples of an earlier request
+    page.fill("#max_tokens", "100000")
+    page.click("#sample-go")
+    expect(page.locator("#error")).to_contain_text("max_tokens")
+    expect(page.locator("article.sample")).to_have_count(0)
+
+
 def test_a_checkpoint_is_deleted_only_once_confirmed(
     service: Service, trained: str, watched: Watched, http: httpx.Client
 ) -> None:

@@ -400,6 +400,8 @@ async function playgroundPage() {
     const go = $("#sample-go");
     go.disabled = true;
     state.textContent = "queued…";
+    $("#samples").replaceChildren();  // an earlier request's samples are not this one's answer
+    showError(null);
     try {
       const sent = await api("/v1/sample", { method: "POST", json: body });
       const done = await waitFuture(sent.future_id, (f) => {
@@ -419,23 +421,27 @@ async function playgroundPage() {
   });
 }
 
-// Each token's own text, for the per-token view: one small request per distinct token, kept.
+// Each token's own text, for the per-token view: the distinct tokens not seen before, in one
+// request per sampling (``token_texts``), kept.
 const tokenTexts = new Map();
-function tokenText(baseModel, token) {
-  const key = `${baseModel}\u0000${token}`;
-  if (!tokenTexts.has(key)) {
-    tokenTexts.set(key, api("/v1/detokenize", {
-      method: "POST", json: { base_model: baseModel, tokens: [token] },
-    }).then((r) => r.text));
+async function loadTokenTexts(baseModel, tokens) {
+  const key = (t) => `${baseModel}\u0000${t}`;
+  const missing = [...new Set(tokens)].filter((t) => !tokenTexts.has(key(t)));
+  if (missing.length) {
+    const got = await api("/v1/detokenize", {
+      method: "POST", json: { base_model: baseModel, tokens: missing, token_texts: true },
+    });
+    for (const t of missing) tokenTexts.set(key(t), got.token_texts[String(t)]);
   }
-  return tokenTexts.get(key);
+  return (t) => tokenTexts.get(key(t));
 }
 
 async function showSamples(result, prompt, baseModel) {
   const out = $("#samples");
   const cards = [];
+  const textOf = await loadTokenTexts(baseModel, result.sequences.flatMap((s) => s.tokens));
   for (const [i, seq] of result.sequences.entries()) {
-    const pieces = await Promise.all(seq.tokens.map((t) => tokenText(baseModel, t)));
+    const pieces = seq.tokens.map(textOf);
     const total = seq.logprobs.reduce((a, b) => a + b, 0);
     cards.push(el("article", { class: "card sample", "data-sample": i },
       el("h2", {}, `Sample ${i + 1} `, el("span", { class: "hint",
