@@ -8,6 +8,7 @@ shows that tenant's runs only. Screenshots of every page go to ``artifacts/conso
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -253,6 +254,22 @@ def test_the_playground_asks_for_token_texts_once_and_drops_old_samples(
     page.click("#sample-go")
     expect(page.locator("#error")).to_contain_text("max_tokens")
     expect(page.locator("article.sample")).to_have_count(0)
+
+
+def test_after_loading_an_earlier_state_the_chart_is_the_runs_own(
+    service: Service, watched: Watched, http: httpx.Client
+) -> None:
+    """Steps made again after a load of an earlier state replace the abandoned ones in the
+    chart (they were added to them: the loss at step 2 doubled)."""
+    from tests.integration.test_metrics_history import rewound_run
+
+    run_id, now = rewound_run(http)
+    page = watched.page
+    page.goto(f"{service.base_url}/console/runs/{run_id}")
+    holder = page.locator('figure.chart[data-metric="loss:sum"][data-op="forward_backward"]')
+    expect(holder).to_have_attribute("data-points", "4")
+    shown = json.loads(holder.get_attribute("data-values") or "null")
+    assert shown == pytest.approx([now[i] for i in range(4)])
 
 
 def test_a_checkpoint_is_deleted_only_once_confirmed(

@@ -171,11 +171,26 @@ function runsPage() {
 const STEP_INCREMENTS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 1e6];
 const COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#db2777", "#0891b2"];
 
+// The points of the run as it now stands (eztinker.history.current_branch): after a load
+// of an earlier state the run makes those steps again, and an op that starts below the step
+// the run had reached drops the earlier points from that step on.
+function currentBranch(points) {
+  let kept = [];
+  let at = 0;
+  for (const p of [...points].sort((a, b) => a.seq_id - b.seq_id)) {
+    const start = p.op === "optim_step" ? p.step - 1 : p.step;
+    if (start < at) kept = kept.filter((q) => (q.op === "optim_step" ? q.step <= start : q.step < start));
+    kept.push(p);
+    at = p.step;
+  }
+  return kept;
+}
+
 // Per step: a forward_backward metric summed over the step's calls when it is a sum
 // (``name:sum``), else averaged; an optim_step metric as it is.
 function seriesByStep(points, op, name) {
   const byStep = new Map();
-  for (const p of points) {
+  for (const p of currentBranch(points)) {
     if (p.op !== op || !(name in p.metrics)) continue;
     const s = byStep.get(p.step) || { total: 0, n: 0 };
     s.total += p.metrics[name];
@@ -245,6 +260,7 @@ class Charts {
         chart.plot.setData(data);
       }
       chart.holder.dataset.points = String(data[0].length);
+      chart.holder.dataset.values = JSON.stringify(data[1]);
     });
   }
 
