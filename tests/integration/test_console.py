@@ -379,6 +379,7 @@ def test_with_keys_on_the_console_asks_for_one_and_shows_that_tenants_runs(
     page.fill("#key-input", "not-a-key")
     page.click('#key-form button[type="submit"]')
     expect(page.locator("#key-error")).to_contain_text("refused")
+    expect(page.locator("#key-label")).to_have_text("key refused")  # not "key set"
 
 
 def test_artifacts_are_ignored_by_git() -> None:

@@ -118,6 +118,7 @@ function askForKey(message) {
   const error = $("#key-error");
   error.hidden = !message;
   error.textContent = message || "";
+  if (message && apiKey()) $("#key-label").textContent = "key refused";  // not "key set"
 }
 
 // False when the page must wait for a key (keys are on and none is kept).
