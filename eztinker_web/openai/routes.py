@@ -23,6 +23,7 @@ from eztinker_tasks.errors import (
     EZTinkerError,
     InvalidRequest,
     OperationTimeout,
+    ServiceUnavailable,
     UnknownModel,
 )
 from eztinker_tasks.types import SamplingParams
@@ -200,7 +201,8 @@ def _generate(req: schemas.GenerationRequest):
 
 
 def _wait(future_id: str, timeout_s: float) -> dict[str, Any]:
-    """The future's body once it is done; OperationTimeout (504) after ``timeout_s``."""
+    """The future's body once it is done; OperationTimeout (504) after ``timeout_s``;
+    ServiceUnavailable (503: send it again) at once when this process is stopping."""
     deadline = time.monotonic() + timeout_s
     svc, who = services(), caller()
     while True:
@@ -208,5 +210,7 @@ def _wait(future_id: str, timeout_s: float) -> dict[str, Any]:
         body = future_status(svc, future_id, max(0.0, min(WAIT_SLICE_S, left)), caller=who)
         if body["status"] in ("succeeded", "failed"):
             return body
+        if svc.closing:  # long-polls answer at once now: this loop would spin until killed
+            raise ServiceUnavailable("the server is stopping: send the request again")
         if left <= 0:
             raise OperationTimeout(f"no result within {timeout_s:g} s")

@@ -144,3 +144,41 @@ def test_an_openai_stream_ends_and_its_generation_stops_when_the_web_stops(
             time.sleep(0.1)
     finally:
         svc.stop()
+
+
+def test_an_openai_completion_answers_503_when_the_web_stops(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """Ctrl-C while a client waits for a long (not streamed) completion: it gets OpenAI's error
+    object, 503 (send it again), at once; it got no answer at all (the connection was dropped
+    after gunicorn's 10 s graceful timeout, the view polling its future in a hot loop)."""
+    import httpx
+
+    svc = start_service(tmp_path, model_cache)
+    try:
+        body = {"model": "tiny-gpt2", "prompt": "x", "max_tokens": 1000, "n": 128, "seed": 1}
+        answer: dict[str, Any] = {}
+
+        def wait() -> None:
+            url = svc.base_url + "/openai/v1/completions"
+            try:
+                reply = httpx.post(url, json=body, timeout=60)
+                answer["reply"] = (reply.status_code, reply.json())
+            except httpx.HTTPError as exc:
+                answer["reply"] = repr(exc)
+            answer["at"] = time.monotonic()
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(2.0)  # the generation is under way
+        assert waiter.is_alive(), answer
+        web = svc.processes["web"]
+        t0 = time.monotonic()
+        web.send_signal(signal.SIGINT)
+        web.wait(30)
+        waiter.join(10)
+        assert answer["at"] - t0 < 5, f"answered {answer['at'] - t0:.1f} s after Ctrl-C"
+        status, error = answer["reply"]
+        assert status == 503 and error["error"]["code"] == "service_unavailable", error
+    finally:
+        svc.stop()
