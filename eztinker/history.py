@@ -37,11 +37,34 @@ class MetricPoint:
         )
 
 
+def current_branch(points: Sequence[MetricPoint]) -> list[MetricPoint]:
+    """The points of the run as it now stands, in seq_id order.
+
+    A run that loads an earlier state goes back to that state's step and makes those steps
+    again: an op that starts below the step the run had reached (a ``forward_backward`` at step
+    s, an ``optim_step`` making step s, starts at s - 1) supersedes the earlier points from
+    that step on, which are dropped. (A load of a state at the very step the run had reached
+    leaves no trace in the steps, so it cannot be told apart.)
+    """
+    kept: list[MetricPoint] = []
+    at = 0  # the step the run had reached
+    for p in sorted(points, key=lambda p: p.seq_id):
+        start = p.step - 1 if p.op == "optim_step" else p.step
+        if start < at:
+            kept = [
+                q for q in kept if (q.step <= start if q.op == "optim_step" else q.step < start)
+            ]
+        kept.append(p)
+        at = p.step
+    return kept
+
+
 def loss_by_step(points: Sequence[MetricPoint], metric: str = LOSS) -> list[tuple[int, float]]:
-    """(step, loss) per optimizer step, in step order: the ``forward_backward`` losses of a step
-    summed (a step's gradient accumulates over its forward_backwards, and losses are sums)."""
+    """(step, loss) per optimizer step, in step order, of the run as it now stands
+    (``current_branch``): the ``forward_backward`` losses of a step summed (a step's gradient
+    accumulates over its forward_backwards, and losses are sums)."""
     total: dict[int, float] = {}
-    for p in points:
+    for p in current_branch(points):
         if p.op == "forward_backward" and metric in p.metrics:
             total[p.step] = total.get(p.step, 0.0) + p.metrics[metric]
     return sorted(total.items())

@@ -129,6 +129,14 @@ class Store(WorkerRecords, Application):
         done = self._rewrite_run(run_id, lambda r: replace(r, **changes), counters)
         return done[0] if done else None
 
+    def replace_last_state(self, run_id: str, gone: str, newest: str | None) -> None:
+        """Name ``newest`` (a state checkpoint path, or None) as the run's ``last_state`` if
+        it still names ``gone``, a checkpoint just deleted (atomic against a save that names
+        a new one meanwhile)."""
+        self._rewrite_run(
+            run_id, lambda r: replace(r, last_state=newest) if r.last_state == gone else None
+        )
+
     def move_run(self, run_id: str, from_worker: str, to_worker: str) -> tuple[RunRecord, bool]:
         """Record ``to_worker`` as the run's worker if it is still ``from_worker``.
 

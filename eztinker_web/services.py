@@ -66,6 +66,11 @@ class Services:
         assert self._watcher is not None
         return self._watcher
 
+    @property
+    def closing(self) -> bool:
+        """The process is stopping (``close_long_polls`` was called): waits end now."""
+        return self._closing
+
     def close_long_polls(self) -> None:
         """The process is stopping: long-polls answer now (see ``gunicorn_hooks``)."""
         with self._lock:

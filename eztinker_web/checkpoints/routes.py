@@ -12,10 +12,10 @@ import tempfile
 from pathlib import Path
 
 from flask import Response, send_file
-from eztinker_web.blueprint import Blueprint
 
 from eztinker_tasks import checkpoint_paths
 from eztinker_tasks.errors import UnknownRun
+from eztinker_web.blueprint import Blueprint
 from eztinker_web.checkpoints.listing import delete_checkpoint, get_checkpoint, list_checkpoints
 from eztinker_web.checkpoints.schemas import CheckpointListSchema, CheckpointSchema
 from eztinker_web.services import services
@@ -58,9 +58,16 @@ def get_one(run_id: str, name: str):
 @blp.response(200, CheckpointSchema)
 @blp.errors(400, 404)
 def delete_one(run_id: str, name: str):
-    """Delete one checkpoint from disk."""
+    """Delete one checkpoint from disk. Where it was the run's ``last_state``, the newest
+    state checkpoint left (or none) becomes it."""
+    svc = services()
     path = checkpoint_paths.format_path(run_id, name)
-    return delete_checkpoint(services().settings, path).to_dict()
+    info = delete_checkpoint(svc.settings, path)
+    if info.kind == "state":
+        left = [c for c in list_checkpoints(svc.settings, run_id) if c.kind == "state"]
+        newest = max(left, key=lambda c: c.created_at, default=None)
+        svc.store.replace_last_state(run_id, path, newest.path if newest else None)
+    return info.to_dict()
 
 
 @blp.route("/runs/<run_id>/checkpoints/<name>/archive", methods=["GET"])

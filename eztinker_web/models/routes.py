@@ -68,7 +68,8 @@ def tokenize(args: dict[str, Any]):
 @blp.response(200, TextSchema)
 @blp.errors(400, 404)
 def detokenize(args: dict[str, Any]):
-    """Token ids to text."""
+    """Token ids to text; with ``token_texts``, also each distinct token's own text (what a
+    per-token view shows), so one request serves a whole sample."""
     svc = services()
     model = args["base_model"] or svc.settings.default_model
     vocab = svc.tokenizers.get(model).get_vocab_size(with_added_tokens=True)
@@ -78,7 +79,13 @@ def detokenize(args: dict[str, Any]):
             f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
             errors={"tokens": [f"out of range: {bad[0]}"]},
         )
-    return {"text": svc.tokenizers.decode(model, args["tokens"]), "base_model": model}
+    text = svc.tokenizers.decode(model, args["tokens"])
+    out: dict[str, Any] = {"text": text, "base_model": model}
+    if args["token_texts"]:
+        out["token_texts"] = {
+            str(t): svc.tokenizers.decode(model, [t]) for t in dict.fromkeys(args["tokens"])
+        }
+    return out
 
 
 @blp.route("/models/<path:name>/tokenizer/<filename>", methods=["GET"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from marshmallow import Schema, fields, validate
 
-from eztinker_web.fields import IntList
+from eztinker_web.fields import IntList, JsonBoolean
 
 
 class ModelSchema(Schema):
@@ -41,11 +41,20 @@ DETOKENIZE_EXAMPLE = {"tokens": [281, 559, 311, 286, 1093], "base_model": "tiny-
 class DetokenizeSchema(Schema):
     base_model = fields.String(load_default=None, validate=validate.Length(min=1, max=256))
     tokens = IntList(required=True)
+    token_texts = JsonBoolean(
+        load_default=False,
+        metadata={"description": "Also return each distinct token's own text (token_texts)"},
+    )
 
 
 class TextSchema(Schema):
     text = fields.String(required=True)
     base_model = fields.String(required=True)
+    token_texts = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        metadata={"description": "Each distinct token id (as a string) to its own text"},
+    )
 
 
 class ModelQuerySchema(Schema):

@@ -23,6 +23,7 @@ from eztinker_tasks.errors import (
     EZTinkerError,
     InvalidRequest,
     OperationTimeout,
+    ServiceUnavailable,
     UnknownModel,
 )
 from eztinker_tasks.types import SamplingParams
@@ -42,6 +43,35 @@ bp = Blueprint("openai", __name__, url_prefix="/openai/v1")
 
 WAIT_SLICE_S = 10.0
 CHAT_DEFAULT_MAX_TOKENS = 512  # chat's max_tokens when none is given and the context is unknown
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt and the tokens asked for do not fit the model's context (OpenAI's code)."""
+
+    code = "context_length_exceeded"
+
+
+def _check_context(
+    req: schemas.GenerationRequest, base: str, prompt: list[int] | None, max_tokens: int
+) -> None:
+    """ContextLengthExceeded (400) where ``prompt`` + ``max_tokens`` is over ``base``'s
+    context, in OpenAI's words; the parameter to shorten is the prompt (or messages) when it
+    alone fills the context, else ``max_tokens``. A prompt the web cannot tokenize yet, or a
+    model whose context is unknown, is checked by the worker."""
+    limits = dispatch.model_limits(base)
+    if limits is None or prompt is None:
+        return
+    context, n = limits[1], len(prompt)
+    if n + max_tokens <= context:
+        return
+    where = "messages" if req.chat else "prompt"
+    param = where if n >= context else "max_tokens"
+    raise ContextLengthExceeded(
+        f"This model's maximum context length is {context} tokens. However, you requested "
+        f"{n + max_tokens} tokens ({n} in the {where}, {max_tokens} in the completion). "
+        f"Please reduce the length of the {where} or completion.",
+        errors={param: ["over the model's context"]},
+    )
 
 
 def status_of(code: str | None) -> int:
@@ -125,8 +155,10 @@ def _generate(req: schemas.GenerationRequest):
             f"the base model of {req.model!r} is not known", errors={"model": ["no base model"]}
         )
     prompt = _prompt(req, base)
+    max_tokens = _max_tokens(req, base, prompt)
+    _check_context(req, base, prompt, max_tokens)
     params = SamplingParams(
-        max_tokens=_max_tokens(req, base, prompt),
+        max_tokens=max_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
         stop=req.stop or None,  # None: EOS only; strings: those and EOS
@@ -169,7 +201,8 @@ def _generate(req: schemas.GenerationRequest):
 
 
 def _wait(future_id: str, timeout_s: float) -> dict[str, Any]:
-    """The future's body once it is done; OperationTimeout (504) after ``timeout_s``."""
+    """The future's body once it is done; OperationTimeout (504) after ``timeout_s``;
+    ServiceUnavailable (503: send it again) at once when this process is stopping."""
     deadline = time.monotonic() + timeout_s
     svc, who = services(), caller()
     while True:
@@ -177,5 +210,7 @@ def _wait(future_id: str, timeout_s: float) -> dict[str, Any]:
         body = future_status(svc, future_id, max(0.0, min(WAIT_SLICE_S, left)), caller=who)
         if body["status"] in ("succeeded", "failed"):
             return body
+        if svc.closing:  # long-polls answer at once now: this loop would spin until killed
+            raise ServiceUnavailable("the server is stopping: send the request again")
         if left <= 0:
             raise OperationTimeout(f"no result within {timeout_s:g} s")

@@ -4,6 +4,8 @@ Marshmallow schemas turn the JSON into one frozen ``GenerationRequest``. Paramet
 has and EZTinker does not (``echo``, ``suffix``, ``best_of`` above ``n``, penalties,
 ``logit_bias``, tools, JSON mode, several prompts in one request) are refused with a 400
 that names them, never silently ignored; unknown parameters are refused too, as OpenAI does.
+Every optional parameter may be sent as an explicit ``null``, which means its default (OpenAI
+declares them nullable, and clients built from typed request objects send every unset one).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from eztinker_tasks.errors import InvalidRequest
 from eztinker_tasks.limits import MAX_TOP_LOGPROBS
 from eztinker_web.fields import FiniteFloat, JsonBoolean, JsonInteger
 
-IGNORED = ("user", "metadata", "store", "service_tier")  # accepted, no effect here
+IGNORED = (  # accepted, no effect here
+    "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+)  # fmt: skip
 MAX_STOPS = 4  # as OpenAI
 
 
@@ -77,6 +81,8 @@ class _Common(Schema):  # loaded with unknown=RAISE: OpenAI refuses unknown argu
     metadata = fields.Raw(load_default=None)
     store = fields.Raw(load_default=None)
     service_tier = fields.Raw(load_default=None)
+    prompt_cache_key = fields.Raw(load_default=None)
+    safety_identifier = fields.Raw(load_default=None)
 
 
 class _Completions(_Common):
@@ -98,8 +104,8 @@ class _Message(Schema):
     role = fields.String(
         required=True, validate=validate.OneOf(["system", "developer", "user", "assistant"])
     )
-    content = fields.Raw(required=True)
-    name = fields.String(load_default=None)
+    content = fields.Raw(required=True, allow_none=True)  # null: an assistant turn only
+    name = fields.String(load_default=None, allow_none=True)
 
 
 class _Chat(_Common):
@@ -119,6 +125,16 @@ class _Chat(_Common):
     function_call = fields.Raw(load_default=None)
     parallel_tool_calls = fields.Raw(load_default=None)
     response_format = fields.Raw(load_default=None)
+    modalities = fields.Raw(load_default=None)
+    reasoning_effort = fields.Raw(load_default=None)
+    verbosity = fields.Raw(load_default=None)
+    prediction = fields.Raw(load_default=None)
+    audio = fields.Raw(load_default=None)
+    web_search_options = fields.Raw(load_default=None)
+
+
+# chat parameters of models EZTinker does not serve (reasoning, audio, search): null only
+_CHAT_UNSUPPORTED = ("reasoning_effort", "verbosity", "prediction", "audio", "web_search_options")
 
 
 def _unsupported(param: str, why: str) -> InvalidRequest:
@@ -128,6 +144,12 @@ def _unsupported(param: str, why: str) -> InvalidRequest:
 def _load(schema: Schema, body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object", errors={"body": ["not an object"]})
+    declared = schema.fields
+    # an optional parameter sent as null is left out (its default); required and unknown
+    # ones are not, so that a null model or prompt, or a bogus argument, is still refused
+    body = {
+        k: v for k, v in body.items() if v is not None or k not in declared or declared[k].required
+    }
     try:
         return schema.load(body)
     except ValidationError as exc:
@@ -218,6 +240,11 @@ def chat_request(body: Any) -> GenerationRequest:
     for param in ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"):
         if data[param] not in (None, [], "none"):
             raise _unsupported(param, "tool and function calling are not supported")
+    for param in _CHAT_UNSUPPORTED:
+        if data[param] is not None:
+            raise _unsupported(param, "not supported by the models EZTinker serves")
+    if data["modalities"] not in (None, ["text"]):
+        raise _unsupported("modalities", "only ['text'] is supported")
     fmt = data["response_format"]
     if fmt is not None and fmt != {"type": "text"}:
         raise _unsupported("response_format", "only {'type': 'text'} is supported")
@@ -240,6 +267,8 @@ def chat_request(body: Any) -> GenerationRequest:
 
 def _message(i: int, message: dict[str, Any]) -> dict[str, str]:
     content = message["content"]
+    if content is None and message["role"] == "assistant":
+        content = ""  # a refusal or tool-call turn replayed from an earlier answer
     if isinstance(content, list):
         parts = []
         for part in content:

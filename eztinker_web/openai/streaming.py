@@ -7,6 +7,9 @@ notices a failed future, a client gone, or its deadline), turns new tokens into 
 read. The future stays the authority: when the request ends, the final result fills in
 anything the stream did not carry. A client that goes away (the next write fails: gunicorn
 closes the generator) sets the request's cancel flag, and the worker's decode loop ends it.
+A web process that stops (Ctrl-C, SIGTERM) ends its streams within ``POLL_S`` the same way,
+with an error event (503: send the request again) and ``[DONE]``, so it exits promptly and
+no worker decodes on for a client it can no longer answer.
 
 Every wait has a bound; the web thread waits, no worker does. No model code runs here.
 """
@@ -88,6 +91,14 @@ def sse(
                     yield ": waiting\n\n"  # a write: it fails once the client is gone
             if body is not None and body["status"] in ("succeeded", "failed"):
                 yield from _final(reply, rows, body, status_of)
+                break
+            if svc.closing:  # this process is stopping: nobody will send the rest
+                token_stream.cancel(client, future_id)
+                error = {
+                    "message": "the server is stopping: send the request again",
+                    "code": "service_unavailable",
+                }
+                yield failure_event(error, 503)
                 break
             if time.monotonic() > deadline:
                 token_stream.cancel(client, future_id)  # nobody will read the rest

@@ -199,3 +199,15 @@ def test_safe_extract_rejects_unsafe_members(
     with pytest.raises(UnsafeArchiveError):
         safe_extract(io.BytesIO(_tar(entries, symlink)), tmp_path / "dest")
     assert not any((tmp_path / "dest").rglob("*"))
+
+
+def test_sizes_are_in_binary_units_named_as_such() -> None:
+    """Sizes are counted in powers of 1,024, so they say KiB/MiB/GiB (the console does too):
+    2,044,288 bytes is 1.9 MiB, which as "MB" would read 2.0."""
+    from eztinker.cli_common import fmt_size
+
+    assert fmt_size(512) == "512 B"
+    assert fmt_size(2_044_288) == "1.9 MiB"
+    assert fmt_size(3 * 1024) == "3.0 KiB"
+    assert fmt_size(5 * 1024**3) == "5.0 GiB"
+    assert fmt_size(5 * 1024**4) == "5120.0 GiB"

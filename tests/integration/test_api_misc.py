@@ -194,3 +194,31 @@ print("HEAVY", heavy)
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "HEAVY []" in out.stdout, out.stdout
+
+
+def test_deleting_the_last_saved_state_points_the_run_at_the_one_before(
+    http: httpx.Client,
+) -> None:
+    """A run's ``last_state`` (what `eztinker load RUN` loads, and what the lost-run hints name)
+    never names a deleted checkpoint: deleting it names the newest state left, or none."""
+    created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 2})
+    run_id = created.json()["run_id"]
+    result_of(http, created)
+    fb = {"input_ids": TOKENS, "target_ids": TOKENS}
+    for name in ("first", "second"):
+        http.post(f"/v1/runs/{run_id}/forward_backward", json=fb)
+        http.post(f"/v1/runs/{run_id}/optim_step", json={"learning_rate": 1e-2})
+        result_of(http, http.post(f"/v1/runs/{run_id}/save", json={"name": name}))
+    sampler = {"name": "weights", "kind": "sampler"}
+    result_of(http, http.post(f"/v1/runs/{run_id}/save", json=sampler))
+    assert http.get(f"/v1/runs/{run_id}").json()["last_state"] == f"{run_id}/second"
+    assert http.delete(f"/v1/runs/{run_id}/checkpoints/weights").status_code == 200
+    assert http.get(f"/v1/runs/{run_id}").json()["last_state"] == f"{run_id}/second"
+    assert http.delete(f"/v1/runs/{run_id}/checkpoints/second").status_code == 200
+    assert http.get(f"/v1/runs/{run_id}").json()["last_state"] == f"{run_id}/first"
+    # deleting an older one leaves it; the last one gone, there is none
+    result_of(http, http.post(f"/v1/runs/{run_id}/save", json={"name": "third"}))
+    assert http.delete(f"/v1/runs/{run_id}/checkpoints/first").status_code == 200
+    assert http.get(f"/v1/runs/{run_id}").json()["last_state"] == f"{run_id}/third"
+    assert http.delete(f"/v1/runs/{run_id}/checkpoints/third").status_code == 200
+    assert http.get(f"/v1/runs/{run_id}").json()["last_state"] is None

@@ -8,6 +8,7 @@ shows that tenant's runs only. Screenshots of every page go to ``artifacts/conso
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -215,6 +216,62 @@ def test_the_playground_returns_the_completion_sample_gives(
     assert watched.errors == []
 
 
+def test_the_playground_asks_for_token_texts_once_and_drops_old_samples(
+    service: Service, watched: Watched, http: httpx.Client
+) -> None:
+    """The per-token view's texts come in one request per sampling (it sent one request per
+    distinct token: 1,749 for 8 x 512 tokens), and a new request's samples never sit beside an
+    error as if they were its answer."""
+    page = watched.page
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url) if r.url.endswith("/v1/detokenize") else None)
+    page.goto(f"{service.base_url}/console/playground")
+    page.select_option("#source", "base:tiny-gpt2")
+    page.fill("#max_tokens", "40")
+    page.fill("#temperature", "1.5")
+    page.fill("#num_samples", "4")
+    page.fill("#seed", "9")
+    page.click("#sample-go")
+    expect(page.locator("#sample-state")).to_contain_text("done")
+    expect(page.locator("article.sample")).to_have_count(4)
+    assert len(asked) == 1, len(asked)
+    body = {"base_model": "tiny-gpt2", "prompt": "Once upon a time,", "max_tokens": 40,
+            "temperature": 1.5, "top_p": 1, "num_samples": 4, "seed": 9}  # fmt: skip
+    expected = result_of(http, http.post("/v1/sample", json=body))["sequences"]
+    for i, seq in enumerate(expected):
+        chips = page.locator(f'article.sample[data-sample="{i}"] .tok-text').all_inner_texts()
+        own = [
+            http.post("/v1/detokenize", json={"base_model": "tiny-gpt2", "tokens": [t]}).json()
+            for t in seq["tokens"]
+        ]
+        assert chips == [o["text"].replace("\n", "⏎") or "·" for o in own]
+    # the same token texts again: nothing more to ask
+    page.click("#sample-go")
+    expect(page.locator("#sample-state")).to_contain_text("done")
+    assert len(asked) == 1, len(asked)
+    # a request refused: its error, and no samples of an earlier request
+    page.fill("#max_tokens", "100000")
+    page.click("#sample-go")
+    expect(page.locator("#error")).to_contain_text("max_tokens")
+    expect(page.locator("article.sample")).to_have_count(0)
+
+
+def test_after_loading_an_earlier_state_the_chart_is_the_runs_own(
+    service: Service, watched: Watched, http: httpx.Client
+) -> None:
+    """Steps made again after a load of an earlier state replace the abandoned ones in the
+    chart (they were added to them: the loss at step 2 doubled)."""
+    from tests.integration.test_metrics_history import rewound_run
+
+    run_id, now = rewound_run(http)
+    page = watched.page
+    page.goto(f"{service.base_url}/console/runs/{run_id}")
+    holder = page.locator('figure.chart[data-metric="loss:sum"][data-op="forward_backward"]')
+    expect(holder).to_have_attribute("data-points", "4")
+    shown = json.loads(holder.get_attribute("data-values") or "null")
+    assert shown == pytest.approx([now[i] for i in range(4)])
+
+
 def test_a_checkpoint_is_deleted_only_once_confirmed(
     service: Service, trained: str, watched: Watched, http: httpx.Client
 ) -> None:
@@ -239,6 +296,33 @@ def test_a_checkpoint_is_deleted_only_once_confirmed(
         page.locator('#checkpoints tr[data-checkpoint="after-3"] button:text("download")').click()
     assert got.value.suggested_filename == f"{trained}-after-3.tar.gz"
     assert watched.errors == []
+
+
+def test_a_run_that_is_gone_says_so_and_stops_polling(
+    service: Service, watched: Watched, http: httpx.Client
+) -> None:
+    """A deleted run (or a typo, or another tenant's run): the page says there is no such run,
+    offers nothing for it, and stops asking for it (it polled its three 404s every 2 s)."""
+    page = watched.page
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url) if "/v1/runs/" in r.url else None)
+    page.goto(f"{service.base_url}/console/runs/run_nosuchrun")
+    gone = page.locator("#run-gone")
+    expect(gone).to_be_visible()
+    expect(gone).to_contain_text("run_nosuchrun")
+    expect(page.locator("#run-sections")).to_be_hidden()
+    expect(page.locator("text=loading… >> visible=true")).to_have_count(0)
+    watched.shot("run-gone")
+    before = len(asked)
+    page.wait_for_timeout(5000)  # more than two poll periods
+    assert len(asked) == before, asked[before:]
+    # a run deleted while its page is open
+    run_id = train(service, 1)
+    page.goto(f"{service.base_url}/console/runs/{run_id}")
+    expect(page.locator('figure.chart[data-metric="loss:sum"] canvas')).to_be_visible()
+    result_of(http, http.delete(f"/v1/runs/{run_id}"))
+    expect(gone).to_be_visible(timeout=15_000)
+    expect(page.locator("#run-sections")).to_be_hidden()
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +358,8 @@ def test_with_keys_on_the_console_asks_for_one_and_shows_that_tenants_runs(
     assert watched.errors == []
     # bob's run page, with alice's key: unknown, as a run that never existed
     page.goto(f"{svc.base_url}/console/runs/{runs['bob']}")
-    expect(page.locator("#error")).to_contain_text(f"unknown run '{runs['bob']}'")
+    expect(page.locator("#run-gone")).to_contain_text(runs["bob"])
+    expect(page.locator("#run-sections")).to_be_hidden()
     # the playground offers alice's run, not bob's
     page.goto(svc.base_url + "/console/playground")
     expect(page.locator(f'#source option[value="run:{runs["alice"]}"]')).to_have_count(1)
@@ -294,6 +379,7 @@ def test_with_keys_on_the_console_asks_for_one_and_shows_that_tenants_runs(
     page.fill("#key-input", "not-a-key")
     page.click('#key-form button[type="submit"]')
     expect(page.locator("#key-error")).to_contain_text("refused")
+    expect(page.locator("#key-label")).to_have_text("key refused")  # not "key set"
 
 
 def test_artifacts_are_ignored_by_git() -> None:

@@ -199,3 +199,43 @@ def test_a_second_answer_of_a_seq_id_keeps_the_first_point(service: Service) -> 
     assert read_points(client, run_id, after=12) == points[1:]
     forget_points(client, run_id)
     assert read_points(client, run_id) == []
+
+
+def rewound_run(http: httpx.Client) -> tuple[str, dict[int, float]]:
+    """A run trained 4 steps, loaded back to its state at step 2, then trained 2 more: its id
+    and the loss of each step as the run now stands (steps 0-1 before the load, 2-3 after)."""
+    created = http.post("/v1/runs", json={"base_model": "tiny-gpt2", "rank": 2, "seed": 1})
+    result_of(http, created)
+    run_id = created.json()["run_id"]
+    now: dict[int, float] = {}
+
+    def step(i: int, body: dict[str, Any]) -> None:
+        fb = result_of(http, http.post(f"/v1/runs/{run_id}/forward_backward", json=body))
+        now[i] = fb["metrics"]["loss:sum"]
+        result_of(http, http.post(f"/v1/runs/{run_id}/optim_step", json={"learning_rate": 1e-2}))
+
+    for i in range(4):
+        step(i, FB)
+        if i == 1:
+            result_of(http, http.post(f"/v1/runs/{run_id}/save", json={"name": "at2"}))
+    result_of(http, http.post(f"/v1/runs/{run_id}/load", json={"path": f"{run_id}/at2"}))
+    for i in (2, 3):
+        step(i, FB2)  # other data: other losses than the abandoned steps 2-3
+    return run_id, now
+
+
+def test_after_loading_an_earlier_state_the_curve_is_the_runs_own(
+    service: Service, http: httpx.Client
+) -> None:
+    """Loading the state of step 2 into a run at step 4 makes steps 2-3 again; the loss curve
+    (`eztinker show`, ``loss_by_step``) shows the run as it now stands, not the two branches'
+    losses added up."""
+    from eztinker.history import loss_by_step
+
+    run_id, now = rewound_run(http)
+    with eztinker.ServiceClient(base_url=service.base_url) as client:
+        points = client.get_metrics(run_id)
+    assert len([p for p in points if p.op == "forward_backward"]) == 6  # the history keeps all
+    curve = loss_by_step(points)
+    assert [s for s, _ in curve] == [0, 1, 2, 3]
+    assert [v for _, v in curve] == pytest.approx([now[i] for i in range(4)])

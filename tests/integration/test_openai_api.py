@@ -258,7 +258,7 @@ def test_live_weights_are_a_snapshot_at_the_request(
         ({"temperature": 5}, openai.BadRequestError, "temperature"),
         ({"n": 0}, openai.BadRequestError, "n"),
         ({"top_p": 0}, openai.BadRequestError, "top_p"),
-        ({"max_tokens": 5000}, openai.BadRequestError, "prompt"),  # over the context
+        ({"max_tokens": 5000}, openai.BadRequestError, "max_tokens"),  # over the context
         ({"logprobs": 50}, openai.BadRequestError, "logprobs"),
         ({"echo": True}, openai.BadRequestError, "echo"),
         ({"presence_penalty": 1.0}, openai.BadRequestError, "presence_penalty"),
@@ -322,3 +322,117 @@ def test_a_client_that_goes_away_stops_the_generation(service: Service, http: ht
     steps = [step for _, fields in entries if b"s" in fields for step in json.loads(fields[b"s"])]
     assert 1 <= len(steps) < 1000  # it stopped early: fewer decode steps than max_tokens
     assert [s["i"] for s in steps] == list(range(len(steps)))
+
+
+# Parameters OpenAI's API declares nullable: clients built from typed request objects
+# (LangChain, LiteLLM, generated SDKs) send every one of them, unset ones as an explicit null.
+NULLABLE_COMMON = (
+    "n", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "max_tokens",
+    "presence_penalty", "frequency_penalty", "logit_bias", "user", "logprobs",
+)  # fmt: skip
+NULLABLE_CHAT = (
+    "top_logprobs", "max_completion_tokens", "tools", "tool_choice", "functions",
+    "function_call", "parallel_tool_calls", "response_format", "metadata", "store",
+    "service_tier", "modalities", "reasoning_effort", "prediction", "audio",
+    "web_search_options", "prompt_cache_key", "safety_identifier", "verbosity",
+)  # fmt: skip
+NULLABLE_COMPLETIONS = ("echo", "suffix", "best_of")
+
+
+@pytest.mark.parametrize("param", NULLABLE_COMMON + NULLABLE_COMPLETIONS)
+def test_completions_take_an_explicit_null_as_the_default(service: Service, param: str) -> None:
+    body = {"model": "tiny-gpt2", "prompt": "Once", "max_tokens": 3, "seed": 5, param: None}
+    got = httpx.post(service.base_url + "/openai/v1/completions", json=body, timeout=60)
+    assert got.status_code == 200, got.text
+    assert got.json()["object"] == "text_completion"
+    if param not in ("seed", "max_tokens"):  # the same request without it: the same text
+        without = {k: v for k, v in body.items() if k != param}
+        ref = httpx.post(service.base_url + "/openai/v1/completions", json=without, timeout=60)
+        assert got.json()["choices"] == ref.json()["choices"]
+
+
+@pytest.mark.parametrize("param", NULLABLE_COMMON + NULLABLE_CHAT)
+def test_chat_takes_an_explicit_null_as_the_default(service: Service, param: str) -> None:
+    body = {
+        "model": "tiny-gpt2", "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 3, param: None,
+    }  # fmt: skip
+    if param == "logprobs":
+        body["logprobs"] = None
+    got = httpx.post(service.base_url + "/openai/v1/chat/completions", json=body, timeout=60)
+    assert got.status_code == 200, got.text
+    assert got.json()["object"] == "chat.completion"
+
+
+def test_null_is_still_refused_where_it_means_nothing(service: Service) -> None:
+    url = service.base_url + "/openai/v1/"
+    no_content = [{"role": "user", "content": None}]
+    cases = [
+        ("completions", {"model": "tiny-gpt2", "prompt": None}, "prompt"),
+        ("completions", {"model": None, "prompt": "x"}, "model"),
+        ("completions", {"model": "tiny-gpt2", "prompt": "x", "top_k": None}, "top_k"),
+        ("chat/completions", {"model": "tiny-gpt2", "messages": None}, "messages"),
+        ("chat/completions", {"model": "tiny-gpt2", "messages": [{"role": "user"}]}, "messages"),
+        ("chat/completions", {"model": "tiny-gpt2", "messages": no_content}, "messages[0].content"),
+        ("chat/completions", {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}],
+                              "reasoning_effort": "low"}, "reasoning_effort"),
+        ("chat/completions", {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x"}],
+                              "modalities": ["audio"]}, "modalities"),
+    ]  # fmt: skip
+    for path, body, param in cases:
+        got = httpx.post(url + path, json=body, timeout=60)
+        assert got.status_code == 400, (body, got.text)
+        assert got.json()["error"]["param"] == param, (body, got.text)
+
+
+def test_an_assistant_turn_without_content(client: openai.OpenAI) -> None:
+    """A history replayed from an earlier answer may carry ``content: null`` (OpenAI's own
+    responses do, for a refusal or a tool call); it is an empty turn."""
+    messages: Any = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "Again"},
+    ]
+    with_null = client.chat.completions.create(
+        model="tiny-gpt2", messages=messages, max_tokens=4, seed=3
+    )
+    messages[1]["content"] = ""
+    empty = client.chat.completions.create(
+        model="tiny-gpt2", messages=messages, max_tokens=4, seed=3
+    )
+    assert with_null.choices[0].message.content == empty.choices[0].message.content
+    assert with_null.usage == empty.usage
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_over_the_context_says_so_as_openai_does(client: openai.OpenAI, stream: bool) -> None:
+    """tiny-gpt2's context is 1024: OpenAI's ``context_length_exceeded``, with the counts, and
+    the parameter to shorten (the prompt when it alone is too long, else ``max_tokens``)."""
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        ({"prompt": [5], "max_tokens": 3000}, "max_tokens", "1 in the prompt, 3000 in the"),
+        ({"prompt": "word " * 2000, "max_tokens": 4}, "prompt", "in the prompt, 4 in the"),
+        ({"prompt": [5] * 1030, "max_tokens": 4}, "prompt", "1030 in the prompt, 4 in the"),
+    ]
+    for body, param, counts in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="tiny-gpt2", stream=stream, **body)
+        error: Any = caught.value.body
+        assert (error["code"], error["param"]) == ("context_length_exceeded", param), error
+        assert "maximum context length is 1024 tokens" in error["message"], error
+        assert counts in error["message"], error
+    long_chat = [{"role": "user", "content": "word " * 2000}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny-gpt2", messages=long_chat, stream=stream)
+    error = caught.value.body
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "messages"), error
+    assert "in the messages" in error["message"], error
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="tiny-gpt2", messages=[{"role": "user", "content": "Hi"}], max_tokens=2000,
+            stream=stream,
+        )  # fmt: skip
+    error = caught.value.body
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "max_tokens"), error
+    # a completion that fits to the last position is served
+    fits = client.completions.create(model="tiny-gpt2", prompt=[5] * 1020, max_tokens=4)
+    assert fits.usage is not None and fits.usage.prompt_tokens == 1020

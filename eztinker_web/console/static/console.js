@@ -98,15 +98,17 @@ function showError(err) {
   box.hidden = false;
 }
 
-// Poll ``fn`` every POLL_MS while the page is visible; errors show in the banner.
+// Poll ``fn`` every POLL_MS while the page is visible; errors show in the banner. The
+// function returned stops it (also from inside ``fn``).
 function poll(fn) {
   let timer = null;
+  let stopped = false;
   const tick = async () => {
     try { await fn(); showError(null); } catch (err) { showError(err); }
-    timer = setTimeout(tick, POLL_MS);
+    if (!stopped) timer = setTimeout(tick, POLL_MS);
   };
   tick();
-  return () => clearTimeout(timer);
+  return () => { stopped = true; clearTimeout(timer); };
 }
 
 // -- the key bar ---------------------------------------------------------------------------
@@ -116,6 +118,7 @@ function askForKey(message) {
   const error = $("#key-error");
   error.hidden = !message;
   error.textContent = message || "";
+  if (message && apiKey()) $("#key-label").textContent = "key refused";  // not "key set"
 }
 
 // False when the page must wait for a key (keys are on and none is kept).
@@ -169,11 +172,26 @@ function runsPage() {
 const STEP_INCREMENTS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 1e6];
 const COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#db2777", "#0891b2"];
 
+// The points of the run as it now stands (eztinker.history.current_branch): after a load
+// of an earlier state the run makes those steps again, and an op that starts below the step
+// the run had reached drops the earlier points from that step on.
+function currentBranch(points) {
+  let kept = [];
+  let at = 0;
+  for (const p of [...points].sort((a, b) => a.seq_id - b.seq_id)) {
+    const start = p.op === "optim_step" ? p.step - 1 : p.step;
+    if (start < at) kept = kept.filter((q) => (q.op === "optim_step" ? q.step <= start : q.step < start));
+    kept.push(p);
+    at = p.step;
+  }
+  return kept;
+}
+
 // Per step: a forward_backward metric summed over the step's calls when it is a sum
 // (``name:sum``), else averaged; an optim_step metric as it is.
 function seriesByStep(points, op, name) {
   const byStep = new Map();
-  for (const p of points) {
+  for (const p of currentBranch(points)) {
     if (p.op !== op || !(name in p.metrics)) continue;
     const s = byStep.get(p.step) || { total: 0, n: 0 };
     s.total += p.metrics[name];
@@ -243,6 +261,7 @@ class Charts {
         chart.plot.setData(data);
       }
       chart.holder.dataset.points = String(data[0].length);
+      chart.holder.dataset.values = JSON.stringify(data[1]);
     });
   }
 
@@ -338,7 +357,24 @@ function runPage() {
     fillBody($("#operations"), rows, "No operations yet.", 8);
   }
 
-  poll(async () => { await Promise.all([showRun(), showMetrics(), showOperations()]); });
+  // a run that is not there (deleted, mistyped, another tenant's) is said so, once
+  function runGone() {
+    $("#run-status").replaceChildren(badge("not found"));
+    $("#run-sections").hidden = true;
+    $("#run-gone").hidden = false;
+  }
+
+  const stop = poll(async () => {
+    try {
+      await showRun();
+    } catch (err) {
+      if (!(err instanceof ApiError && err.status === 404)) throw err;
+      stop();
+      runGone();
+      return;
+    }
+    await Promise.all([showMetrics(), showOperations()]);
+  });
 }
 
 // -- the playground ---------------------------------------------------------------------------
@@ -381,6 +417,8 @@ async function playgroundPage() {
     const go = $("#sample-go");
     go.disabled = true;
     state.textContent = "queued…";
+    $("#samples").replaceChildren();  // an earlier request's samples are not this one's answer
+    showError(null);
     try {
       const sent = await api("/v1/sample", { method: "POST", json: body });
       const done = await waitFuture(sent.future_id, (f) => {
@@ -400,23 +438,27 @@ async function playgroundPage() {
   });
 }
 
-// Each token's own text, for the per-token view: one small request per distinct token, kept.
+// Each token's own text, for the per-token view: the distinct tokens not seen before, in one
+// request per sampling (``token_texts``), kept.
 const tokenTexts = new Map();
-function tokenText(baseModel, token) {
-  const key = `${baseModel}\u0000${token}`;
-  if (!tokenTexts.has(key)) {
-    tokenTexts.set(key, api("/v1/detokenize", {
-      method: "POST", json: { base_model: baseModel, tokens: [token] },
-    }).then((r) => r.text));
+async function loadTokenTexts(baseModel, tokens) {
+  const key = (t) => `${baseModel}\u0000${t}`;
+  const missing = [...new Set(tokens)].filter((t) => !tokenTexts.has(key(t)));
+  if (missing.length) {
+    const got = await api("/v1/detokenize", {
+      method: "POST", json: { base_model: baseModel, tokens: missing, token_texts: true },
+    });
+    for (const t of missing) tokenTexts.set(key(t), got.token_texts[String(t)]);
   }
-  return tokenTexts.get(key);
+  return (t) => tokenTexts.get(key(t));
 }
 
 async function showSamples(result, prompt, baseModel) {
   const out = $("#samples");
   const cards = [];
+  const textOf = await loadTokenTexts(baseModel, result.sequences.flatMap((s) => s.tokens));
   for (const [i, seq] of result.sequences.entries()) {
-    const pieces = await Promise.all(seq.tokens.map((t) => tokenText(baseModel, t)));
+    const pieces = seq.tokens.map(textOf);
     const total = seq.logprobs.reduce((a, b) => a + b, 0);
     cards.push(el("article", { class: "card sample", "data-sample": i },
       el("h2", {}, `Sample ${i + 1} `, el("span", { class: "hint",
