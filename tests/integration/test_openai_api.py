@@ -420,19 +420,22 @@ def test_over_the_context_says_so_as_openai_does(client: openai.OpenAI, stream: 
         assert (error["code"], error["param"]) == ("context_length_exceeded", param), error
         assert "maximum context length is 1024 tokens" in error["message"], error
         assert counts in error["message"], error
-    long_chat = [{"role": "user", "content": "word " * 2000}]
+    long_chat: Any = [{"role": "user", "content": "word " * 2000}]
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="tiny-gpt2", messages=long_chat, stream=stream)
-    error = caught.value.body
-    assert (error["code"], error["param"]) == ("context_length_exceeded", "messages"), error
-    assert "in the messages" in error["message"], error
+    chat_error: Any = caught.value.body
+    assert (chat_error["code"], chat_error["param"]) == ("context_length_exceeded", "messages")
+    assert "in the messages" in chat_error["message"], chat_error
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(
             model="tiny-gpt2", messages=[{"role": "user", "content": "Hi"}], max_tokens=2000,
             stream=stream,
         )  # fmt: skip
-    error = caught.value.body
-    assert (error["code"], error["param"]) == ("context_length_exceeded", "max_tokens"), error
+    tokens_error: Any = caught.value.body
+    assert (tokens_error["code"], tokens_error["param"]) == (
+        "context_length_exceeded",
+        "max_tokens",
+    )
     # a completion that fits to the last position is served
     fits = client.completions.create(model="tiny-gpt2", prompt=[5] * 1020, max_tokens=4)
     assert fits.usage is not None and fits.usage.prompt_tokens == 1020
