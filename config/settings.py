@@ -67,6 +67,13 @@ class Settings:
         "A file of API keys, one 'key tenant' (or a bare 'key') per line, '#' comments; "
         "read at start-up, merged with EZTINKER_API_KEYS.",
     )
+    model_dirs: tuple[Path, ...] = _setting(
+        "EZTINKER_MODEL_DIRS",
+        (),
+        "With API keys on: the directories (':'-separated) under which a tenant other than "
+        "admin may name a local model directory as a base; empty = none. Admin keys, and "
+        "everyone when auth is off, may name any directory the server can read.",
+    )
     tenant_max_runs: int = _setting(
         "EZTINKER_TENANT_MAX_RUNS",
         0,
@@ -328,6 +335,10 @@ def _addresses(raw: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _directories(raw: str) -> tuple[Path, ...]:
+    return tuple(Path(part).expanduser().resolve() for part in raw.split(os.pathsep) if part)
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_url": _redis_url,
     "checkpoints_dir": Path,
@@ -340,6 +351,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "dtype": _dtype,
     "api_keys": parse_key_list,
     "api_keys_file": read_key_file,
+    "model_dirs": _directories,
     "tenant_max_runs": _non_negative_int,
     "tenant_max_queued_ops": _non_negative_int,
     "max_request_bytes": _positive_int,

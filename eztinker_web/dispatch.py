@@ -17,10 +17,9 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from eztinker_tasks import catalog, hub_probe, messages, names, shapes
+from eztinker_tasks import catalog, messages, names, shapes
 from eztinker_tasks.errors import InvalidRequest, RunFailed, ServiceUnavailable, UnknownRun
 from eztinker_tasks.store import FutureRecord, QueuedMessage, RunRecord, WorkerRecord, body_hash
 from eztinker_web import quota, tenancy
@@ -117,34 +116,6 @@ def check_tokens(
                 f"of {context}",
                 errors={field: {str(i): ["longer than the model context"]}},
             )
-
-
-def check_model_name(name: str) -> None:
-    """Reject at once a base model that no worker could load.
-
-    Accepted: a built-in model, one a worker has loaded before, a local directory, or a hub id
-    that is in the local Hugging Face cache or downloadable now (the worker's own check, asked
-    here: torch-free, its hub probe remembered for a minute). Else InvalidRequest (400, not a
-    model name) or UnknownModel (404, a hub id that cannot be fetched, saying what to use).
-    """
-    if name in catalog.BUILTIN_MODELS or services().store.get_model(name) is not None:
-        return
-    try:
-        if shapes.check(name) is not None:  # a random-weight base of a real shape
-            return
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), errors={"base_model": ["unknown shape"]}) from None
-    if Path(name).is_dir():
-        return
-    if catalog.is_hub_id(name):
-        hub_probe.ensure_fetchable(name, where="the server")
-        return
-    known = ", ".join(sorted(catalog.BUILTIN_MODELS))
-    raise InvalidRequest(
-        f"unknown base_model {name!r}: not a built-in model ({known}), a local model directory "
-        "or a Hugging Face model id",
-        errors={"base_model": ["unknown model"]},
-    )
 
 
 FIT_SHARE = 0.85  # of a worker's total device memory a base's weights may take

@@ -20,7 +20,7 @@ from typing import Any
 from eztinker_tasks import catalog, checkpoint_paths
 from eztinker_tasks.errors import InvalidRequest, NotFound
 from eztinker_tasks.types import SampleSource
-from eztinker_web import dispatch, tenancy
+from eztinker_web import base_models, dispatch, tenancy
 from eztinker_web.checkpoints.listing import get_checkpoint, list_checkpoints
 from eztinker_web.services import services
 from eztinker_web.tinker_api import paths
@@ -64,7 +64,7 @@ def resolve(model: str) -> Target:
         except (NotFound, InvalidRequest):
             pass  # not a checkpoint path: a hub id perhaps
     try:
-        dispatch.check_model_name(model)
+        base_models.check_model_name(model)
     except NotFound:
         raise
     except InvalidRequest:

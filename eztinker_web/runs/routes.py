@@ -14,7 +14,7 @@ from eztinker_tasks import checkpoint_paths, names
 from eztinker_tasks.errors import InvalidRequest
 from eztinker_tasks.limits import check_adam_params, check_lora_spec
 from eztinker_tasks.loss_specs import check_loss_inputs, get_loss_spec, resolve_loss_config
-from eztinker_web import dispatch, tenancy
+from eztinker_web import base_models, dispatch, tenancy
 from eztinker_web.blueprint import Blueprint
 from eztinker_web.checkpoints.listing import loadable_checkpoint
 from eztinker_web.runs.schemas import (
@@ -56,7 +56,7 @@ def create_run(req: CreateRunRequest):
     else:
         base = req.base_model or settings.default_model
     if base:  # "" only from a checkpoint whose metadata names none: the worker judges it
-        dispatch.check_model_name(base)
+        base_models.check_model_name(base)
     record, submitted = dispatch.create_run(base, req.lora.to_dict(), req.from_state, req.optimizer)
     # As GET shows it: a new run has no checkpoints yet, and its creation is op 0.
     return {**asdict(record), "checkpoints": [], "last_seq_id": 0, **submitted.to_dict()}
@@ -190,7 +190,7 @@ def load(req: LoadRequest, run_id: str):
     # 404 / 400 now rather than a failed future
     info = loadable_checkpoint(services().settings, req.path, req.optimizer)
     if info.base_model:
-        dispatch.check_model_name(info.base_model)
+        base_models.check_model_name(info.base_model)
     dispatch.rehome(run_id)
     target = dispatch.run_target(run_id)
     params = {"path": req.path, "optimizer": req.optimizer}

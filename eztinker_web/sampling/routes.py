@@ -11,7 +11,7 @@ from eztinker_tasks.errors import InvalidRequest
 from eztinker_tasks.limits import check_sampling_params
 from eztinker_tasks.store import RunRecord
 from eztinker_tasks.types import SampleSource
-from eztinker_web import dispatch
+from eztinker_web import base_models, dispatch
 from eztinker_web.blueprint import Blueprint
 from eztinker_web.checkpoints.listing import get_checkpoint
 from eztinker_web.runs.schemas import SubmittedSchema
@@ -37,10 +37,10 @@ def _resolve(source: SampleSource) -> tuple[SampleSource, RunRecord | None, str 
         # 404 now rather than a failed future; its base model checks the prompt's tokens.
         info = get_checkpoint(services().settings, source.checkpoint)
         if info.base_model:
-            dispatch.check_model_name(info.base_model)
+            base_models.check_model_name(info.base_model)
         return source, None, info.base_model or None
     base = source.base_model or services().settings.default_model
-    dispatch.check_model_name(base)
+    base_models.check_model_name(base)
     return SampleSource(base_model=base), None, base
 
 

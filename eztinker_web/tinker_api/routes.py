@@ -27,7 +27,7 @@ from eztinker_tasks import catalog, checkpoint_paths, names
 from eztinker_tasks.errors import InvalidRequest
 from eztinker_tasks.limits import check_adam_params, check_lora_spec
 from eztinker_tasks.types import AdamParams, LoraSpec
-from eztinker_web import dispatch
+from eztinker_web import base_models, dispatch
 from eztinker_web.auth import caller
 from eztinker_web.checkpoints.listing import loadable_checkpoint
 from eztinker_web.runs.routes import check_forward
@@ -118,7 +118,7 @@ def create_model():
         train_unembed=raw.get("train_unembed", True),
     )
     check_lora_spec(lora)
-    dispatch.check_model_name(base)
+    base_models.check_model_name(base)
     model_id = state.model_id_of(session_id, model_seq_id)
     future_id = _create(model_id, base, lora, None, True)
     state.put_request(future_id, state.TinkerRequest("create_model", model_id))
@@ -276,7 +276,7 @@ def load_weights():
     settings = services().settings
     loadable_checkpoint(settings, info.path, optimizer)
     if info.base_model:
-        dispatch.check_model_name(info.base_model)
+        base_models.check_model_name(info.base_model)
     if body.get("model_id") is not None:
         model = state.get_model(field(body, "model_id", str))
         dispatch.rehome(model.run_id)

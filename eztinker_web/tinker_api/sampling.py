@@ -16,7 +16,7 @@ from marshmallow import ValidationError
 
 from eztinker_tasks.errors import InvalidRequest
 from eztinker_tasks.store import body_hash
-from eztinker_web import dispatch
+from eztinker_web import base_models
 from eztinker_web.auth import caller
 from eztinker_web.sampling.routes import submit_sample
 from eztinker_web.sampling.schemas import SampleSchema
@@ -41,7 +41,7 @@ def create_sampling_session():
         info = paths.to_checkpoint(model_path)
         base, checkpoint = info.base_model, info.path
     assert base is not None
-    dispatch.check_model_name(base)
+    base_models.check_model_name(base)
     sampler_id = f"{session_id}:sample:{n}"
     state.put_sampler(state.Sampler(sampler_id, base, checkpoint, model_path, caller().tenant))
     return jsonify({"sampling_session_id": sampler_id, "type": "create_sampling_session"})

@@ -90,6 +90,7 @@ def start_tenant_stack(tmp: Path, model_cache: Path, extra_env: dict[str, str]) 
     env = {
         "EZTINKER_API_KEYS": "ka:alice, kb:bob, kroot:admin, kold",
         "EZTINKER_API_KEYS_FILE": str(keys_file),
+        "EZTINKER_MODEL_DIRS": str(tmp),  # tenants may name model directories under it
         **extra_env,
     }
     return start_service(tmp, model_cache, extra_env=env)

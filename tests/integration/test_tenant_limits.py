@@ -8,6 +8,7 @@ unfinished the test stops the worker process (SIGSTOP) and lets it go on afterwa
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import threading
 import time
@@ -21,6 +22,7 @@ import redis
 import eztinker
 from config import Settings
 from eztinker import RateLimitError, RetryPolicy
+from eztinker_tasks import catalog
 from eztinker_tasks.store import FutureRecord
 from eztinker_tasks.store_records import tenant_runs_key
 from eztinker_tasks.tokenization import TokenizerCache
@@ -194,3 +196,29 @@ def test_finished_ops_leave_the_count(w: World) -> None:
         record("fut_t_shared", None, None),  # on the shared queue, with a live worker
     ]
     assert set(finished(svc, ids)) == {done, "fut_t_expired", "fut_t_ghost", started_dead}
+
+
+def test_tenants_name_only_the_model_directories_allowed(w: World, tmp_path: Path) -> None:
+    """A tenant's local base must lie under EZTINKER_MODEL_DIRS (this stack's dir); a
+    directory elsewhere, or a path that climbs out of it, is a 400 on every route that takes
+    a model name; an admin key may name any directory."""
+    tiny = catalog.model_dir("tiny-gpt2", w.svc.data_dir)
+    inside = w.svc.data_dir.parent / "allowed-model"
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(tiny, inside)
+    shutil.copytree(tiny, outside)
+    climbing = str(inside / ".." / ".." / outside.parent.name / outside.name)
+    for name in (str(outside), climbing, "/etc"):
+        refused = w.post("dave", "/v1/runs", {"base_model": name, "rank": 4})
+        assert refused.status_code == 400, refused.text
+        assert "EZTINKER_MODEL_DIRS" in refused.json()["message"]
+        sample = w.post("dave", "/v1/sample", {"base_model": name, "prompt_tokens": [5, 6]})
+        assert sample.status_code == 400, sample.text
+        chat = w.post("dave", "/openai/v1/completions", {"model": name, "prompt": "hi"})
+        assert chat.status_code in (400, 404), chat.text
+        assert "error" in chat.json()
+    for who, name in (("dave", str(inside)), ("admin", str(outside))):
+        created = w.post(who, "/v1/runs", {"base_model": name, "rank": 4})
+        assert created.status_code == 201, created.text
+        assert wait_future(w.client(who), created.json()["future_id"])["status"] == "succeeded"
+        w.client(who).delete(f"/v1/runs/{created.json()['run_id']}")
