@@ -146,7 +146,7 @@ def test_split_balances_tokens_and_keeps_order() -> None:
 @pytest.fixture(scope="module")
 def tied_dirs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tied-embedding Llama saved in 1 MB safetensors shards with an index (its lm_head is
-    not in the files), and a directory with only a ``pytorch_model.bin``."""
+    not in the files), with uneven shards, and a directory with only a ``pytorch_model.bin``."""
     import shutil
 
     from transformers import AutoModelForCausalLM
@@ -156,6 +156,7 @@ def tied_dirs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     root = tmp_path_factory.mktemp("tied")
     model_config = tiny_config(catalog.BUILTIN_MODELS["tiny-llama"])
     model_config.tie_word_embeddings = True
+    model_config.intermediate_size = 509  # odd: gate/up_proj split 255 + 254 rows (padded)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
