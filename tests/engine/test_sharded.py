@@ -220,3 +220,31 @@ def test_checkpoint_keys_add_or_strip_the_base_model_prefix(tmp_path: Path) -> N
     (tmp_path / "pytorch_model.bin").unlink()
     with pytest.raises(UnknownModel, match="has no weights"):
         sharded_load.checkpoint_files(tmp_path)
+
+
+def test_hub_directory_is_the_cached_snapshot_of_config_and_safetensors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tied_dirs: tuple[Path, Path]
+) -> None:
+    """A hub id resolves to its snapshot in the hub cache (read offline here), whose indexed
+    safetensors files are then read like a local directory's; an uncached id is refused."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from eztinker_tasks.engine import sharded_load
+    from eztinker_tasks.errors import UnknownModel
+
+    tied, _ = tied_dirs
+    cache = tmp_path / "hub"
+    repo = cache / "models--eztinker-test--tied-llama"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tied, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    directory = sharded_load.hub_directory("eztinker-test/tied-llama", local_only=True)
+    assert directory == snapshot
+    files = sharded_load.checkpoint_files(directory)
+    assert "model.embed_tokens.weight" in files and len(set(files.values())) >= 3
+    with pytest.raises(UnknownModel, match="could not fetch"):
+        sharded_load.hub_directory("eztinker-test/not-cached", local_only=True)
