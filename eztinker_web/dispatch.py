@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from eztinker_tasks import catalog, messages, names, shapes
+from eztinker_tasks import catalog, messages, model_sizes, names
 from eztinker_tasks.errors import InvalidRequest, RunFailed, ServiceUnavailable, UnknownRun
 from eztinker_tasks.store import FutureRecord, QueuedMessage, RunRecord, WorkerRecord, body_hash
 from eztinker_web import quota, tenancy
@@ -134,7 +134,8 @@ def pick_worker(
 ) -> WorkerRecord:
     """The live worker with the fewest runs among those with enough free memory.
 
-    A base of known size (``shapes.param_bytes``: the ``shaped:`` bases) goes only to workers
+    A base of known size (``model_sizes.weight_bytes``: ``shaped:`` bases, local directories
+    and cached hub models) goes only to workers
     whose devices together can hold it (``FIT_SHARE``), one-device workers first when one
     can; ServiceUnavailable says what to start when none can.
     """
@@ -146,7 +147,7 @@ def pick_worker(
             f"every live worker has less than {min_free_bytes >> 20} MiB free; delete runs or "
             "start another worker",
         )
-    needed = shapes.param_bytes(base_model) if base_model else None
+    needed = model_sizes.weight_bytes(base_model) if base_model else None
     if needed is not None:
         fitting = [w for w in roomy if (_capacity(w) or needed / FIT_SHARE) * FIT_SHARE >= needed]
         if not fitting:
