@@ -19,6 +19,16 @@ from eztinker_tasks.store_records import P, RunRecord, StartingWorker, WorkerRec
 R = TypeVar("R")
 
 
+DELETED = "deleted"
+
+# KEYS[1]: a run's stats hash; ARGV[1]: the deleted status (JSON); then field, value pairs.
+_STATS_UNLESS_DELETED = """
+if redis.call('HGET', KEYS[1], 'status') == ARGV[1] then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
 class Begun(NamedTuple):
     """What a worker learns when it starts an operation (``Application.begin_op``)."""
 
@@ -169,9 +179,12 @@ class Application:
             pipe.hset(key, str(seq_id), future_id)
             pipe.expire(key, self.ttl_s)
         if stats:
-            pipe.hset(
-                f"{P}:run:{run_id}:stats", mapping={k: json.dumps(v) for k, v in stats.items()}
-            )
+            # A run deleted while this op ran stays deleted: its stats are not written (the
+            # op's "ready" would bring it back into run lists).
+            args = [json.dumps(DELETED)]
+            for name, value in stats.items():
+                args += [name, json.dumps(value)]
+            pipe.eval(_STATS_UNLESS_DELETED, 1, f"{P}:run:{run_id}:stats", *args)
 
     def queue_heads(self, queues: list[str], n: int) -> dict[str, list[bytes]]:
         """The oldest ``n`` messages of each queue (oldest last), in one round trip."""

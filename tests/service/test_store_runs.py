@@ -58,3 +58,17 @@ def test_a_run_moves_once_however_many_requests_move_it(store: Store) -> None:
     assert {worker for worker, _ in outcomes} == {winner}
     record = store.get_run(run_id)
     assert record is not None and record.worker == winner
+
+
+def test_an_op_finishing_after_its_run_was_deleted_does_not_bring_it_back(store: Store) -> None:
+    """DELETE while the create (or any op) is still running: the op's "ready" stats must not
+    revive the run in listings (seen as leftover runs after fuzzing run creation)."""
+    deleted, alive = _run(store), _run(store)
+    store.update_run(deleted, status="deleted")
+    for run_id in (deleted, alive):
+        with store.r.pipeline() as pipe:
+            store.finish_op(run_id, 1, "fut_x", pipe, status="ready", step=3, error=None)
+            pipe.execute()
+    gone, kept = store.get_run(deleted), store.get_run(alive)
+    assert gone is not None and gone.status == "deleted"
+    assert kept is not None and kept.status == "ready" and kept.step == 3
