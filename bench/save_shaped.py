@@ -1,6 +1,6 @@
 """Write a random-weight model of a real shape as a local model directory (safetensors, sharded
 at 5 GB, with the built-in tokenizer), to benchmark loading a base from disk as a hub checkpoint
-would be loaded, e.g. by a multi-GPU worker shard by shard:
+would be loaded:
 
     python bench/save_shaped.py shaped:llama-3.1-8b /tmp/llama-8b-random
     python bench/multigpu_service.py --gpus 2 --base /tmp/llama-8b-random

@@ -3,10 +3,8 @@
 A base is loaded once per engine (so once per worker process) and shared by every run on it:
 frozen weights, eval mode (no dropout), SDPA attention, on the engine's device and dtype.
 Built-in tiny models are built into the model cache first and then loaded through the same
-``from_pretrained`` path as a hub model or a local directory; on a multi-GPU worker that path
-is ``sharded_load`` instead (each rank reads only its shards of the safetensors checkpoint, the
-base never whole on one device). Loading a model also writes its tokenizer to
-``catalog.tokenizer_dir`` so the web process can tokenize without torch.
+``from_pretrained`` path as a hub model or a local directory. Loading a model also writes its
+tokenizer to ``catalog.tokenizer_dir`` so the web process can tokenize without torch.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from eztinker_tasks import catalog, shapes
-from eztinker_tasks.engine import hub, kernels, lockstep, sharded_load, sharding
+from eztinker_tasks.engine import hub, kernels, lockstep, sharding
 from eztinker_tasks.engine.adapters import Targets, discover_targets, tensor_bytes, tied_unembedding
 from eztinker_tasks.engine.multilora import LoraContext, inject
 from eztinker_tasks.engine.tiny import ensure_tiny_model
@@ -52,9 +50,6 @@ class LoadedBase:
     cache_kwarg: str  # "cache" (transformers >= 5.2x) or "past_key_values"
     context: LoraContext
     tied_unembedding: bool = False  # lm_head shares its weight with the input embedding
-    # what this rank read of a hub / local base loaded sharded (a multi-GPU worker); None:
-    # loaded whole (one-GPU worker, or a shaped base)
-    load_report: sharded_load.LoadReport | None = None
 
     @property
     def device(self) -> torch.device:
@@ -192,10 +187,11 @@ class ModelRegistry:
             return None
         directory = catalog.tokenizer_dir(name, self.data_dir)
         if tokenizer is not None and not catalog.has_tokenizer(directory):
-            with catalog.file_lock(directory.parent / f".{directory.name}.lock"):
-                if not catalog.has_tokenizer(directory):  # another rank wrote it meanwhile
-                    with catalog.atomic_directory(directory) as tmp:
-                        tokenizer.save_pretrained(tmp)
+            with (
+                catalog.file_lock(directory.parent / f".{directory.name}.lock"),
+                catalog.atomic_directory(directory) as tmp,
+            ):
+                tokenizer.save_pretrained(tmp)
         if tokenizer is not None and self.shared_dir is not None:
             self._publish_tokenizer(name, directory)
         return tokenizer
@@ -250,12 +246,6 @@ class ModelRegistry:
             if catalog.is_hub_id(source) and hub.local_only(source)
             else {}
         )
-        group = lockstep.group()
-        if group is not None:  # never whole on one device: meta, sharded, then read per shard
-            model, report = self._load_sharded(name, source, group, bool(offline))
-            base = self._wrap(name, source, model, self._load_tokenizer(name, source))
-            base.load_report = report
-            return base
         model = self._call(
             name,
             AutoModelForCausalLM.from_pretrained,
@@ -266,30 +256,6 @@ class ModelRegistry:
         )
         assert isinstance(model, PreTrainedModel)
         return self._wrap(name, source, model, self._load_tokenizer(name, source))
-
-    def _load_sharded(
-        self, name: str, source: str, group: lockstep.Group, local_only: bool
-    ) -> tuple[nn.Module, sharded_load.LoadReport]:
-        """A hub or local base built on the meta device, sharded, each rank reading only its
-        shards from the safetensors files (``sharded_load``)."""
-        offline = {"local_files_only": True} if local_only else {}
-        config = self._call(name, AutoConfig.from_pretrained, source, **offline)
-        config._attn_implementation = "sdpa"
-        if Path(source).is_dir():
-            directory = Path(source)
-        else:
-            directory = sharded_load.hub_directory(source, local_only)
-        try:
-            return sharded_load.load(
-                lambda: AutoModelForCausalLM.from_config(config, dtype=self.dtype),
-                directory,
-                group,
-                self.dtype,
-            )
-        except UnknownModel as exc:
-            raise UnknownModel(
-                f"could not load model {name!r}: {exc.message}", errors={"base_model": [name]}
-            ) from exc
 
     def _wrap(self, name: str, source: str, model: Any, tokenizer: Any | None) -> LoadedBase:
         """Freeze a loaded model on the device and inject its multi-adapter LoRA layers.

@@ -131,11 +131,11 @@ def build_shaped(
                 local.zero_()
             else:
                 local.normal_(0.0, INIT_STD, generator=generator)
-    rebuild_buffers(model, group.device)
+    _rebuild_buffers(model, group.device)
     return model
 
 
-def rebuild_buffers(model: nn.Module, device: torch.device) -> None:
+def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
     """Recreate the modules whose buffers are computed at construction (rotary embeddings):
     ``to_empty`` left them uninitialised."""
     config = getattr(model, "config", None)

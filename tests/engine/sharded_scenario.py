@@ -8,7 +8,6 @@ and writes its JSON; the others follow.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -19,7 +18,6 @@ import torch
 from eztinker_tasks.engine import Engine, EngineConfig, lockstep
 from eztinker_tasks.engine.commands import follow
 from eztinker_tasks.engine.distributed import LeadEngine
-from eztinker_tasks.errors import UnknownModel
 from eztinker_tasks.types import AdamParams, Datum, LoraSpec, SampleSource, SamplingParams
 
 BASE = "tiny-llama"
@@ -89,27 +87,6 @@ def scenario(engine: Any) -> dict[str, Any]:
     return out
 
 
-def tied_scenario(engine: Any, base: str, pickled: str) -> dict[str, Any]:
-    """A shorter scenario on ``base`` (a local directory), then a refused ``pickled`` base."""
-    out: dict[str, Any] = {}
-    engine.create_run("t1", base, LoraSpec(rank=4, seed=3))
-    fb = engine.forward_backward("t1", DATA)
-    out["fb_logprobs"] = [o["logprobs"] for o in fb.loss_fn_outputs]
-    out["grads"] = _grads(engine, "t1")
-    engine.optim_step("t1", AdamParams(learning_rate=1e-2))
-    fwd = engine.forward("t1", DATA)
-    out["fwd_logprobs"] = [o["logprobs"] for o in fwd.loss_fn_outputs]
-    greedy = SamplingParams(max_tokens=5, temperature=0.0)
-    sample = engine.sample(SampleSource(run_id="t1"), [5, 9, 17], 1, greedy)
-    out["sample_tokens"] = [s.tokens for s in sample.sequences]
-    try:
-        engine.create_run("b1", pickled, LoraSpec(rank=4, seed=3))
-        out["pickled_error"] = None
-    except UnknownModel as exc:
-        out["pickled_error"] = exc.message
-    return out
-
-
 def config(
     data_dir: Path, checkpoints_dir: Path, device: str, dtype: str, checkpointing: str = "never"
 ) -> EngineConfig:
@@ -132,10 +109,7 @@ def rank_main(
     dtype: str,
     out: str,
     checkpointing: str = "never",
-    tied: tuple[str, str] | None = None,
 ) -> None:
-    """One rank: ``scenario`` on ``BASE``, or with ``tied`` = (base dir, pickled dir)
-    ``tied_scenario``. Rank 0 also reports how much of each base it holds and read."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     dev = torch.device(f"cuda:{rank}" if device == "cuda" else "cpu")
@@ -143,18 +117,13 @@ def rank_main(
     engine = Engine(config(Path(data_dir), Path(ckpt), str(dev), dtype, checkpointing))
     if rank == 0:
         lead = LeadEngine(engine, group)
-        base = BASE if tied is None else tied[0]
-        result = scenario(lead) if tied is None else tied_scenario(lead, *tied)
+        result = scenario(lead)
         from torch.distributed.tensor import DTensor
 
-        loaded = engine.models.get(base)
-        layers = [p for n, p in loaded.model.named_parameters() if ".layers." in n]
+        model = engine.models.get(BASE).model
+        layers = [p for n, p in model.named_parameters() if ".layers." in n]
         local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in layers)
         result["layer_share"] = local / sum(p.numel() for p in layers)
-        report = loaded.load_report
-        result["load_report"] = None if report is None else dataclasses.asdict(report)
-        result["tied"] = loaded.tied_unembedding
-        result["source"] = loaded.source
         lead.stop()
         Path(out).write_text(json.dumps(result))
     else:
